@@ -1,0 +1,36 @@
+# The README's quick start: `make demo` (set up + run the pipeline on the demo set) and
+# `make test` (set up + run the tests in both environments).
+TRAIN := .venvs/train/bin
+GEN := .venvs/gen/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-train test-gen lint format bench clean-demo
+
+setup:
+	bash scripts/setup_envs.sh
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(MAKE) test-train test-gen
+
+test-train:
+	$(TRAIN)/python -m pytest -m "not gen_env" $(PYTEST_ARGS)
+
+test-gen:
+	$(GEN)/python -m pytest -m gen_env $(PYTEST_ARGS)
+
+lint:
+	$(TRAIN)/ruff check ltdist tests benchmarks launchers
+	$(TRAIN)/ruff format --check ltdist tests benchmarks launchers
+
+format:
+	$(TRAIN)/ruff check --fix ltdist tests benchmarks launchers
+	$(TRAIN)/ruff format ltdist tests benchmarks launchers
+
+bench: setup
+	$(TRAIN)/python benchmarks/loader.py
+
+clean-demo:
+	rm -rf data/demo shards/demo runs/demo

@@ -1,0 +1,139 @@
+"""The ``ltdist`` command: data preparation, inspection and the baseline.
+
+ltdist data demo     [--out DIR] [key=value ...]        build the bundled demo data set
+ltdist data pack     --config FILE [key=value ...]      manifest / benchmark -> shards
+ltdist data stats    LOCATION [--no-verify]             class table, counts, checksums
+ltdist data fetch-splits {coco_lt,voc_lt} [--dest DIR] [--source URL|DIR]
+ltdist baseline      --config FILE [key=value ...]      small CNN, group-mAP report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ltdist.config import ConfigError, load_config
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ltdist.data.demo import DemoConfig, build_demo
+
+    cfg = load_config(DemoConfig, args.config, args.overrides)
+    summary = build_demo(args.out, cfg)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from ltdist.data.pack import PackConfig, pack_dataset
+
+    cfg = load_config(PackConfig, args.config, args.overrides)
+    results = pack_dataset(cfg)
+    for split, r in results.items():
+        print(
+            f"{split}: {r.num_written} of {r.num_input} samples in {cfg.out} "
+            f"({len(r.shards_written)} shards written, {r.shards_kept} kept from an earlier run, "
+            f"{len(r.rejected)} rejected)"
+        )
+        for rej in r.rejected[:10]:
+            print(f"  rejected {rej['key']}: {rej['reason']}")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from ltdist.data.shards import list_splits, load_index, load_label_space, verify_split
+
+    space = load_label_space(args.location)
+    print(space.table())
+    failed = False
+    for split in list_splits(args.location):
+        index = load_index(args.location, split)
+        state = (
+            "complete" if index.complete else f"INCOMPLETE, missing shards {index.missing()[:10]}"
+        )
+        print(
+            f"\n{split}: {index.num_samples} samples in {len(index.shards)} shards "
+            f"({index.to_dict()['num_bytes'] / 2**20:.1f} MiB), "
+            f"{index.num_rejected} rejected, {state}"
+        )
+        if args.verify:
+            problems = verify_split(args.location, split)
+            for p in problems:
+                print(f"  {p.shard}: {p.reason}")
+            print(f"  checksums: {'OK' if not problems else f'{len(problems)} problems'}")
+            failed |= bool(problems)
+    return 1 if failed else 0
+
+
+def _fetch_splits(args: argparse.Namespace) -> int:
+    from ltdist.data.benchmarks import fetch_splits
+
+    for path in fetch_splits(args.benchmark, args.dest, args.source):
+        print(path)
+    return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from ltdist.baseline import BaselineConfig, train_baseline
+
+    cfg = load_config(BaselineConfig, args.config, args.overrides)
+    summary = train_baseline(cfg)
+    print(f"{summary['title']}: {summary['train_seconds']} s of training\n{summary['table']}")
+    print(f"report: {summary['report']['report']}\nplot:   {summary['report']['plot']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltdist", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build, pack and inspect data sets").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("demo", help="build the bundled demo data set")
+    p.add_argument("--out", default="data/demo")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_demo)
+
+    p = data.add_parser("pack", help="pack a manifest or a benchmark split into shards")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_pack)
+
+    p = data.add_parser("stats", help="class table and shard checksums of a data set")
+    p.add_argument("location")
+    p.add_argument("--no-verify", dest="verify", action="store_false")
+    p.set_defaults(func=_stats)
+
+    p = data.add_parser("fetch-splits", help="download the COCO-LT / VOC-LT split files")
+    p.add_argument("benchmark", choices=["coco_lt", "voc_lt"])
+    p.add_argument("--dest", default="data/splits")
+    p.add_argument("--source", default=None, help="base URL or local folder (default: public)")
+    p.set_defaults(func=_fetch_splits)
+
+    p = sub.add_parser("baseline", help="train and evaluate the small CNN baseline")
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_baseline)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"ltdist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Streaming training loader over the shards of one split, with an exact data position.
+
+Exactness comes from a plan computed from the index alone (shard names and counts), before
+any shard is opened:
+
+- The sample stream S is the concatenation of passes; pass p lists the shards in an order
+  shuffled with (seed, p) and each shard's samples in stored order.
+- Steps per epoch = floor(N / global batch), the same on every rank (DESIGN.md); epoch e is
+  the stretch S[e*spe*G, (e+1)*spe*G), so the remainder rolls into the next epoch.
+- Rank r reads a contiguous 1/world of that stretch (split by node) and its DataLoader
+  workers read contiguous parts of the rank's stretch (split by worker). A shard boundary
+  may fall inside a part: then the worker skips to its first sample, so fewer shards than
+  workers is not a hang, only redundant reading (logged).
+- The sample shuffle buffer is a window permutation: each worker cuts its part into windows
+  of ``shuffle_buffer`` samples and permutes each with a seed of (seed, epoch, rank, worker,
+  window). A saved position (epoch, step) therefore maps to a window and an offset, and a
+  resumed worker starts reading at that window: shards consumed before it are never opened.
+- Resampled mode draws shards with replacement per (rank, worker) for multi-node runs where
+  an epoch is a set number of samples; resuming it with another world size is allowed.
+
+Batches are formed inside the workers; the DataLoader interleaves workers round-robin, and a
+resumed run rotates the workers so the interleaving continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ltdist.data import storage
+from ltdist.data.shards import ShardSample, decode_tar, load_index, load_label_space
+
+log = logging.getLogger(__name__)
+
+# OpenAI CLIP's normalisation constants (the CLIP image towers expect them).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 32  # per process
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # window size of the sample shuffle; <= 1 turns it off
+    shuffle_shards: bool = True
+    resampled: bool = False
+    samples_per_epoch: int = 0  # global; required in resampled mode
+    image_size: int = 224
+    augment: bool = False  # random resized crop + flip, seeded per sample and epoch
+    seed: int = 0
+    prefetch_factor: int = 2
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if self.resampled and self.samples_per_epoch <= 0:
+            raise ValueError("resampled mode needs samples_per_epoch > 0 (the epoch length)")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [start, stop) of one shard."""
+
+    url: str
+    start: int
+    stop: int
+
+
+class SamplePlan:
+    """Maps positions of the sample stream to shard segments, from counts alone."""
+
+    def __init__(self, urls: list[str], counts: list[int], cfg: LoaderConfig, world_size: int):
+        self.urls, self.counts, self.cfg, self.world_size = urls, counts, cfg, world_size
+        self.num_samples = sum(counts)
+        global_batch = cfg.batch_size * world_size
+        epoch_samples = cfg.samples_per_epoch if cfg.resampled else self.num_samples
+        self.steps_per_epoch = epoch_samples // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{epoch_samples} samples per epoch is less than one global batch "
+                f"({cfg.batch_size} x {world_size} processes): lower the batch size"
+            )
+
+    def worker_batches(self, worker: int) -> tuple[int, int]:
+        """(first batch index within the rank's epoch, number of batches) of a logical worker."""
+        n_workers = max(1, self.cfg.num_workers)
+        base, extra = divmod(self.steps_per_epoch, n_workers)
+        first = worker * base + min(worker, extra)
+        return first, base + (1 if worker < extra else 0)
+
+    def worker_range(self, epoch: int, rank: int, worker: int) -> tuple[int, int]:
+        """Stream positions [start, stop) that a logical worker reads in ``epoch``."""
+        b = self.cfg.batch_size
+        first, n = self.worker_batches(worker)
+        if self.cfg.resampled:  # every (rank, worker) has a stream of its own
+            start = (epoch * self.steps_per_epoch + first) * b
+        else:
+            start = (epoch * self.world_size + rank) * self.steps_per_epoch * b + first * b
+        return start, start + n * b
+
+    def segments(self, start: int, stop: int, rank: int, worker: int) -> Iterator[Segment]:
+        """The shard segments that cover stream positions [start, stop)."""
+        pos = start
+        while pos < stop:
+            order, offsets = self._block(pos, rank, worker)
+            i = bisect.bisect_right(offsets, pos) - 1
+            while i < len(order) and pos < stop:
+                shard = order[i]
+                lo, hi = pos - offsets[i], min(self.counts[shard], stop - offsets[i])
+                yield Segment(self.urls[shard], lo, hi)
+                pos = offsets[i] + hi
+                i += 1
+
+    def _block(self, pos: int, rank: int, worker: int) -> tuple[list[int], list[int]]:
+        """The shard order of the pass (or resampled block) that holds ``pos``, and the
+        stream position where each of its shards starts."""
+        if self.cfg.resampled:
+            # Each block is len(shards) draws with replacement; lengths vary, so walk blocks.
+            block, start = 0, 0
+            while True:
+                rng = _rng(self.cfg.seed, "resample", rank, worker, block)
+                order = rng.integers(0, len(self.urls), len(self.urls)).tolist()
+                offsets = list(accumulate((self.counts[s] for s in order), initial=start))
+                if pos < offsets[-1]:
+                    return order, offsets[:-1]
+                start, block = offsets[-1], block + 1
+        p = pos // self.num_samples
+        order = list(range(len(self.urls)))
+        if self.cfg.shuffle_shards:
+            order = _rng(self.cfg.seed, "pass", p).permutation(len(self.urls)).tolist()
+        offsets = accumulate((self.counts[s] for s in order), initial=p * self.num_samples)
+        return order, list(offsets)[:-1]
+
+
+def _rng(*parts) -> np.random.Generator:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def read_range(
+    plan: SamplePlan,
+    start: int,
+    stop: int,
+    rank: int,
+    worker: int,
+    skip: frozenset[int] = frozenset(),
+) -> Iterator[ShardSample | None]:
+    """Stored samples at stream positions [start, stop), opening each shard segment once.
+
+    Positions in ``skip`` (already consumed before a resume) yield None, and a segment made
+    only of such positions is not opened at all.
+    """
+    pos = start
+    for seg in plan.segments(start, stop, rank, worker):
+        n = seg.stop - seg.start
+        if all(p in skip for p in range(pos, pos + n)):
+            yield from [None] * n
+            pos += n
+            continue
+        seen = 0
+        with storage.open_read(seg.url) as f:
+            for sample in decode_tar(f, seg.url):
+                if seen >= seg.start:
+                    yield None if pos in skip else sample
+                    pos += 1
+                seen += 1
+                if seen == seg.stop:
+                    break
+        if seen < seg.stop:
+            raise ValueError(
+                f"{seg.url} holds {seen} samples, fewer than its index says: "
+                "run `ltdist data stats` on the data set to verify it"
+            )
+
+
+class ClipTransform:
+    """CLIP-style preprocessing without torchvision (it does not import in the generation env).
+
+    Resize the short side to ``image_size`` (bicubic), centre crop, scale to [0, 1], normalise
+    with CLIP's mean and std. With ``augment``, a random resized crop (scale 0.5..1) and a
+    horizontal flip drawn from the per-sample ``rng``, so that a resumed run is exact.
+    """
+
+    def __init__(self, image_size: int, augment: bool = False):
+        self.image_size, self.augment = image_size, augment
+
+    def __call__(self, img, rng: np.random.Generator | None = None):
+        from PIL import Image
+
+        size = self.image_size
+        img = img.convert("RGB")
+        w, h = img.size
+        if self.augment and rng is not None:
+            scale = rng.uniform(0.5, 1.0)
+            cw, ch = max(1, int(w * math.sqrt(scale))), max(1, int(h * math.sqrt(scale)))
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            img = img.crop((x0, y0, x0 + cw, y0 + ch))
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            w, h = img.size
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+
+
+class _EpochStream(torch.utils.data.IterableDataset):
+    """The IterableDataset that one DataLoader runs for one epoch from one position."""
+
+    def __init__(self, loader: ShardLoader, epoch: int, step: int):
+        self.loader, self.epoch, self.step = loader, epoch, step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        n_workers = max(1, self.loader.cfg.num_workers)
+        physical = info.id if info is not None else 0
+        if info is None:  # in-process: play every logical worker in the interleaved order
+            yield from self._interleaved(n_workers)
+            return
+        # Rotate so that the DataLoader's round-robin resumes with the worker due next.
+        yield from self._worker(self.epoch, (physical + self.step) % n_workers, self.step)
+
+    def _interleaved(self, n_workers: int):
+        streams = [self._worker(self.epoch, w, self.step) for w in range(n_workers)]
+        w = self.step % n_workers
+        active = set(range(n_workers))
+        while active:
+            if w in active:
+                try:
+                    yield next(streams[w])
+                except StopIteration:
+                    active.discard(w)
+            w = (w + 1) % n_workers
+
+    def _worker(self, epoch: int, worker: int, step: int):
+        ld = self.loader
+        plan, cfg = ld.plan, ld.cfg
+        n_workers = max(1, cfg.num_workers)
+        _, n_batches = plan.worker_batches(worker)
+        done = step // n_workers + (1 if worker < step % n_workers else 0)
+        done = min(done, n_batches)
+        start, stop = plan.worker_range(epoch, ld.rank, worker)
+        window = max(1, cfg.shuffle_buffer)
+        consumed = done * cfg.batch_size
+        t = consumed // window  # the window holding the next sample
+        pos = start + t * window
+        skip = consumed - t * window  # outputs of that window already consumed
+        perm = self._perm(epoch, worker, t, min(window, stop - pos))
+        stream = read_range(
+            plan, pos, stop, ld.rank, worker, frozenset(pos + int(i) for i in perm[:skip])
+        )
+        batch: list = []
+        while pos < stop:
+            size = min(window, stop - pos)
+            samples = [next(stream) for _ in range(size)]
+            for i in perm[skip:]:
+                batch.append(ld.prepare(samples[i], epoch))
+                if len(batch) == cfg.batch_size:
+                    yield ld.collate(batch)
+                    batch = []
+            pos, t, skip = pos + size, t + 1, 0
+            perm = self._perm(epoch, worker, t, min(window, stop - pos))
+
+    def _perm(self, epoch: int, worker: int, t: int, size: int) -> np.ndarray:
+        """Output order of window ``t``: a seeded permutation (identity without shuffling)."""
+        if self.loader.cfg.shuffle_buffer <= 1 or size <= 0:
+            return np.arange(max(size, 0))
+        return _rng(self.loader.cfg.seed, "window", epoch, self.loader.rank, worker, t).permutation(
+            size
+        )
+
+
+class ShardLoader:
+    """Batches of one split for one process, resumable at the exact next batch.
+
+    Iterating yields dicts: ``image`` (B, 3, H, W) float, ``labels`` (B, C) multi-hot float,
+    ``key`` and ``text`` lists, and ``tokens`` when a tokenizer is given. ``state_dict()`` is
+    the position of the next batch; ``load_state_dict`` restores it.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        split: str,
+        cfg: LoaderConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        transform: Callable | None = None,  # (PIL image, rng or None) -> tensor
+        tokenizer: Callable[[list[str]], object] | None = None,
+        decode_images: bool = True,
+    ):
+        cfg.validate()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.location, self.split, self.cfg = location, split, cfg
+        self.rank, self.world_size = rank, world_size
+        self.label_space = load_label_space(location)
+        index = load_index(location, split)
+        if not index.complete:
+            raise ValueError(
+                f"{location}: split {split!r} is incomplete "
+                f"(missing shards {index.missing()[:10]}); "
+                "finish writing it (rerun the pack or generation job) before training"
+            )
+        shards = [s for s in index.ordered() if s.count > 0]
+        urls = [storage.join(location, s.name) for s in shards]
+        counts = [s.count for s in shards]
+        self.fingerprint = hashlib.sha256(
+            repr([(s.name, s.count, s.sha256) for s in shards]).encode()
+        ).hexdigest()[:16]
+        self.plan = SamplePlan(urls, counts, cfg, world_size)
+        readers = world_size * max(1, cfg.num_workers)
+        if not cfg.resampled and len(urls) < readers:
+            log.warning(
+                "%s/%s has %d shards for %d readers (%d processes x %d workers): shards are "
+                "split inside, so some are read by several workers; write more, smaller shards",
+                location,
+                split,
+                len(urls),
+                readers,
+                world_size,
+                max(1, cfg.num_workers),
+            )
+        self.transform = transform or ClipTransform(cfg.image_size, cfg.augment)
+        self.tokenizer = tokenizer
+        self.decode_images = decode_images
+        self.epoch, self.step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def prepare(self, sample: ShardSample, epoch: int) -> dict:
+        """Decode and transform one sample (runs in the loader workers)."""
+        from PIL import Image
+
+        item = {"key": sample.key, "label_ids": sample.label_ids, "text": sample.text or ""}
+        if self.decode_images:
+            if sample.image is None:
+                raise ValueError(f"sample {sample.key} has no image (a text-only data set?)")
+            try:
+                img = Image.open(io.BytesIO(sample.image))
+                img.load()
+            except Exception as e:
+                raise ValueError(f"sample {sample.key}: image does not decode ({e})") from e
+            rng = _rng(self.cfg.seed, "augment", epoch, sample.key) if self.cfg.augment else None
+            item["image"] = self.transform(img, rng)
+        return item
+
+    def collate(self, items: list[dict]) -> dict:
+        labels = torch.zeros(len(items), self.label_space.num_classes)
+        for i, it in enumerate(items):
+            labels[i, it["label_ids"]] = 1.0
+        batch = {
+            "key": [it["key"] for it in items],
+            "text": [it["text"] for it in items],
+            "labels": labels,
+        }
+        if self.decode_images:
+            batch["image"] = torch.stack([it["image"] for it in items])
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer(batch["text"])
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches from the current position to the end of the current epoch."""
+        epoch, start = self.epoch, self.step
+        stream = _EpochStream(self, epoch, start)
+        if self.cfg.num_workers > 0:
+            batches = torch.utils.data.DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.cfg.num_workers,
+                prefetch_factor=self.cfg.prefetch_factor,
+            )
+        else:
+            batches = stream
+        produced = start
+        for batch in batches:
+            produced += 1
+            self.step = produced
+            yield batch
+        if produced != self.steps_per_epoch:
+            raise RuntimeError(
+                f"epoch {epoch} produced {produced} batches, planned {self.steps_per_epoch}"
+            )
+        self.epoch, self.step = epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "world_size": self.world_size,
+            "num_workers": self.cfg.num_workers,
+            "batch_size": self.cfg.batch_size,
+            "resampled": self.cfg.resampled,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                "the saved data position belongs to other shards (index fingerprint differs)"
+            )
+        same = all(
+            state[k] == v
+            for k, v in (
+                ("world_size", self.world_size),
+                ("num_workers", self.cfg.num_workers),
+                ("batch_size", self.cfg.batch_size),
+            )
+        )
+        if not same and not self.cfg.resampled:
+            raise ValueError(
+                f"cannot resume exactly: saved with world_size={state['world_size']}, "
+                f"num_workers={state['num_workers']}, batch_size={state['batch_size']}; now "
+                f"{self.world_size}, {self.cfg.num_workers}, {self.cfg.batch_size}. Resume with "
+                "the same layout, or train in resampled mode (loader.resampled=true)"
+            )
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"]) if same else 0
+        if self.step > self.steps_per_epoch:
+            raise ValueError(
+                f"saved step {self.step} beyond {self.steps_per_epoch} steps per epoch"
+            )

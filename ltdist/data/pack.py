@@ -1,0 +1,239 @@
+"""``ltdist data pack``: records (a manifest, a benchmark split, the demo set) -> shards.
+
+Every input record is accounted for: it is written, or listed in its shard's index entry with
+the reason (missing or unreadable image) under the ``skip`` policy; the ``error`` policy stops
+at the first bad record and names it. A rerun writes only the shards the index lacks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ltdist.data import storage
+from ltdist.data.manifest import Record
+from ltdist.data.shards import ShardSample, ShardWriter, sample_meta
+from ltdist.labels import CLASSES_FILE, LabelSpace
+
+log = logging.getLogger(__name__)
+
+_PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+class ImageError(ValueError):
+    """An image that is missing or does not decode."""
+
+
+class PackError(ValueError):
+    """A record that stops the run under the ``error`` policy."""
+
+
+@dataclass
+class PackResult:
+    split: str
+    location: str
+    num_input: int
+    num_written: int
+    rejected: list[dict] = field(default_factory=list)
+    shards_written: list[int] = field(default_factory=list)
+    shards_kept: int = 0
+
+
+def load_image(path: str, max_size: int = 0) -> tuple[bytes, str]:
+    """Image bytes and extension; re-encoded only for other formats or when ``max_size`` asks."""
+    from PIL import Image
+
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {path}") from None
+    except OSError as e:
+        raise ImageError(f"image file unreadable: {path} ({e})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.load()  # a full decode: truncated files fail here, not in training
+            too_big = max_size > 0 and max(img.size) > max_size
+            if fmt in _PIL_EXT and not too_big:
+                return data, _PIL_EXT[fmt]
+            if too_big:
+                img.thumbnail((max_size, max_size), Image.BICUBIC)
+            out_fmt = "JPEG" if fmt == "JPEG" else "PNG"
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format=out_fmt, quality=95)
+            return buf.getvalue(), _PIL_EXT[out_fmt]
+    except Exception as e:
+        raise ImageError(f"image does not decode: {path} ({type(e).__name__}: {e})") from None
+
+
+def samples_per_shard_for(records: list[Record], target_shard_mb: float) -> int:
+    """Samples per shard for a target shard size, from the mean size of up to 1,000 images."""
+    sizes = []
+    for r in sorted(records, key=lambda r: r.key)[:1000]:
+        if r.image and storage.is_local(r.image) and os.path.isfile(r.image):
+            sizes.append(os.path.getsize(r.image))
+    mean = (sum(sizes) / len(sizes) if sizes else 0) + 1024  # json, txt and tar headers
+    return max(1, int(target_shard_mb * 2**20 // mean))
+
+
+def write_classes(location: str, space: LabelSpace) -> None:
+    """Write ``classes.json``; a folder that holds a different label space is an error."""
+    path = storage.join(location, CLASSES_FILE)
+    if storage.exists(path):
+        if LabelSpace.load(path).to_dict() != space.to_dict():
+            raise PackError(
+                f"{path} holds a different label space: all splits of a data set share one "
+                "classes.json from the training split; write to a fresh folder"
+            )
+        return
+    storage.makedirs(location)
+    space.save(path)
+
+
+def pack_split(
+    records: list[Record],
+    space: LabelSpace,
+    location: str,
+    split: str,
+    samples_per_shard: int,
+    *,
+    policy: Literal["error", "skip"] = "error",
+    text_only: bool = False,
+    max_image_size: int = 0,
+    progress: bool = True,
+) -> PackResult:
+    """Write the shards of one split that the index does not have yet."""
+    from tqdm import tqdm
+
+    records = sorted(records, key=lambda r: r.key)
+    writer = ShardWriter(location, split, samples_per_shard, len(records))
+    done = writer.done()
+    result = PackResult(split, location, len(records), 0, shards_kept=len(done))
+    todo = writer.index.missing()
+    bar = tqdm(total=len(records), desc=f"pack {split}", unit="img", disable=not progress)
+    bar.update(
+        sum(writer.index.shards[k].count + len(writer.index.shards[k].rejected) for k in done)
+    )
+    for k in todo:
+        chunk = records[k * samples_per_shard : (k + 1) * samples_per_shard]
+        samples, rejected = [], []
+        for r in chunk:
+            sample = ShardSample(r.key, sample_meta(r.label_ids, space, caption=r.caption))
+            sample.text = r.caption
+            if not text_only:
+                try:
+                    if r.image is None:
+                        raise ImageError(
+                            "record has no image path (use text_only for such data sets)"
+                        )
+                    sample.image, sample.image_ext = load_image(r.image, max_image_size)
+                except ImageError as e:
+                    if policy == "error":
+                        raise PackError(
+                            f"{split} key {r.key!r} (manifest line {r.line}): {e}"
+                        ) from None
+                    rejected.append({"key": r.key, "reason": str(e)})
+                    continue
+            samples.append(sample)
+        writer.write_shard(k, samples, rejected)
+        result.shards_written.append(k)
+        bar.update(len(chunk))
+    bar.close()
+    index = writer.index
+    result.num_written = index.num_samples
+    result.rejected = [rej for info in index.ordered() for rej in info.rejected]
+    if result.rejected:
+        log.warning(
+            "%s: %d of %d records rejected (listed in %s.index.json), e.g. %s",
+            split,
+            len(result.rejected),
+            len(records),
+            split,
+            result.rejected[0],
+        )
+    return result
+
+
+@dataclass
+class PackConfig:
+    """What ``ltdist data pack`` reads and where it writes."""
+
+    out: str = "shards/demo"
+    source: Literal["manifest", "benchmark"] = "manifest"
+    classes: str = ""  # manifest source: classes.txt (one name per line) or classes.json
+    manifests: dict[str, str] = field(default_factory=dict)  # split -> manifest; needs 'train'
+    benchmark: str = ""  # benchmark source: coco_lt | voc_lt
+    splits_dir: str = "data/splits"  # where `ltdist data fetch-splits` put the split files
+    image_root: str = ""  # benchmark: the COCO 2017 / VOC root; manifest: overrides its folder
+    policy: Literal["error", "skip"] = "error"
+    samples_per_shard: int = 0  # 0: derived from target_shard_mb
+    target_shard_mb: float = 256.0
+    text_only: bool = False  # shards without images (labels + captions only)
+    max_image_size: int = 0  # > 0: downscale larger images (re-encoded)
+
+    def validate(self) -> None:
+        if self.source == "manifest" and ("train" not in self.manifests or not self.classes):
+            raise ValueError("manifest source needs `classes` and a `manifests.train` path")
+        if self.source == "benchmark" and not self.benchmark:
+            raise ValueError("benchmark source needs `benchmark` (coco_lt or voc_lt)")
+
+
+def load_records(cfg: PackConfig) -> tuple[LabelSpace, dict[str, list[Record]], list]:
+    """Label space (from the training split) and the records of every split."""
+    from ltdist.data import benchmarks, manifest
+
+    problems = []
+    if cfg.source == "benchmark":
+        root = cfg.image_root or None
+        space = benchmarks.label_space(cfg.benchmark, cfg.splits_dir)
+        splits = {
+            s: benchmarks.load_split_records(cfg.benchmark, cfg.splits_dir, s, root)
+            for s in benchmarks.SPLITS
+        }
+        return space, splits, problems
+    names = manifest.read_class_names(cfg.classes)
+    splits = {}
+    for split, path in cfg.manifests.items():
+        m = manifest.read_manifest(
+            path,
+            names,
+            image_root=cfg.image_root or None,
+            policy=cfg.policy,
+            check_files=not cfg.text_only,
+            allow_empty_labels=split != "train",
+        )
+        splits[split] = m.records
+        problems += [
+            {"split": split, "line": p.line, "key": p.key, "reason": p.reason} for p in m.problems
+        ]
+    space = LabelSpace.from_label_sets(names, (r.label_ids for r in splits["train"]))
+    return space, splits, problems
+
+
+def pack_dataset(cfg: PackConfig, progress: bool = True) -> dict[str, PackResult]:
+    """Pack every split of a data set into ``cfg.out`` with one shared ``classes.json``."""
+    space, splits, problems = load_records(cfg)
+    write_classes(cfg.out, space)
+    if problems:
+        storage.write_bytes_atomic(
+            storage.join(cfg.out, "manifest_problems.json"), json.dumps(problems, indent=1).encode()
+        )
+    results = {}
+    for split, records in splits.items():
+        s = cfg.samples_per_shard or samples_per_shard_for(records, cfg.target_shard_mb)
+        results[split] = pack_split(
+            records,
+            space,
+            cfg.out,
+            split,
+            s,
+            policy=cfg.policy,
+            text_only=cfg.text_only,
+            max_image_size=cfg.max_image_size,
+            progress=progress,
+        )
+    return results

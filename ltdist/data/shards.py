@@ -1,0 +1,334 @@
+"""Writer and reader of the shard contract (DESIGN.md): WebDataset tars plus an index.
+
+A data set folder holds ``classes.json``, ``<split>-NNNNNN.tar`` and ``<split>.index.json``.
+Shard k holds rows [k*S, (k+1)*S) of the key-sorted input, so a rerun knows from the index
+alone which shards are done and writes exactly the missing ones. A shard is written under a
+temporary name and published by an atomic rename (or a single object-store PUT); the index
+is the source of truth, so a shard file that the index does not list is an orphan from a
+killed run and is rewritten. Tars are byte-deterministic (fixed member order, mtime, owner),
+so a rewritten shard is identical to the one a straight run would have written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from ltdist.data import storage
+from ltdist.labels import CLASSES_FILE, LabelSpace
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+IMAGE_EXTS = ("jpg", "png", "webp")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class ShardSample:
+    """One sample as stored: key, image bytes (None in text-only data sets), json, txt."""
+
+    key: str
+    meta: dict
+    image: bytes | None = None
+    image_ext: str | None = None
+    text: str | None = None
+
+    @property
+    def label_ids(self) -> list[int]:
+        return list(self.meta["label_ids"])
+
+
+def sample_meta(
+    label_ids: Iterable[int],
+    space: LabelSpace,
+    caption: str | None = None,
+    description: str | None = None,
+    stag: dict | None = None,
+) -> dict:
+    """The per-sample ``json`` record of the contract."""
+    ids = sorted(set(int(i) for i in label_ids))
+    return {
+        "label_ids": ids,
+        "labels": [space.names[i] for i in ids],
+        "caption": caption,
+        "description": description,
+        "tail_labels": [space.names[i] for i in ids if space.is_tail(i)],
+        "stag": stag,
+    }
+
+
+@dataclass
+class ShardInfo:
+    id: int
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+    rejected: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ShardIndex:
+    """``<split>.index.json``: what is done, with counts and checksums."""
+
+    split: str
+    samples_per_shard: int
+    num_input: int
+    shards: dict[int, ShardInfo] = field(default_factory=dict)
+
+    @property
+    def num_shards_planned(self) -> int:
+        return -(-self.num_input // self.samples_per_shard) if self.num_input else 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.shards) == self.num_shards_planned
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.count for s in self.shards.values())
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(len(s.rejected) for s in self.shards.values())
+
+    def missing(self) -> list[int]:
+        return [k for k in range(self.num_shards_planned) if k not in self.shards]
+
+    def ordered(self) -> list[ShardInfo]:
+        return [self.shards[k] for k in sorted(self.shards)]
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": INDEX_VERSION,
+            "split": self.split,
+            "samples_per_shard": self.samples_per_shard,
+            "num_input": self.num_input,
+            "num_shards": self.num_shards_planned,
+            "complete": self.complete,
+            "num_samples": self.num_samples,
+            "num_rejected": self.num_rejected,
+            "num_bytes": sum(s.bytes for s in self.shards.values()),
+            "shards": [asdict(s) for s in self.ordered()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShardIndex:
+        if data.get("format_version") != INDEX_VERSION:
+            raise ValueError(f"index format_version {data.get('format_version')!r} unsupported")
+        index = cls(data["split"], int(data["samples_per_shard"]), int(data["num_input"]))
+        for s in data["shards"]:
+            index.shards[int(s["id"])] = ShardInfo(**s)
+        return index
+
+
+def index_location(location: str, split: str) -> str:
+    return storage.join(location, f"{split}.index.json")
+
+
+def shard_name(split: str, shard_id: int) -> str:
+    return f"{split}-{shard_id:06d}.tar"
+
+
+def load_index(location: str, split: str) -> ShardIndex:
+    path = index_location(location, split)
+    if not storage.exists(path):
+        found = list_splits(location)
+        hint = f"; splits here: {found}" if found else "; no shard index found there at all"
+        raise FileNotFoundError(f"{path} does not exist{hint}")
+    return ShardIndex.from_dict(json.loads(storage.read_bytes(path)))
+
+
+def list_splits(location: str) -> list[str]:
+    return [
+        n[: -len(".index.json")] for n in storage.listdir(location) if n.endswith(".index.json")
+    ]
+
+
+def load_label_space(location: str) -> LabelSpace:
+    path = storage.join(location, CLASSES_FILE)
+    if not storage.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: not a shard folder (run `ltdist data pack`)"
+        )
+    return LabelSpace.load(path)
+
+
+def encode_tar(samples: list[ShardSample]) -> bytes:
+    """A deterministic WebDataset tar: members key.<ext>, key.json, key.txt per sample."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            if not _KEY_RE.match(s.key):
+                raise ValueError(
+                    f"sample key {s.key!r} may hold only letters, digits, '_' and '-' "
+                    "(WebDataset splits names at the first dot)"
+                )
+            members: list[tuple[str, bytes]] = []
+            if s.image is not None:
+                if s.image_ext not in IMAGE_EXTS:
+                    raise ValueError(
+                        f"{s.key}: image extension {s.image_ext!r} not in {IMAGE_EXTS}"
+                    )
+                members.append((s.image_ext, s.image))
+            members.append(("json", json.dumps(s.meta, sort_keys=True).encode()))
+            if s.text is not None:
+                members.append(("txt", s.text.encode()))
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def decode_tar(stream, url: str = "") -> Iterator[ShardSample]:
+    """Samples of a shard stream, in order, through WebDataset's tar reader and key grouping."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+    for raw in group_by_keys(files):
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        yield ShardSample(
+            key=raw["__key__"],
+            meta=json.loads(raw["json"]),
+            image=raw.get(ext) if ext else None,
+            image_ext=ext,
+            text=raw["txt"].decode() if "txt" in raw else None,
+        )
+
+
+def read_shard(url: str) -> Iterator[ShardSample]:
+    with storage.open_read(url) as f:
+        yield from decode_tar(f, url)
+
+
+class ShardWriter:
+    """Writes the shards of one split; safe to rerun after a kill at any point.
+
+    Several processes may write different shards of one local split at once: the index is
+    updated under a file lock. On object stores one process writes the index.
+    """
+
+    def __init__(self, location: str, split: str, samples_per_shard: int, num_input: int):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.location, self.split = location, split
+        storage.makedirs(location)
+        with self._locked():
+            index = self._read_index()
+            if index is None:
+                index = ShardIndex(split, samples_per_shard, num_input)
+                self._write_index(index)
+            elif (index.samples_per_shard, index.num_input) != (samples_per_shard, num_input):
+                raise ValueError(
+                    f"{index_location(location, split)} was written with "
+                    f"samples_per_shard={index.samples_per_shard}, num_input={index.num_input}; "
+                    f"this run has {samples_per_shard}, {num_input}. Resume with the same input "
+                    "and settings, or write to a fresh folder."
+                )
+        self.index = index
+        self._remove_orphans()
+
+    def done(self) -> set[int]:
+        return set(self.index.shards)
+
+    def write_shard(
+        self, shard_id: int, samples: list[ShardSample], rejected: list[dict] = ()
+    ) -> ShardInfo:
+        """Publish shard ``shard_id`` atomically and record it (with its rejects) in the index."""
+        if not 0 <= shard_id < self.index.num_shards_planned:
+            raise ValueError(f"shard id {shard_id} outside 0..{self.index.num_shards_planned - 1}")
+        data = encode_tar(samples)
+        name = shard_name(self.split, shard_id)
+        with tempfile.NamedTemporaryFile(prefix=f".{name}.", suffix=".tmp", delete=False) as tmp:
+            tmp.write(data)
+        try:
+            storage.put_file_atomic(tmp.name, storage.join(self.location, name))
+        finally:
+            os.remove(tmp.name)
+        info = ShardInfo(
+            shard_id,
+            name,
+            len(samples),
+            len(data),
+            hashlib.sha256(data).hexdigest(),
+            list(rejected),
+        )
+        with self._locked():
+            self.index = self._read_index()
+            self.index.shards[shard_id] = info
+            self._write_index(self.index)
+        return info
+
+    def _remove_orphans(self) -> None:
+        pattern = re.compile(rf"^{re.escape(self.split)}-(\d{{6}})\.tar(\.tmp-\d+)?$")
+        for name in storage.listdir(self.location):
+            m = pattern.match(name)
+            if m and (m.group(2) or int(m.group(1)) not in self.index.shards):
+                log.info("removing %s left by an interrupted run", name)
+                storage.remove(storage.join(self.location, name))
+
+    def _read_index(self) -> ShardIndex | None:
+        path = index_location(self.location, self.split)
+        if not storage.exists(path):
+            return None
+        return ShardIndex.from_dict(json.loads(storage.read_bytes(path)))
+
+    def _write_index(self, index: ShardIndex) -> None:
+        data = json.dumps(index.to_dict(), indent=1).encode()
+        storage.write_bytes_atomic(index_location(self.location, self.split), data)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        if not storage.is_local(self.location):
+            yield
+            return
+        lock_path = storage.join(self.location, f".{self.split}.index.lock")
+        with open(lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class ShardProblem:
+    shard: str
+    reason: str
+
+
+def verify_split(location: str, split: str) -> list[ShardProblem]:
+    """Recompute every shard's SHA-256 and sample count against the index."""
+    index = load_index(location, split)
+    problems = []
+    for info in index.ordered():
+        url = storage.join(location, info.name)
+        if not storage.exists(url):
+            problems.append(ShardProblem(info.name, "missing"))
+            continue
+        data = storage.read_bytes(url)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            problems.append(ShardProblem(info.name, f"sha256 {digest} != index {info.sha256}"))
+            continue
+        count = sum(1 for _ in decode_tar(io.BytesIO(data)))
+        if count != info.count:
+            problems.append(ShardProblem(info.name, f"{count} samples, index says {info.count}"))
+    if not index.complete:
+        problems.append(
+            ShardProblem(f"{split}.index.json", f"incomplete: missing shards {index.missing()}")
+        )
+    return problems

