@@ -19,7 +19,7 @@ test-train:
 	$(TRAIN)/python -m pytest -m "not gen_env" $(PYTEST_ARGS)
 
 test-gen:
-	$(GEN)/python -m pytest -m gen_env $(PYTEST_ARGS)
+	$(GEN)/python -m pytest -m "gen_env or both_envs" $(PYTEST_ARGS)
 
 lint:
 	$(TRAIN)/ruff check ltdist tests benchmarks launchers

@@ -10,6 +10,9 @@ import pytest
 
 from ltdist.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 
+# Shared modules: these tests run in both environments (see tests/test_environments.py).
+pytestmark = pytest.mark.both_envs
+
 
 @dataclass
 class LoaderCfg:

@@ -9,8 +9,13 @@ import pytest
 
 from ltdist.labels import LabelSpace, UnknownClassError, group_of
 
+# Shared modules: these tests run in both environments (see tests/test_environments.py).
+pytestmark = pytest.mark.both_envs
+
 # The shared benchmark label files ('name idx' lines); the names are also written out here so
 # that the tests run where the shared folder is absent (and are checked against it where not).
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 COCO_NAMES = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant "

@@ -142,7 +142,7 @@ def sha256_of(data: bytes) -> str:
 
 
 def _locate(spec: BenchmarkSpec, splits_dir: str | os.PathLike, file: str) -> str:
-    """Find ``file`` as ``<splits_dir>/<bench>/<file>`` (fetch layout) or ``<splits_dir>/<file>``."""
+    """Locate ``file`` as ``<splits_dir>/<bench>/<file>`` or ``<splits_dir>/<file>``."""
     base = os.fspath(splits_dir)
     candidates = [storage.join(base, spec.name, file), storage.join(base, file)]
     for location in candidates:

@@ -38,9 +38,10 @@ def key_from_path(path: str) -> str:
     WebDataset splits a file name at its first dot, so a key must not contain one:
     ``train2017/000000554625.jpg`` -> ``train2017_000000554625``.
     """
+    path = path.replace("\\", "/")
     while path.startswith("./"):
         path = path[2:]
-    stem, _ = os.path.splitext(path.replace("\\", "/"))
+    stem, _ = os.path.splitext(path)
     key = stem.replace("/", "_").replace(".", "_")
     if not key:
         raise ValueError(f"cannot make a key from path {path!r}")

@@ -14,6 +14,9 @@ from ltdist.data.loader import CLIP_MEAN, CLIP_STD, LoaderConfig, ShardLoader
 
 from .conftest import label_ids
 
+# Shared modules: these tests run in both environments (see tests/test_environments.py).
+pytestmark = pytest.mark.both_envs
+
 
 def epoch_batches(loader: ShardLoader) -> list[list[str]]:
     return [b["key"] for b in loader]

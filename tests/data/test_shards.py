@@ -28,6 +28,9 @@ from ltdist.data.shards import (
 )
 from ltdist.labels import LabelSpace
 
+# Shared modules: these tests run in both environments (see tests/test_environments.py).
+pytestmark = pytest.mark.both_envs
+
 
 def all_samples(location: str, split: str = "train") -> list[ShardSample]:
     index = load_index(location, split)
@@ -105,6 +108,7 @@ from pathlib import Path
 import ltdist.data.pack as pack
 from ltdist.data.manifest import read_manifest
 from ltdist.labels import LabelSpace
+
 
 manifest, out, marker = sys.argv[1:4]
 names = ["person", "dog", "surfboard"]

@@ -30,15 +30,13 @@ from ltdist.data.shards import (
     verify_split,
 )
 
-moto_server = pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
-
 _buckets = itertools.count()
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API (moto) on a free port of 127.0.0.1 for the whole session."""
+    moto_server = pytest.importorskip("moto.server")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -51,6 +49,8 @@ def s3_endpoint():
 def s3(s3_endpoint, monkeypatch, tmp_path) -> str:
     """``s3://<fresh bucket>``, reached through the environment as a user would configure it."""
     import fsspec.config
+
+    s3fs = pytest.importorskip("s3fs")
 
     nowhere = str(tmp_path / "no-aws-config")
     env = {
@@ -108,6 +108,7 @@ def test_fsspec_config_variables_also_set_the_endpoint(s3, s3_endpoint, monkeypa
     """``FSSPEC_S3_ENDPOINT_URL`` works too, but fsspec reads it when it is imported."""
     import fsspec
     import fsspec.config
+    import s3fs
 
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     fsspec.config.set_conf_env(fsspec.config.conf, {"FSSPEC_S3_ENDPOINT_URL": s3_endpoint})

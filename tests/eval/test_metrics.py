@@ -10,6 +10,10 @@ import pytest
 from ltdist.eval.metrics import average_precision, group_map
 from ltdist.labels import LabelSpace
 
+# Shared modules: these tests run in both environments (see tests/test_environments.py).
+pytestmark = pytest.mark.both_envs
+
+
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 

@@ -1,0 +1,112 @@
+"""Loader throughput vs. raw tar iteration + decode on the same shards, and mAP speed.
+
+    python benchmarks/loader.py [--shards shards/demo] [--image-size 64] [--epochs 3]
+
+The raw baseline reads every shard with the standard library's tarfile, decodes each image
+with PIL and applies the same CLIP transform in one process: what any loader must do at the
+least. The loader rows add WebDataset grouping, the shuffle windows, label collation and (with
+workers) the DataLoader's inter-process transfer. Goal: loader / raw >= 0.9. The second table
+is benchmarks/eval_speed.py: vectorised AP vs. scikit-learn per class (goal >= 10x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.eval_speed import map_speed  # noqa: E402
+from ltdist.data.loader import ClipTransform, LoaderConfig, ShardLoader  # noqa: E402
+from ltdist.data.shards import load_index  # noqa: E402
+
+
+def raw_pass(location: str, split: str, transform: ClipTransform) -> int:
+    from PIL import Image
+
+    n = 0
+    for info in load_index(location, split).ordered():
+        with tarfile.open(os.path.join(location, info.name)) as tar:
+            for member in tar:
+                if member.name.endswith((".png", ".jpg", ".webp")):
+                    transform(Image.open(io.BytesIO(tar.extractfile(member).read())))
+                    n += 1
+    return n
+
+
+def loader_pass(loader: ShardLoader) -> int:
+    return sum(len(batch["key"]) for batch in loader)
+
+
+def timed(fn, repeats: int) -> tuple[float, int]:
+    best, n = float("inf"), 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, n
+
+
+def ensure_demo_shards(location: str | None) -> str:
+    if location:
+        return location
+    from ltdist.data.demo import DemoConfig, build_demo
+    from ltdist.data.pack import PackConfig, pack_dataset
+
+    tmp = tempfile.mkdtemp(prefix="ltdist-bench-")
+    build_demo(f"{tmp}/demo", DemoConfig())
+    cfg = PackConfig(
+        out=f"{tmp}/shards",
+        classes=f"{tmp}/demo/classes.txt",
+        manifests={"train": f"{tmp}/demo/train.jsonl"},
+        samples_per_shard=100,
+    )
+    pack_dataset(cfg, progress=False)
+    return cfg.out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", default=None, help="a shard folder (default: build the demo)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    location = ensure_demo_shards(args.shards)
+    transform = ClipTransform(args.image_size)
+
+    rows = []
+    t_raw, n_raw = timed(lambda: raw_pass(location, args.split, transform), args.repeats)
+    rows.append(("raw tar + decode (1 process)", n_raw / t_raw, 1.0))
+    for workers in (0, 2):
+        cfg = LoaderConfig(
+            batch_size=args.batch_size,
+            num_workers=workers,
+            shuffle_buffer=1000,
+            image_size=args.image_size,
+        )
+        loader = ShardLoader(location, args.split, cfg, transform=transform)
+        t, n = timed(lambda loader=loader: loader_pass(loader), args.repeats)
+        rows.append((f"ShardLoader, {workers} workers", n / t, (n / t) / (n_raw / t_raw)))
+
+    print(f"loader throughput on {location} ({args.split}, {args.image_size} px)")
+    print(f"{'pipeline':<32} {'samples/s':>10} {'vs raw':>8}")
+    for name, rate, ratio in rows:
+        print(f"{name:<32} {rate:>10.0f} {ratio:>8.2f}")
+
+    r = map_speed()
+    print(f"\nmAP on a {r['n']} x {r['c']} matrix")
+    print(f"{'vectorised':<32} {1000 * r['vectorised_s']:>9.2f} ms")
+    print(f"{'sklearn, per class':<32} {1000 * r['sklearn_loop_s']:>9.2f} ms")
+    print(f"{'speed-up':<32} {r['speedup']:>9.1f} x   (max |diff| {r['max_abs_diff']:.1e})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""`ltdist data pack`: every input record written or listed with its reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ltdist.data.pack import PackConfig, PackError, pack_dataset
+from ltdist.data.shards import load_index, verify_split
+
+# Shared modules: these tests run in both environments (see tests/test_environments.py).
+pytestmark = pytest.mark.both_envs
+
+
+def write_inputs(folder: Path) -> PackConfig:
+    rng = np.random.default_rng(1)
+    (folder / "img").mkdir(parents=True)
+    (folder / "classes.txt").write_text("person\ndog\nsurfboard\n")
+    lines = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
+            folder / f"img/{i}.png"
+        )
+        lines.append(
+            {"key": f"k{i:02d}", "image": f"img/{i}.png", "labels": ["person", "dog"][: 1 + i % 2]}
+        )
+    (folder / "img/3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # corrupt: fails decoding
+    lines[5]["image"] = "img/missing.png"  # missing: caught while reading the manifest
+    lines[7]["labels"] = ["persn"]  # unknown class
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    tests = [{"key": "t0", "image": "img/0.png", "labels": ["dog"]}]
+    (folder / "test.jsonl").write_text(json.dumps(tests[0]) + "\n")
+    return PackConfig(
+        out=str(folder / "shards"),
+        classes=str(folder / "classes.txt"),
+        manifests={"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")},
+        samples_per_shard=5,
+    )
+
+
+def test_skip_policy_accounts_for_every_record(tmp_path):
+    cfg = write_inputs(tmp_path)
+    cfg.policy = "skip"
+    results = pack_dataset(cfg, progress=False)
+    train = results["train"]
+    assert train.num_input == 10  # two records left out while reading the manifest
+    assert train.num_written == 9
+    assert [r["key"] for r in train.rejected] == ["k03"]
+    assert "does not decode" in train.rejected[0]["reason"]
+    problems = json.loads(Path(cfg.out, "manifest_problems.json").read_text())
+    assert {(p["key"], p["line"]) for p in problems} == {("k05", 6), ("k07", 8)}
+    assert "not found" in problems[0]["reason"] and "did you mean 'person'" in problems[1]["reason"]
+    index = load_index(cfg.out, "train")
+    assert index.num_samples + index.num_rejected + len(problems) == 12
+    assert verify_split(cfg.out, "train") == []
+
+    again = pack_dataset(cfg, progress=False)["train"]  # a rerun has nothing left to do
+    assert again.shards_written == [] and again.num_written == 9
+
+
+def test_error_policy_names_the_record(tmp_path):
+    cfg = write_inputs(tmp_path)
+    with pytest.raises(ValueError, match=r"line 6 \(key 'k05'\): image file not found"):
+        pack_dataset(cfg, progress=False)
+    (tmp_path / "img/missing.png").write_bytes((tmp_path / "img/0.png").read_bytes())
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    lines[7] = lines[7].replace("persn", "person")
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        PackError, match=r"train key 'k03' \(manifest line 4\): image does not decode"
+    ):
+        pack_dataset(cfg, progress=False)
+
+
+def test_all_splits_share_the_training_label_space(tmp_path):
+    cfg = write_inputs(tmp_path)
+    cfg.policy = "skip"
+    pack_dataset(cfg, progress=False)
+    classes = json.loads(Path(cfg.out, "classes.json").read_text())
+    # Counted over the 10 records that passed manifest validation: person on all, dog on the
+    # odd ones (k05 and k07 were left out).
+    assert [c["frequency"] for c in classes["classes"]] == [10, 4, 0]
+    other = PackConfig(**{**cfg.__dict__, "manifests": {"train": cfg.manifests["test"]}})
+    with pytest.raises(PackError, match="different label space"):
+        pack_dataset(other, progress=False)
