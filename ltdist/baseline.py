@@ -16,7 +16,7 @@ import numpy as np
 
 from ltdist.config import to_dict
 from ltdist.data import storage
-from ltdist.data.loader import ClipTransform, LoaderConfig, ShardLoader
+from ltdist.data.loader import ClipTransform, LoaderConfig, ShardLoader, clip_normalize
 from ltdist.data.shards import load_index, load_label_space, read_shard
 from ltdist.eval import format_summary, group_map, write_report
 from ltdist.eval.metrics import MapResult
@@ -98,10 +98,10 @@ def sequential_batches(location: str, split: str, batch_size: int, image_size: i
             labels.append(row)
             keys.append(s.key)
             if len(images) == batch_size:
-                yield torch.stack(images), torch.stack(labels), keys
+                yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
                 images, labels, keys = [], [], []
     if images:
-        yield torch.stack(images), torch.stack(labels), keys
+        yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
 
 
 def evaluate(model, location: str, split: str, image_size: int, batch_size: int = 128) -> MapResult:

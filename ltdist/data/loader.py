@@ -186,9 +186,11 @@ def read_range(
 class ClipTransform:
     """CLIP-style preprocessing without torchvision (it does not import in the generation env).
 
-    Resize the short side to ``image_size`` (bicubic), centre crop, scale to [0, 1], normalise
-    with CLIP's mean and std. With ``augment``, a random resized crop (scale 0.5..1) and a
-    horizontal flip drawn from the per-sample ``rng``, so that a resumed run is exact.
+    Resize the short side to ``image_size`` (bicubic), centre crop, and return a uint8
+    (3, H, W) tensor; the collate step normalises whole batches (:func:`clip_normalize`), which
+    is cheaper than per image and sends 4x fewer bytes from the loader workers. With
+    ``augment``, a random resized crop (scale 0.5..1) and a horizontal flip drawn from the
+    per-sample ``rng``, so that a resumed run is exact.
     """
 
     def __init__(self, image_size: int, augment: bool = False):
@@ -198,7 +200,8 @@ class ClipTransform:
         from PIL import Image
 
         size = self.image_size
-        img = img.convert("RGB")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         w, h = img.size
         if self.augment and rng is not None:
             scale = rng.uniform(0.5, 1.0)
@@ -208,14 +211,22 @@ class ClipTransform:
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             w, h = img.size
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(3, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        if min(w, h) != size:
+            s = size / min(w, h)
+            img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        if img.size != (size, size):
+            left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+_CLIP_SCALE = 1.0 / (255.0 * torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+_CLIP_SHIFT = -torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def clip_normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std with CLIP's mean and std."""
+    return images.float().mul_(_CLIP_SCALE).add_(_CLIP_SHIFT)
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
@@ -300,7 +311,7 @@ class ShardLoader:
         *,
         rank: int = 0,
         world_size: int = 1,
-        transform: Callable | None = None,  # (PIL image, rng or None) -> tensor
+        transform: Callable | None = None,  # (PIL image, rng | None) -> uint8 or float tensor
         tokenizer: Callable[[list[str]], object] | None = None,
         decode_images: bool = True,
     ):
@@ -372,7 +383,8 @@ class ShardLoader:
             "labels": labels,
         }
         if self.decode_images:
-            batch["image"] = torch.stack([it["image"] for it in items])
+            images = torch.stack([it["image"] for it in items])
+            batch["image"] = clip_normalize(images) if images.dtype == torch.uint8 else images
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer(batch["text"])
         return batch
