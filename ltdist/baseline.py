@@ -16,8 +16,8 @@ import numpy as np
 
 from ltdist.config import to_dict
 from ltdist.data import storage
-from ltdist.data.loader import ClipTransform, LoaderConfig, ShardLoader, clip_normalize
-from ltdist.data.shards import load_index, load_label_space, read_shard
+from ltdist.data.loader import LoaderConfig, ShardLoader, eval_batches
+from ltdist.data.shards import load_label_space
 from ltdist.eval import format_summary, group_map, write_report
 from ltdist.eval.metrics import MapResult
 
@@ -80,37 +80,13 @@ def small_cnn(num_classes: int, width: int = 32):
     return SmallCNN()
 
 
-def sequential_batches(location: str, split: str, batch_size: int, image_size: int):
-    """Every sample of a split once, in stored order, as (images, multi-hot labels, keys)."""
-    import io
-
-    import torch
-    from PIL import Image
-
-    space = load_label_space(location)
-    transform = ClipTransform(image_size)
-    images, labels, keys = [], [], []
-    for info in load_index(location, split).ordered():
-        for s in read_shard(storage.join(location, info.name)):
-            images.append(transform(Image.open(io.BytesIO(s.image))))
-            row = torch.zeros(space.num_classes)
-            row[s.label_ids] = 1.0
-            labels.append(row)
-            keys.append(s.key)
-            if len(images) == batch_size:
-                yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
-                images, labels, keys = [], [], []
-    if images:
-        yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
-
-
 def evaluate(model, location: str, split: str, image_size: int, batch_size: int = 128) -> MapResult:
     import torch
 
     model.eval()
     scores, targets = [], []
     with torch.no_grad():
-        for x, y, _ in sequential_batches(location, split, batch_size, image_size):
+        for x, y, _ in eval_batches(location, split, batch_size, image_size):
             scores.append(torch.sigmoid(model(x)))
             targets.append(y)
     return group_map(torch.cat(scores), torch.cat(targets), load_label_space(location))

@@ -38,7 +38,7 @@ import torch
 import torch.utils.data
 
 from ltdist.data import storage
-from ltdist.data.shards import ShardSample, decode_tar, load_index, load_label_space
+from ltdist.data.shards import ShardSample, decode_tar, load_index, load_label_space, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -450,3 +450,28 @@ class ShardLoader:
             raise ValueError(
                 f"saved step {self.step} beyond {self.steps_per_epoch} steps per epoch"
             )
+
+
+def eval_batches(location: str, split: str, batch_size: int, image_size: int):
+    """Every sample of a split exactly once, in stored order, as (images, labels, keys).
+
+    For evaluation, where nothing may be dropped (the training loader keeps steps equal
+    across ranks instead); the last batch may be short.
+    """
+    from PIL import Image
+
+    space = load_label_space(location)
+    transform = ClipTransform(image_size)
+    images, labels, keys = [], [], []
+    for info in load_index(location, split).ordered():
+        for s in read_shard(storage.join(location, info.name)):
+            images.append(transform(Image.open(io.BytesIO(s.image))))
+            row = torch.zeros(space.num_classes)
+            row[s.label_ids] = 1.0
+            labels.append(row)
+            keys.append(s.key)
+            if len(images) == batch_size:
+                yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
+                images, labels, keys = [], [], []
+    if images:
+        yield clip_normalize(torch.stack(images)), torch.stack(labels), keys

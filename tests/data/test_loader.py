@@ -207,3 +207,20 @@ def test_incomplete_split_is_refused(tmp_path):
     ShardWriter(location, "val", 10, 30)  # planned 3 shards, none written
     with pytest.raises(ValueError, match="incomplete"):
         ShardLoader(location, "val", LoaderConfig(batch_size=2))
+
+
+def test_eval_batches_yield_every_sample_once_in_stored_order(dataset):
+    from ltdist.data.loader import eval_batches
+
+    location, keys = dataset(23, 10)
+    batches = list(eval_batches(location, "train", batch_size=8, image_size=8))
+    assert [len(k) for _, _, k in batches] == [8, 8, 7]  # nothing dropped
+    assert [k for _, _, ks in batches for k in ks] == keys
+    labels = torch.cat([y for _, y, _ in batches])
+    expected = torch.zeros(23, 5)
+    for i in range(23):
+        expected[i, label_ids(i)] = 1.0
+    assert torch.equal(labels, expected)
+    images = torch.cat([x for x, _, _ in batches])
+    pixel = (22 / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    np.testing.assert_allclose(images[22, :, 3, 3].numpy(), pixel, atol=1e-5)
