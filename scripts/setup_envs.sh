@@ -32,6 +32,6 @@ make_env() {
     echo "$stamp" > "$venv/.stamp"
 }
 
-make_env train "train,dev"
+make_env train "train,dev,test-s3"
 make_env gen "gen-cpu,dev"
 echo "[setup] environments ready: .venvs/train .venvs/gen"
