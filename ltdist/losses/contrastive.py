@@ -1,0 +1,334 @@
+"""DP-VLPA's contrastive losses: GCL (Eq. 1), QCL (Eq. 2-3) and the DQR-weighted GCL (Eq. 4).
+
+All three see the global batch and compute only this rank's rows (open_clip's
+``gather_with_grad`` + ``local_loss`` idea): features are gathered from every rank with
+gradient (:func:`ltdist.distributed.gather_with_grad`), the local rows are scored against all
+columns, and the labels are offset by ``rank * b``. Memory is linear in the global batch and
+the numbers are those of the 1-process loss on the global batch:
+
+- Loss value: rank r returns its share ``L_r`` with ``mean_r L_r == L`` (the 1-process loss).
+  For GCL every rank has b rows, so ``L_r`` is the mean over its rows. For QCL the number of
+  valid words differs between ranks, so ``L_r = world * (sum of its rows) / N_global``
+  (torchtitan's rule: normalise by the global count of valid items).
+- Gradients: the gather's backward all-reduces (sums) the gradient, so a rank's local
+  features receive ``world * dL/dx``; DDP's averaging over ranks gives exactly ``dL/dtheta``.
+  A parameter that lives in the loss (the temperature) receives ``dL_r/dtau`` on each rank and
+  DDP's average is again ``dL/dtau``.
+
+Features are L2-normalised here (the losses work on cosine similarities) and computed in at
+least float32 with autocast off (fp16/bf16 inputs are upcast; float64 stays float64).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ltdist.distributed import gather_with_grad
+
+__all__ = [
+    "GlobalContrastiveLoss",
+    "LogitScale",
+    "QueryContrastiveLoss",
+    "dqr_weights",
+    "full_precision",
+    "query_max_similarity",
+]
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def full_precision(x: torch.Tensor) -> torch.autocast:
+    """A context that turns autocast off on ``x``'s device: similarities scaled by up to 100
+    are computed in float32 (bf16 cosines are only good to about 1e-2)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+class LogitScale(nn.Module):
+    """A temperature held as CLIP holds it: ``log_scale = log(1 / tau)``, tau init 0.07.
+
+    ``forward()`` returns ``1 / tau = exp(log_scale)`` clamped to [``min_scale``, ``max_scale``],
+    default [1, 100] (CLIP and open_clip clamp the scale at 100, i.e. tau >= 0.01; open_clip's
+    lower bound 0 on the log scale keeps tau <= 1). BLIP-2 stores tau itself and clamps it to
+    [0.001, 0.5]; we follow CLIP because the log parametrisation makes the learning rate
+    scale-free. The clamp is applied in the forward, so no trainer hook is needed (past the
+    bound the gradient is 0).
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        learnable: bool = True,
+        max_scale: float = 100.0,
+        min_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not 0 < init_temperature or not 0 < min_scale <= 1 / init_temperature <= max_scale:
+            raise ValueError(
+                f"temperature {init_temperature} outside [1/{max_scale}, 1/{min_scale}]"
+            )
+        value = torch.tensor(math.log(1.0 / init_temperature))
+        if learnable:
+            self.log_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("log_scale", value)
+        self.min_log_scale, self.max_log_scale = math.log(min_scale), math.log(max_scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(self.min_log_scale, self.max_log_scale).exp()
+
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self.forward().detach())
+
+
+def query_max_similarity(
+    queries: torch.Tensor,
+    texts: torch.Tensor,
+    query_weights: torch.Tensor | None = None,
+    mode: Literal["max", "weighted_mean"] = "max",
+) -> torch.Tensor:
+    """s[i, j] = max_k W_ik * cos(q_k^i, t^j) for unit vectors: (n, K, D) x (m, D) -> (n, m).
+
+    Without weights this is Eq. 1's similarity. ``mode="weighted_mean"`` is the alternative
+    reading of Eq. 4: sum_k W_ik cos / sum_k W_ik (a weighted average instead of a max).
+    """
+    cos = torch.einsum("nkd,md->nmk", queries, texts)  # (n, m, K)
+    if query_weights is None:
+        return cos.amax(dim=-1)
+    w = query_weights.to(cos.dtype)[:, None, :]  # (n, 1, K)
+    if mode == "max":
+        return (w * cos).amax(dim=-1)  # Eq. 4 inside Eq. 1: s_ij = max_k W_ik cos(q_k^i, t^j)
+    if mode == "weighted_mean":
+        return (w * cos).sum(-1) / w.sum(-1).clamp_min(1e-12)
+    raise ValueError(f"unknown DQR similarity mode {mode!r}; expected 'max' or 'weighted_mean'")
+
+
+def _symmetric_local_infonce(
+    logits_i2t: torch.Tensor,
+    logits_t2i: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> torch.Tensor:
+    """(CE(image->text) + CE(text->image)) / 2 over the local rows (global columns)."""
+    i2t = F.cross_entropy(logits_i2t, labels, label_smoothing=label_smoothing, reduction=reduction)
+    t2i = F.cross_entropy(logits_t2i, labels, label_smoothing=label_smoothing, reduction=reduction)
+    return (i2t + t2i) / 2
+
+
+class GlobalContrastiveLoss(nn.Module):
+    """GCL (Eq. 1), and with ``query_weights`` the DQR-weighted GCL of phase 2 (Eq. 4).
+
+    ``forward(image_queries (b, K, D), text_cls (b, D), query_weights (b, K) | None)``:
+    s_ij = max_k cos(q_k^i, t_cls^j) (BLIP-2's image-text contrastive similarity), symmetric
+    InfoNCE over the global batch with a learnable temperature (init 0.07, BLIP-2; clamped as
+    CLIP does). ``image_queries`` may also be (b, D) (one embedding per image, K = 1).
+
+    With ``query_weights`` W (Eq. 4), s_ij = max_k W_ik cos(q_k^i, t^j) (``dqr_mode="max"``,
+    default: the weight acts inside Eq. 1's max, so a boosted query can win the max; W = 1
+    gives Eq. 1 back) or the weighted mean over queries (``dqr_mode="weighted_mean"``). The
+    same W_i is used in both directions (it belongs to image i).
+
+    ``label_smoothing``: 0 by default (the paper's InfoNCE); BLIP-2's ITC uses 0.1.
+    ``return_logits=True`` also returns the local logits, each (b, B): image->text (rows: local
+    images, columns: all texts) and text->image (rows: local texts, columns: all images).
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        label_smoothing: float = 0.0,
+        dqr_mode: Literal["max", "weighted_mean"] = "max",
+    ) -> None:
+        super().__init__()
+        self.logit_scale = LogitScale(init_temperature, learn_temperature, max_logit_scale)
+        self.label_smoothing = label_smoothing
+        self.dqr_mode = dqr_mode
+
+    def forward(
+        self,
+        image_queries: torch.Tensor,
+        text_cls: torch.Tensor,
+        query_weights: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ):
+        with full_precision(text_cls):
+            return self._forward(image_queries, text_cls, query_weights, return_logits)
+
+    def _forward(self, image_queries, text_cls, query_weights, return_logits):
+        if image_queries.dim() == 2:
+            image_queries = image_queries[:, None, :]
+        b = image_queries.shape[0]
+        if text_cls.shape[0] != b:
+            raise ValueError(f"{b} images but {text_cls.shape[0]} texts: GCL needs pairs")
+        queries = F.normalize(_float(image_queries), dim=-1)  # (b, K, D)
+        texts = F.normalize(_float(text_cls), dim=-1)  # (b, D)
+        all_queries, rank, world = gather_with_grad(queries)  # (B, K, D)
+        all_texts, _, _ = gather_with_grad(texts)  # (B, D)
+        local_w = all_w = None
+        if query_weights is not None:
+            if query_weights.shape != image_queries.shape[:2]:
+                raise ValueError(
+                    f"query_weights {tuple(query_weights.shape)} != (b, K) "
+                    f"{tuple(image_queries.shape[:2])}"
+                )
+            local_w = _float(query_weights)
+            all_w, _, _ = gather_with_grad(local_w)  # (B, K)
+        # Eq. 1 (Eq. 4 with weights): s_ij = max_k [W_ik] cos(q_k^i, t_cls^j), local rows
+        sim_i2t = query_max_similarity(queries, all_texts, local_w, self.dqr_mode)  # (b, B)
+        sim_t2i = query_max_similarity(all_queries, texts, all_w, self.dqr_mode).T  # (b, B)
+        scale = self.logit_scale()
+        logits_i2t, logits_t2i = scale * sim_i2t, scale * sim_t2i
+        labels = torch.arange(b, device=queries.device) + rank * b
+        loss = _symmetric_local_infonce(logits_i2t, logits_t2i, labels, self.label_smoothing)
+        if return_logits:
+            return loss, (logits_i2t, logits_t2i)
+        return loss
+
+
+class QueryContrastiveLoss(nn.Module):
+    """QCL (Eq. 2-3): words against their text-guided queries.
+
+    Eq. 2: for word j of description i, q_j^i = sum_k w(t_j^i, q_k^i) q_k^i with
+    w = softmax_k(cos(t_j^i, q_k^i) / ``weight_temperature``) (our reading of "normalised
+    similarity weights": attention of the word over the image's queries, the form of
+    cross-attention; ``weighting="linear"`` is the alternative w = relu(cos) / sum_k relu(cos)).
+    The weight temperature is fixed (0.07 by default, the scale of the contrastive
+    temperature; learnable with ``learn_weight_temperature``) so the weights stay sharp enough
+    to pick queries instead of averaging all of them. q_j^i is L2-normalised before Eq. 3.
+
+    Eq. 3: symmetric InfoNCE between the words t_j^i and their text-guided queries q_j^i.
+    Negatives (``negatives="global"``, default): every valid word of the GLOBAL batch, i.e. the
+    logits are (valid local words) x (all word slots of the global batch) with padding columns
+    masked out; the positive is the word's own text-guided query. This is the reading that
+    matches GCL's batch-wide InfoNCE and gives the most negatives. ``negatives="image"`` keeps
+    only the words of the same description (the image's queries compete among its own words).
+    Padding and special tokens are excluded through ``word_mask`` (rows and columns).
+    The loss is the mean over all valid words of the global batch (module docstring explains
+    the per-rank scaling). No label smoothing: it would put mass on masked columns.
+
+    ``return_logits=True`` also returns the local logits word->query and query->word, each
+    (n_local_valid_words, B * T).
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        weight_temperature: float = 0.07,
+        learn_weight_temperature: bool = False,
+        weighting: Literal["softmax", "linear"] = "softmax",
+        negatives: Literal["global", "image"] = "global",
+    ) -> None:
+        super().__init__()
+        if weighting not in ("softmax", "linear"):
+            raise ValueError(f"unknown QCL weighting {weighting!r}")
+        if negatives not in ("global", "image"):
+            raise ValueError(f"unknown QCL negatives {negatives!r}")
+        self.logit_scale = LogitScale(init_temperature, learn_temperature, max_logit_scale)
+        self.weight_scale = LogitScale(weight_temperature, learn_weight_temperature, 1e4, 1e-4)
+        self.weighting = weighting
+        self.negatives = negatives
+
+    def text_guided_queries(self, queries: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """Eq. 2 for unit vectors: (b, K, D) queries, (b, T, D) words -> (b, T, D) unit."""
+        cos = torch.einsum("btd,bkd->btk", words, queries)  # (b, T, K)
+        if self.weighting == "softmax":
+            weights = torch.softmax(self.weight_scale() * cos, dim=-1)
+        else:
+            pos = cos.clamp_min(0)
+            weights = pos / pos.sum(-1, keepdim=True).clamp_min(1e-12)
+        # Eq. 2: q_j^i = sum_k w(t_j^i, q_k^i) q_k^i
+        return F.normalize(torch.einsum("btk,bkd->btd", weights, queries), dim=-1)
+
+    def forward(
+        self,
+        image_queries: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+        return_logits: bool = False,
+    ):
+        with full_precision(words):
+            return self._forward(image_queries, words, word_mask, return_logits)
+
+    def _forward(self, image_queries, words, word_mask, return_logits):
+        b, t = word_mask.shape
+        if words.shape[:2] != (b, t) or image_queries.shape[0] != b:
+            raise ValueError(
+                f"QCL shapes disagree: queries {tuple(image_queries.shape)}, words "
+                f"{tuple(words.shape)}, word_mask {tuple(word_mask.shape)}"
+            )
+        queries = F.normalize(_float(image_queries), dim=-1)  # (b, K, D)
+        word_feats = F.normalize(_float(words), dim=-1)  # (b, T, D)
+        mask = word_mask.bool()
+        guided = self.text_guided_queries(queries, word_feats)  # (b, T, D)
+        all_words, rank, world = gather_with_grad(word_feats)  # (B, T, D)
+        all_guided, _, _ = gather_with_grad(guided)  # (B, T, D)
+        all_mask, _, _ = gather_with_grad(mask)  # (B, T)
+
+        rows = mask.flatten().nonzero().squeeze(1)  # local valid word slots (n,)
+        labels = rows + rank * b * t  # their slots in the global (B * T) columns
+        local_words = word_feats.flatten(0, 1)[rows]  # (n, D)
+        local_guided = guided.flatten(0, 1)[rows]  # (n, D)
+        scale = self.logit_scale()
+        # Eq. 3: word -> text-guided query and text-guided query -> word, local rows
+        logits_w2q = scale * local_words @ all_guided.flatten(0, 1).T  # (n, B * T)
+        logits_q2w = scale * local_guided @ all_words.flatten(0, 1).T  # (n, B * T)
+        invalid = ~all_mask.flatten()[None, :]  # (1, B * T)
+        if self.negatives == "image":
+            slots = torch.arange(all_mask.numel(), device=rows.device)
+            invalid = invalid | ((labels // t)[:, None] != (slots // t)[None, :])
+        logits_w2q = logits_w2q.masked_fill(invalid, float("-inf"))
+        logits_q2w = logits_q2w.masked_fill(invalid, float("-inf"))
+        total = _symmetric_local_infonce(logits_w2q, logits_q2w, labels, reduction="sum")
+        n_global = all_mask.sum().clamp_min(1).to(total.dtype)
+        loss = total * world / n_global  # mean over ranks == mean over all valid words
+        if return_logits:
+            return loss, (logits_w2q, logits_q2w)
+        return loss
+
+
+def dqr_weights(
+    query_class_sim: torch.Tensor,
+    targets: torch.Tensor,
+    class_frequency: torch.Tensor,
+    boosted_classes: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    temperature: float = 0.07,
+    assign: Literal["soft", "hard"] = "soft",
+) -> torch.Tensor:
+    """DQR query weights (Eq. 4): (B, K, C) query-class cosines -> W (B, K), W >= 1.
+
+    W_ik = 1 + alpha * sum_{c in tail(i)} a_ikc / sqrt(n_c), where tail(i) are image i's
+    ground-truth classes among ``boosted_classes`` (the tail group; all classes when None),
+    n_c the training frequency of class c, and a_ikc how much query k answers for class c:
+    softmax over k of cos(q_k^i, E_c) / ``temperature`` (``assign="soft"``: the most correlated
+    queries get most of the boost and it sums to 1 over k) or the one-hot argmax
+    (``assign="hard"``: only the most correlated query). An image without tail classes keeps
+    W = 1 (plain GCL). The boost of class c is proportional to 1 / sqrt(n_c) (rarer = larger).
+    """
+    if query_class_sim.dim() != 3:
+        raise ValueError(f"query_class_sim must be (B, K, C), got {tuple(query_class_sim.shape)}")
+    sim = _float(query_class_sim)
+    if assign == "soft":
+        attn = torch.softmax(sim / temperature, dim=1)  # (B, K, C), sums to 1 over queries
+    elif assign == "hard":
+        attn = F.one_hot(sim.argmax(dim=1), sim.shape[1]).transpose(1, 2).to(sim.dtype)
+    else:
+        raise ValueError(f"unknown DQR assignment {assign!r}; expected 'soft' or 'hard'")
+    freq = class_frequency.to(sim.device, sim.dtype).clamp_min(1)
+    intensity = targets.to(sim.dtype) / freq.sqrt()  # (B, C): 1 / sqrt(n_c) on positives
+    if boosted_classes is not None:
+        intensity = intensity * boosted_classes.to(sim.device, sim.dtype)
+    # Eq. 4: W_ik = 1 + alpha * sum_c [c in tail(i)] a_ikc / sqrt(n_c)
+    return 1.0 + alpha * torch.einsum("bkc,bc->bk", attn, intensity)

@@ -1,0 +1,274 @@
+"""CLIP towers through open_clip: a frozen image tower that yields tokens, and a text tower.
+
+``FrozenImageTower`` returns every token of a ViT image tower, the class token first:
+(B, 1 + N, width), e.g. (B, 197, 768) for ViT-B/16 at 224 px. The tokens are the last
+transformer block's output with the tower's final LayerNorm (``ln_post``) applied to every
+token. For the CLIP ViTs (``pool_type='tok'``, ``final_ln_after_pool=False``) open_clip itself
+applies ``ln_post`` to the whole sequence before taking the class token, so token 0 is exactly
+the vector that CLIP projects (``tokens[:, 0] @ proj`` equals ``encode_image``); the patch
+tokens are those of open_clip's ``output_tokens=True``. The projection ``proj`` is not applied:
+the tokens stay at the tower's width (768 for ViT-B/16).
+
+``TextTower`` returns the projected text embedding at the end-of-text token (512-d for
+ViT-B/16, 1024-d for RN50), as ``CLIP.encode_text`` does, unnormalised.
+
+Weights come from open_clip's ``pretrained=`` tags (``'openai'``, ``'laion2b_s34b_b88k'``, …)
+or a checkpoint path; ``pretrained=''`` builds a randomly initialised model (tests, or machines
+without the weights). ``tiny=True`` builds a small ``open_clip.model.CLIP`` from explicit widths
+for tests; it keeps CLIP's vocabulary and context length so the real tokenizer fits it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # open_clip imports torchvision: load it only when a tower is built
+    import open_clip
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipTowerConfig:
+    model_name: str = "ViT-B-16"  # an open_clip model name (ViT-B-16, RN50, …)
+    pretrained: str = "openai"  # an open_clip tag or a checkpoint path; "" = random init
+    image_size: int = 224
+    cache_dir: str = ""  # where open_clip keeps downloaded weights; "" = its default
+    freeze_text: bool = True  # the image tower is always frozen; the text tower by this flag
+    quick_gelu: bool | None = None  # None: as the pretrained tag says (True for 'openai')
+    # Tiny model for tests: a small open_clip CLIP built from these sizes (model_name then only
+    # picks the tokenizer, which every CLIP model shares).
+    tiny: bool = False
+    tiny_width: int = 64  # width of both the vision and the text transformer
+    tiny_layers: int = 2
+    tiny_heads: int = 2
+    tiny_embed_dim: int = 32  # the joint (projected) embedding width
+    tiny_patch_size: int = 16
+
+    def validate(self) -> None:
+        if self.tiny and self.tiny_width % self.tiny_heads:
+            raise ValueError(
+                f"tiny_width {self.tiny_width} must be divisible by tiny_heads {self.tiny_heads}"
+            )
+        if self.tiny and self.image_size % self.tiny_patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of tiny_patch_size "
+                f"{self.tiny_patch_size}"
+            )
+
+
+def build_clip(cfg: ClipTowerConfig) -> open_clip.model.CLIP:
+    """The whole open_clip CLIP model for ``cfg`` (both towers), in eval mode, fp32."""
+    import open_clip
+
+    cfg.validate()
+    if cfg.tiny:
+        vision_cfg = open_clip.model.CLIPVisionCfg(
+            layers=cfg.tiny_layers,
+            width=cfg.tiny_width,
+            head_width=cfg.tiny_width // cfg.tiny_heads,
+            patch_size=cfg.tiny_patch_size,
+            image_size=cfg.image_size,
+        )
+        text_cfg = open_clip.model.CLIPTextCfg(
+            context_length=77,
+            vocab_size=49408,
+            width=cfg.tiny_width,
+            heads=cfg.tiny_heads,
+            layers=cfg.tiny_layers,
+        )
+        model = open_clip.model.CLIP(
+            cfg.tiny_embed_dim, vision_cfg, text_cfg, quick_gelu=bool(cfg.quick_gelu)
+        )
+    else:
+        # OpenAI's weights were trained with QuickGELU: follow the tag's own setting unless told
+        # (a random init follows the 'openai' architecture; a checkpoint path needs the flag).
+        quick_gelu = cfg.quick_gelu
+        if quick_gelu is None:
+            tag = cfg.pretrained or "openai"
+            quick_gelu = bool(open_clip.get_pretrained_cfg(cfg.model_name, tag).get("quick_gelu"))
+        model = open_clip.create_model(
+            cfg.model_name,
+            pretrained=cfg.pretrained or None,
+            force_quick_gelu=quick_gelu,
+            force_image_size=cfg.image_size,
+            cache_dir=cfg.cache_dir or None,
+        )
+        if not cfg.pretrained:
+            log.warning("CLIP %s built with random weights (pretrained='')", cfg.model_name)
+    return model.eval()
+
+
+def _freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+
+
+class FrozenImageTower(nn.Module):
+    """A CLIP ViT image tower, frozen: tokens (B, 1 + N, width), class token first.
+
+    Every parameter has ``requires_grad=False``, the module stays in eval mode whatever
+    ``train()`` a parent calls, and the forward pass runs under ``torch.no_grad()``: it holds no
+    trainable parameter and no optimizer state is ever made for it.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(visual, VisionTransformer):
+            raise TypeError(
+                f"FrozenImageTower needs an open_clip VisionTransformer (a ViT model such as "
+                f"ViT-B-16), got {type(visual).__name__}; ResNet CLIP towers give no tokens"
+            )
+        if visual.attn_pool is not None or visual.final_ln_after_pool:
+            raise ValueError("FrozenImageTower supports CLIP ViTs without attentional pooling")
+        self.visual = visual
+        _freeze(self)
+
+    @classmethod
+    def from_config(cls, cfg: ClipTowerConfig) -> FrozenImageTower:
+        return cls(build_clip(cfg).visual)
+
+    def train(self, mode: bool = True) -> FrozenImageTower:
+        return super().train(False)  # frozen: always eval (no dropout, fixed statistics)
+
+    @property
+    def width(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def token_dim(self) -> int:  # the token-source interface (ltdist.models.backbones)
+        return self.width
+
+    @property
+    def num_tokens(self) -> int:
+        h, w = self.visual.grid_size
+        return 1 + h * w
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.output_dim
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.visual.forward_intermediates(
+            images,
+            indices=1,  # the last block only
+            normalize_intermediates=True,  # ln_post on every token
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        cls_token = out["image_intermediates_prefix"][0]  # (B, 1, width)
+        patches = out["image_intermediates"][0]  # (B, N, width)
+        return torch.cat([cls_token, patches], dim=1)  # (B, 1 + N, width)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The token-source interface: same as calling the module (hooks included)."""
+        return self(images)
+
+    @torch.no_grad()
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP's image embedding from this tower's tokens: class token @ proj -> (B, embed)."""
+        return tokens[:, 0] @ self.visual.proj
+
+
+class TextTower(nn.Module):
+    """CLIP's text encoder: token ids (N, 77) -> projected embeddings (N, embed_dim).
+
+    Holds only the text parts of the CLIP model (no image tower, no logit scale), so a
+    trainable text tower has no unused parameters. ``frozen=True`` freezes it as
+    ``FrozenImageTower`` is frozen.
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer, frozen: bool = True):
+        super().__init__()
+        if not hasattr(clip_model, "token_embedding"):
+            raise TypeError(
+                f"TextTower needs an open_clip CLIP with its built-in text transformer, got "
+                f"{type(clip_model).__name__}"
+            )
+        self.token_embedding = clip_model.token_embedding
+        self.positional_embedding = clip_model.positional_embedding
+        self.transformer = clip_model.transformer
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+        self.pool_type = clip_model.text_pool_type
+        self.eos_id = clip_model.text_eos_id
+        self.tokenizer = tokenizer
+        self.frozen = frozen
+        if frozen:
+            _freeze(self)
+
+    @classmethod
+    def from_config(cls, cfg: ClipTowerConfig) -> TextTower:
+        return cls(build_clip(cfg), get_tokenizer(cfg), frozen=cfg.freeze_text)
+
+    def train(self, mode: bool = True) -> TextTower:
+        return super().train(mode and not self.frozen)
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)  # (N, context_length) int64
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self._encode(token_ids)
+
+    def _encode(self, token_ids: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        dtype = self.transformer.get_cast_dtype()
+        x = self.token_embedding(token_ids).to(dtype)  # (N, L, width)
+        x = x + self.positional_embedding.to(dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        x = text_global_pool(x, token_ids, self.pool_type, eos_token_id=self.eos_id)  # (N, width)
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection  # (N, embed_dim)
+
+
+def get_tokenizer(cfg: ClipTowerConfig):
+    """open_clip's tokenizer for the model (the BPE vocabulary ships with open_clip)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(cfg.model_name)
+
+
+def build_towers(cfg: ClipTowerConfig) -> tuple[FrozenImageTower, TextTower]:
+    """Both towers from one CLIP model (one weight load)."""
+    model = build_clip(cfg)
+    return FrozenImageTower(model.visual), TextTower(model, get_tokenizer(cfg), cfg.freeze_text)
+
+
+def class_embeddings(
+    text_tower: TextTower,
+    class_names: list[str],
+    template: str = "a photo of a {}.",
+    normalize: bool = False,
+) -> torch.Tensor:
+    """One text embedding per class, (C, D), from ``template`` filled with each class name.
+
+    Underscores in names become spaces ("traffic_light" -> "traffic light"). Unnormalised by
+    default: CPRFL's code feeds the raw projected CLIP embedding to its prompt network.
+    Gradient flows only if the tower is trainable and grad mode is on; wrap in
+    ``torch.no_grad()`` to precompute.
+    """
+    texts = [template.format(name.replace("_", " ")) for name in class_names]
+    device = next(text_tower.parameters()).device
+    emb = text_tower(text_tower.tokenize(texts).to(device)).float()  # (C, D)
+    return F.normalize(emb, dim=-1) if normalize else emb

@@ -1,0 +1,358 @@
+"""DP-VLPA (AAAI 2026): dual-phase visual-language pretraining (GCL + QCL) and adaptation
+(classification + DQR-weighted GCL + COA) on a frozen image tower and a Q-Former.
+
+The towers are passed in and duck-typed:
+
+- ``image_tower(images) -> (B, N, Wv)`` patch tokens; frozen here (no gradient, eval mode).
+- ``qformer.encode_image(image_tokens) -> (B, K, H)`` query outputs.
+- ``qformer.encode_text(input_ids, attention_mask) -> (cls (B, H), words (B, T, H))``, words
+  aligned with ``input_ids``. The width H comes from ``hidden_size=``, ``qformer.hidden_size`` or
+  ``qformer.config.hidden_size`` (ltdist.models.qformer.QFormer).
+
+DP-VLPA owns the projections into the joint space (``vision_proj``, ``text_proj``: H -> D,
+BLIP-2's names), the temperatures (inside the loss modules) and the classification scale.
+Image features are ``normalize(vision_proj(query outputs))`` (B, K, D), text features
+``normalize(text_proj(.))`` of the [CLS] output and of every word.
+
+Phase 1, ``pretrain_loss``: L = L_GCL + ``qcl_weight`` * L_QCL (the paper sums them; weight 1).
+Phase 2, ``adapt_loss`` (Eq. 6): L = L_CLS + lambda1 * L_GCL-DQR + lambda2 * L_COA, where the
+class logits are ``scale * max_k cos(q_k^i, E_c)`` (+ an optional learnable bias) for class
+text embeddings E_class (C, D) and L_CLS is any ``cls_loss(logits, targets)`` (default
+``BCEWithLogitsLoss``, mean over images and classes). The scale is a learnable
+:class:`LogitScale` (init 1 / 0.07, clamped to [1, 100]): cosines live in [-1, 1], so BCE
+needs logits scaled as CLIP scales its zero-shot logits.
+
+Readings of the paper's ambiguous parts are documented at each loss (``ltdist.losses``) and in
+:class:`DPVLPAConfig`; the phase-2 GCL reuses the phase-1 GCL module and its temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ltdist.losses.coa import CooccurrenceLoss
+from ltdist.losses.contrastive import (
+    GlobalContrastiveLoss,
+    LogitScale,
+    QueryContrastiveLoss,
+    dqr_weights,
+    full_precision,
+)
+
+__all__ = ["DPVLPA", "DPVLPAConfig"]
+
+
+@dataclass
+class DPVLPAConfig:
+    """DP-VLPA's knobs. Defaults: the paper where it says, BLIP-2 where DP-VLPA builds on it,
+    otherwise an untuned, documented choice."""
+
+    embed_dim: int = 256  # joint space (BLIP-2's 256)
+    init_temperature: float = 0.07  # GCL and QCL temperatures (BLIP-2), learnable
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0  # CLIP's clamp: tau >= 0.01
+    gcl_label_smoothing: float = 0.0  # the paper's plain InfoNCE; BLIP-2 uses 0.1
+
+    # Phase 1 (QCL, Eq. 2-3)
+    qcl_weight: float = 1.0
+    qcl_weight_temperature: float = 0.07  # softmax over queries in Eq. 2
+    qcl_weighting: Literal["softmax", "linear"] = "softmax"
+    qcl_negatives: Literal["global", "image"] = "global"
+    # Tokens that are not words in QCL: BERT's [CLS] and [SEP] (padding is masked anyway).
+    special_token_ids: tuple[int, ...] = (101, 102)
+    pad_token_id: int = 0  # only used when a batch has token ids but no attention mask
+
+    # Phase 2 (Eq. 6): L_CLS + lambda1 * L_GCL-DQR + lambda2 * L_COA
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    cls_init_temperature: float = 0.07  # class logits = max_k cos / tau_cls (learnable)
+    cls_learn_scale: bool = True
+    cls_bias_init: float | None = None  # a learnable logit bias when set (SigLIP-style)
+
+    # DQR (Eq. 4): W_ik = 1 + alpha * sum_{tail c of image i} a_ikc / sqrt(n_c)
+    dqr_alpha: float = 1.0
+    dqr_temperature: float = 0.07  # softmax over queries of cos(q_k, E_c)
+    dqr_assign: Literal["soft", "hard"] = "soft"
+    dqr_classes: Literal["tail", "all"] = "tail"  # which positives of an image boost queries
+    dqr_mode: Literal["max", "weighted_mean"] = "max"  # s_ij = max_k W_ik cos(q_k^i, t^j)
+    dqr_detach: bool = True  # W is a stop-gradient reweighting
+
+    # COA (Eq. 5): beta * ||Q_co - Q Q^T||_F^2
+    beta: float = 1.0
+    coa_source: Literal["predictions", "prototypes"] = "predictions"
+    coa_target: Literal["cosine", "conditional", "jaccard"] = "cosine"
+    coa_reduction: Literal["mean", "sum"] = "mean"
+
+
+class DPVLPA(nn.Module):
+    """DP-VLPA on a frozen ``image_tower`` and a ``qformer`` (interfaces in the module doc).
+
+    ``label_space`` (a :class:`ltdist.labels.LabelSpace`) is needed for phase 2 only (class
+    frequencies for DQR, co-occurrence for COA); give it here or with ``set_label_space``.
+    ``cls_loss`` is the multi-label loss on the class logits (default BCE with logits).
+    """
+
+    def __init__(
+        self,
+        image_tower: nn.Module,
+        qformer: nn.Module,
+        config: DPVLPAConfig | None = None,
+        *,
+        hidden_size: int | None = None,
+        label_space=None,
+        cls_loss: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = config or DPVLPAConfig()
+        self.config = cfg
+        width = hidden_size or getattr(qformer, "hidden_size", None)
+        if not width:
+            raise ValueError(
+                "DPVLPA needs the Q-Former width: pass hidden_size= or give the "
+                "qformer a .hidden_size attribute"
+            )
+        self.image_tower = image_tower.requires_grad_(False).eval()
+        self.qformer = qformer
+        self.vision_proj = nn.Linear(width, cfg.embed_dim)
+        self.text_proj = nn.Linear(width, cfg.embed_dim)
+        self.gcl = GlobalContrastiveLoss(
+            cfg.init_temperature,
+            cfg.learn_temperature,
+            cfg.max_logit_scale,
+            cfg.gcl_label_smoothing,
+            cfg.dqr_mode,
+        )
+        self.qcl = QueryContrastiveLoss(
+            cfg.init_temperature,
+            cfg.learn_temperature,
+            cfg.max_logit_scale,
+            weight_temperature=cfg.qcl_weight_temperature,
+            weighting=cfg.qcl_weighting,
+            negatives=cfg.qcl_negatives,
+        )
+        self.cls_scale = LogitScale(
+            cfg.cls_init_temperature, cfg.cls_learn_scale, cfg.max_logit_scale
+        )
+        self.cls_bias = (
+            nn.Parameter(torch.tensor(float(cfg.cls_bias_init)))
+            if cfg.cls_bias_init is not None
+            else None
+        )
+        self.cls_loss = cls_loss if cls_loss is not None else nn.BCEWithLogitsLoss()
+        self.coa: CooccurrenceLoss | None = None
+        if label_space is not None:
+            self.set_label_space(label_space)
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def set_label_space(self, label_space) -> None:
+        """Class statistics for phase 2 (not saved in the state dict: the label space travels
+        with the checkpoint as ``classes.json``)."""
+        cfg = self.config
+        freq = torch.as_tensor(label_space.frequency, dtype=torch.float32)
+        tail = torch.tensor([g == "tail" for g in label_space.groups])
+        boosted = tail if cfg.dqr_classes == "tail" else torch.ones_like(tail)
+        device = self.vision_proj.weight.device
+        self.register_buffer("class_frequency", freq.to(device), persistent=False)
+        self.register_buffer("dqr_classes", boosted.to(device), persistent=False)
+        self.coa = CooccurrenceLoss.from_label_space(
+            label_space,
+            beta=cfg.beta,
+            target=cfg.coa_target,
+            source=cfg.coa_source,
+            reduction=cfg.coa_reduction,
+        ).to(device)
+
+    def set_phase(self, phase: Literal["pretrain", "adapt"]) -> None:
+        """Freeze the parameters that ``phase``'s loss never uses, so DDP (without
+        ``find_unused_parameters``) and optimisers see only live ones: the classification scale
+        and bias in pretraining, the QCL temperatures (and GCL's when lambda1 = 0) in
+        adaptation. Parameters of the towers are left as they are."""
+        if phase not in ("pretrain", "adapt"):
+            raise ValueError(f"unknown phase {phase!r}; expected 'pretrain' or 'adapt'")
+        cls_params = [self.cls_scale.log_scale] + (
+            [self.cls_bias] if self.cls_bias is not None else []
+        )
+        for p in cls_params:
+            if isinstance(p, nn.Parameter):
+                p.requires_grad_(phase == "adapt")
+        for p in self.qcl.parameters():
+            p.requires_grad_(phase == "pretrain")
+        for p in self.gcl.parameters():  # phase 2 uses GCL only through the DQR term
+            p.requires_grad_(phase == "pretrain" or bool(self.config.lambda1))
+
+    def train(self, mode: bool = True) -> DPVLPA:
+        super().train(mode)
+        self.image_tower.eval()  # frozen: dropout / norm statistics stay as loaded
+        return self
+
+    # -- encoders -------------------------------------------------------------------------
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit query features (B, K, D): normalize(vision_proj(qformer(tower(images))))."""
+        with torch.no_grad():
+            tokens = self.image_tower(images)  # (B, N, Wv), frozen
+        queries = self.qformer.encode_image(tokens)  # (B, K, H)
+        return F.normalize(self.vision_proj(queries), dim=-1)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit [CLS] features (B, D) and unit word features (B, T, D)."""
+        cls, words = self.qformer.encode_text(input_ids, attention_mask)
+        if words.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"qformer.encode_text returned words {tuple(words.shape)} for input_ids "
+                f"{tuple(input_ids.shape)}: words must be aligned with the tokens"
+            )
+        return F.normalize(self.text_proj(cls), dim=-1), F.normalize(self.text_proj(words), dim=-1)
+
+    def encode_classes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Class text embeddings E_class (C, D) from tokenised class prompts."""
+        return self.encode_text(input_ids, attention_mask)[0]
+
+    def word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """QCL's words: attended tokens that are not special tokens ([CLS], [SEP])."""
+        special = torch.tensor(self.config.special_token_ids, device=input_ids.device)
+        return attention_mask.bool() & ~torch.isin(input_ids, special)
+
+    # -- phase 1 --------------------------------------------------------------------------
+
+    def pretrain_loss(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """Phase 1: ``{"loss", "gcl", "qcl"}`` with loss = GCL + qcl_weight * QCL."""
+        queries = self.encode_image(_images(batch))  # (b, K, D)
+        input_ids, attention_mask = self._text_inputs(batch)
+        text_cls, words = self.encode_text(input_ids, attention_mask)
+        mask = batch.get("word_mask")
+        if mask is None:
+            mask = self.word_mask(input_ids, attention_mask)
+        gcl = self.gcl(queries, text_cls)  # Eq. 1
+        qcl = self.qcl(queries, words, mask)  # Eq. 2-3
+        return {"loss": gcl + self.config.qcl_weight * qcl, "gcl": gcl, "qcl": qcl}
+
+    # -- phase 2 --------------------------------------------------------------------------
+
+    def class_logits(
+        self, query_feats: torch.Tensor, class_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, C) logits = scale * max_k cos(q_k^i, E_c) (+ bias), in float32."""
+        with full_precision(query_feats):
+            sim = self.query_class_similarity(query_feats, class_embeddings).amax(dim=1)
+            logits = self.cls_scale() * sim
+            return logits + self.cls_bias if self.cls_bias is not None else logits
+
+    @staticmethod
+    def query_class_similarity(
+        query_feats: torch.Tensor, class_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """cos(q_k^i, E_c): (B, K, D) x (C, D) -> (B, K, C)."""
+        if query_feats.dtype in (torch.float16, torch.bfloat16):
+            query_feats = query_feats.float()
+        q = F.normalize(query_feats, dim=-1)
+        e = F.normalize(class_embeddings.to(q.dtype), dim=-1)
+        return torch.einsum("bkd,cd->bkc", q, e)
+
+    def dqr_weights(
+        self, query_feats: torch.Tensor, class_embeddings: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 4's query weights W (B, K) >= 1 for the images' tail classes."""
+        if getattr(self, "class_frequency", None) is None:
+            raise RuntimeError(
+                "DQR needs class frequencies: DPVLPA(..., label_space=...) "
+                "or model.set_label_space(label_space)"
+            )
+        cfg = self.config
+        grad = torch.is_grad_enabled() and not cfg.dqr_detach
+        with torch.set_grad_enabled(grad), full_precision(query_feats):
+            sim = self.query_class_similarity(query_feats, class_embeddings)
+            return dqr_weights(
+                sim,
+                targets,
+                self.class_frequency,
+                self.dqr_classes,
+                alpha=cfg.dqr_alpha,
+                temperature=cfg.dqr_temperature,
+                assign=cfg.dqr_assign,
+            )
+
+    def adapt_loss(
+        self,
+        batch: Mapping,
+        class_embeddings: torch.Tensor,
+        cls_loss: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Phase 2 (Eq. 6): ``{"loss", "cls", "gcl_dqr", "coa"}``.
+
+        ``batch``: images (``image``/``images``), multi-hot targets (``labels``/``targets``,
+        (b, C)) and, when lambda1 > 0, the descriptions' tokens (``input_ids`` +
+        ``attention_mask`` or ``tokens``). ``class_embeddings``: E_class (C, D), e.g. from
+        :meth:`encode_classes` (with gradient if the text side is trained).
+        """
+        if self.coa is None:
+            raise RuntimeError(
+                "adapt_loss needs the label space: DPVLPA(..., label_space=...) "
+                "or model.set_label_space(label_space)"
+            )
+        cfg = self.config
+        targets = _targets(batch)
+        queries = self.encode_image(_images(batch))  # (b, K, D)
+        logits = self.class_logits(queries, class_embeddings)  # (b, C)
+        l_cls = (cls_loss or self.cls_loss)(logits, targets.to(logits.dtype))
+        zero = logits.new_zeros(())
+        gcl_dqr = coa = zero
+        if cfg.lambda1:
+            input_ids, attention_mask = self._text_inputs(batch)
+            text_cls, _ = self.encode_text(input_ids, attention_mask)
+            weights = self.dqr_weights(queries, class_embeddings, targets)  # Eq. 4
+            gcl_dqr = self.gcl(queries, text_cls, query_weights=weights)
+        if cfg.lambda2:
+            coa_input = logits if cfg.coa_source == "predictions" else class_embeddings
+            coa = self.coa(coa_input)  # Eq. 5
+        # Eq. 6: L = L_CLS + lambda1 * L_GCL-DQR + lambda2 * L_COA
+        loss = l_cls + cfg.lambda1 * gcl_dqr + cfg.lambda2 * coa
+        return {"loss": loss, "cls": l_cls, "gcl_dqr": gcl_dqr, "coa": coa}
+
+    def forward(self, images: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """Inference: class logits (B, C)."""
+        return self.class_logits(self.encode_image(images), class_embeddings)
+
+    # -- batches --------------------------------------------------------------------------
+
+    def _text_inputs(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) from ``input_ids``/``attention_mask`` or ``tokens``."""
+        if "input_ids" in batch:
+            ids, mask = batch["input_ids"], batch.get("attention_mask")
+        elif "tokens" in batch:
+            tokens = batch["tokens"]
+            if isinstance(tokens, Mapping):
+                ids, mask = tokens["input_ids"], tokens.get("attention_mask")
+            else:
+                ids, mask = tokens, None
+        else:
+            raise KeyError(
+                "the batch has no text: expected 'input_ids' (+ 'attention_mask') "
+                "or 'tokens' (a tokenizer was not given to the loader?)"
+            )
+        if mask is None:
+            mask = ids != self.config.pad_token_id
+        return ids, mask
+
+
+def _images(batch: Mapping) -> torch.Tensor:
+    for key in ("image", "images"):
+        if key in batch:
+            return batch[key]
+    raise KeyError("the batch has no images: expected 'image' or 'images'")
+
+
+def _targets(batch: Mapping) -> torch.Tensor:
+    for key in ("labels", "targets"):
+        if key in batch:
+            return batch[key]
+    raise KeyError("the batch has no multi-hot targets: expected 'labels' or 'targets'")

@@ -1,0 +1,314 @@
+"""GCL (Eq. 1), DQR-weighted GCL (Eq. 4) and QCL (Eq. 2-3): against direct float64 loops, a
+hand-worked case, and 2 real gloo processes against 1 process on the same global batch."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ltdist.distributed import gather_with_grad, rank_and_world
+from ltdist.losses.coa import CooccurrenceLoss
+from ltdist.losses.contrastive import (
+    GlobalContrastiveLoss,
+    QueryContrastiveLoss,
+    dqr_weights,
+)
+
+# -- direct implementations (float64, loops over pairs) ---------------------------------------
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / math.sqrt(float((v * v).sum()))
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum()) / math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+
+
+def _infonce_rows(sim: list[list[float]], scale: float) -> float:
+    """Mean over rows a of -log softmax(scale * sim[a])[a]."""
+    total = 0.0
+    for a, row in enumerate(sim):
+        total += -scale * row[a] + math.log(sum(math.exp(scale * s) for s in row))
+    return total / len(sim)
+
+
+def ref_gcl(q, t, scale, w=None) -> float:
+    n, k = q.shape[:2]
+    weight = (lambda i, kk: 1.0) if w is None else (lambda i, kk: float(w[i, kk]))
+    s = [
+        [max(weight(i, kk) * _cos(q[i, kk], t[j]) for kk in range(k)) for j in range(n)]
+        for i in range(n)
+    ]
+    s_t = [[s[i][j] for i in range(n)] for j in range(n)]
+    return (_infonce_rows(s, scale) + _infonce_rows(s_t, scale)) / 2
+
+
+def ref_qcl(q, words, mask, scale, weight_scale, same_image_only=False) -> float:
+    items = []  # (image, word feature, its text-guided query)
+    for i in range(q.shape[0]):
+        queries = [_unit(q[i, kk]) for kk in range(q.shape[1])]
+        for j in range(words.shape[1]):
+            if not mask[i, j]:
+                continue
+            t = _unit(words[i, j])
+            e = [math.exp(weight_scale * float((t * qk).sum())) for qk in queries]
+            guided = sum((ek / sum(e)) * qk for ek, qk in zip(e, queries))
+            items.append((i, t, _unit(guided)))
+    w2q, q2w = [], []
+    for ia, ta, ga in items:
+        cols = [(ib, tb, gb) for ib, tb, gb in items if not same_image_only or ib == ia]
+        w2q.append(
+            -scale * float((ta * ga).sum())
+            + math.log(sum(math.exp(scale * float((ta * gb).sum())) for _, _, gb in cols))
+        )
+        q2w.append(
+            -scale * float((ga * ta).sum())
+            + math.log(sum(math.exp(scale * float((ga * tb).sum())) for _, tb, _ in cols))
+        )
+    return (sum(w2q) / len(w2q) + sum(q2w) / len(q2w)) / 2
+
+
+def _features(seed=0, n=6, k=3, d=8, t=5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, k, d, generator=g, dtype=torch.float64)
+    txt = torch.randn(n, d, generator=g, dtype=torch.float64)
+    words = torch.randn(n, t, d, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, t, generator=g) < 0.7
+    mask[:, 0] = True
+    return q, txt, words, mask
+
+
+# -- single-process checks ------------------------------------------------------------------
+
+
+def test_gcl_matches_direct_loops():
+    q, txt, _, _ = _features()
+    gcl = GlobalContrastiveLoss(init_temperature=0.1).double()
+    scale = 1 / gcl.logit_scale.temperature
+    loss, (i2t, t2i) = gcl(q, txt, return_logits=True)
+    assert i2t.shape == t2i.shape == (6, 6)
+    assert loss.item() == pytest.approx(ref_gcl(q, txt, scale), abs=1e-10)
+
+
+def test_dqr_gcl_matches_direct_loops():
+    q, txt, _, _ = _features(seed=1)
+    w = 1 + torch.rand(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    gcl = GlobalContrastiveLoss(init_temperature=0.2).double()
+    scale = 1 / gcl.logit_scale.temperature
+    assert gcl(q, txt, query_weights=w).item() == pytest.approx(
+        ref_gcl(q, txt, scale, w), abs=1e-10
+    )
+    # W = 1 is Eq. 1 itself
+    ones = torch.ones(6, 3, dtype=torch.float64)
+    assert gcl(q, txt, query_weights=ones).item() == pytest.approx(gcl(q, txt).item(), abs=1e-12)
+
+
+def test_gcl_hand_worked_2x2():
+    # image 1 queries (1,0),(0.6,0.8); image 2 queries (0,1),(0,-1); texts (1,0),(0,1); tau = 1
+    q = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.0, -1.0]]], dtype=torch.float64)
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    # s = [[max(1, .6), max(0, .8)], [max(0, 0), max(1, -1)]] = [[1, .8], [0, 1]]
+    # i2t rows: log(1 + e^-0.2), log(1 + e^-1); t2i rows (columns of s): log(1 + e^-1),
+    # log(1 + e^-0.2): the loss is the mean of the two distinct terms.
+    expected = (math.log(1 + math.exp(-0.2)) + math.log(1 + math.exp(-1.0))) / 2
+    gcl = GlobalContrastiveLoss(init_temperature=1.0, learn_temperature=False).double()
+    loss, (i2t, _) = gcl(q, txt, return_logits=True)
+    assert i2t.flatten().tolist() == pytest.approx([1.0, 0.8, 0.0, 1.0])
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx(0.45570, abs=1e-5)
+
+
+@pytest.mark.parametrize("negatives", ["global", "image"])
+def test_qcl_matches_direct_loops(negatives):
+    q, _, words, mask = _features(seed=3)
+    qcl = QueryContrastiveLoss(
+        init_temperature=0.1, weight_temperature=0.5, negatives=negatives
+    ).double()
+    scale, wscale = 1 / qcl.logit_scale.temperature, 1 / qcl.weight_scale.temperature
+    loss, (w2q, q2w) = qcl(q, words, mask, return_logits=True)
+    assert w2q.shape == q2w.shape == (int(mask.sum()), mask.numel())
+    expected = ref_qcl(q, words, mask, scale, wscale, same_image_only=negatives == "image")
+    assert loss.item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_qcl_ignores_padding_content():
+    q, _, words, mask = _features(seed=4)
+    qcl = QueryContrastiveLoss().double()
+    other = words.clone()
+    other[~mask] = 1e3 * torch.randn(int((~mask).sum()), words.shape[-1], dtype=torch.float64)
+    assert qcl(q, words, mask).item() == pytest.approx(qcl(q, other, mask).item(), abs=1e-12)
+
+
+def test_temperatures_are_learnable():
+    q, txt, words, mask = _features(seed=5)
+    gcl, qcl = GlobalContrastiveLoss(), QueryContrastiveLoss()
+    assert gcl.logit_scale.temperature == pytest.approx(0.07)
+    (gcl(q.float(), txt.float()) + qcl(q.float(), words.float(), mask)).backward()
+    for module in (gcl, qcl):
+        grad = module.logit_scale.log_scale.grad
+        assert grad is not None and torch.isfinite(grad) and float(grad.abs()) > 0
+    frozen = GlobalContrastiveLoss(learn_temperature=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_losses_run_in_float32_under_autocast():
+    q, txt, words, mask = (x.float() if x.is_floating_point() else x for x in _features(seed=6))
+    gcl, qcl = GlobalContrastiveLoss(), QueryContrastiveLoss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g_loss, (i2t, _) = gcl(q, txt, return_logits=True)
+        q_loss, (w2q, _) = qcl(q, words, mask, return_logits=True)
+    assert i2t.dtype == w2q.dtype == torch.float32
+    assert g_loss.item() == pytest.approx(gcl(q, txt).item(), abs=1e-6)
+    assert q_loss.item() == pytest.approx(qcl(q, words, mask).item(), abs=1e-6)
+
+
+def test_gather_is_identity_without_process_group():
+    x = torch.randn(3, 2)
+    out, rank, world = gather_with_grad(x)
+    assert out is x and (rank, world) == (0, 1) == rank_and_world()
+
+
+def test_dqr_weights_scale_with_inverse_sqrt_frequency():
+    # one image, two queries; class 0 (n=4) correlates with query 1
+    sim = torch.tensor([[[0.1], [0.9]]], dtype=torch.float64)  # (1, K=2, C=1)
+    w = dqr_weights(sim, torch.ones(1, 1), torch.tensor([4.0]), assign="hard")
+    assert w.flatten().tolist() == pytest.approx([1.0, 1.5])
+
+
+# -- 2 real processes (gloo on 127.0.0.1) vs 1 process --------------------------------------
+
+WORLD = 2
+B, K, D, T, C = 8, 3, 6, 5, 4
+CASES = ("gcl", "gcl_dqr", "qcl", "qcl_image", "qcl_empty_rank", "coa")
+
+
+def _global_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[B // 2 :, 2:] = False  # rank 1 has fewer valid words than rank 0
+    mask[:, 0] = True
+    empty = mask.clone()
+    empty[B // 2 :] = False  # rank 1 has no valid word at all
+    return {
+        "q": torch.randn(B, K, D, generator=g, dtype=torch.float64),
+        "t": torch.randn(B, D, generator=g, dtype=torch.float64),
+        "w": 1 + torch.rand(B, K, generator=g, dtype=torch.float64),
+        "words": torch.randn(B, T, D, generator=g, dtype=torch.float64),
+        "mask": mask,
+        "empty": empty,
+        "logits": torch.randn(B, C, generator=g, dtype=torch.float64),
+        "co": torch.tensor([[5, 2, 0, 1], [2, 4, 1, 0], [0, 1, 3, 1], [1, 0, 1, 2]]),
+    }
+
+
+def _run_case(name: str, data: dict, rank: int, world: int) -> dict:
+    """This rank's share of the global batch through one loss: loss, gradients, logit shapes.
+
+    The global inputs are leaves replicated on every rank (like parameters under DDP); each
+    rank feeds its rows. After backward, averaging the leaves' gradients over ranks is what
+    DDP does, and must give the 1-process gradient.
+    """
+    b = B // world
+    rows = slice(rank * b, (rank + 1) * b)
+    leaves = {k: data[k].clone().requires_grad_() for k in ("q", "t", "words", "logits")}
+    q, t, words = leaves["q"], leaves["t"], leaves["words"]
+    logits = ()
+    if name.startswith("gcl"):
+        module = GlobalContrastiveLoss(init_temperature=0.1).double()
+        weights = data["w"][rows] if name == "gcl_dqr" else None
+        loss, logits = module(q[rows], t[rows], query_weights=weights, return_logits=True)
+    elif name.startswith("qcl"):
+        negatives = "image" if name == "qcl_image" else "global"
+        module = QueryContrastiveLoss(init_temperature=0.1, negatives=negatives).double()
+        mask = data["empty" if name == "qcl_empty_rank" else "mask"][rows]
+        loss, logits = module(q[rows], words[rows], mask, return_logits=True)
+    else:
+        module = CooccurrenceLoss(data["co"], beta=0.5, reduction="sum")
+        loss = module(leaves["logits"][rows])
+    loss.backward()
+    grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in leaves.items()}
+    for n, p in module.named_parameters():
+        grads[n] = p.grad.clone()
+    return {"loss": loss.detach(), "grads": grads, "shapes": [tuple(x.shape) for x in logits]}
+
+
+def _expected_shapes(name: str, data: dict, rank: int, world: int) -> list[tuple]:
+    b = B // world
+    if name.startswith("gcl"):
+        return [(b, B), (b, B)]
+    if name.startswith("qcl"):
+        mask = data["empty" if name == "qcl_empty_rank" else "mask"][rank * b : (rank + 1) * b]
+        return [(int(mask.sum()), B * T)] * 2
+    return []
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, reference: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        assert dist.get_world_size() == 2 and rank_and_world() == (rank, 2)
+        data = _global_batch()
+        results = {}
+        for name in CASES:
+            out = _run_case(name, data, rank, world)
+            assert out["shapes"] == _expected_shapes(name, data, rank, world), name
+            # what DDP reports and applies: the mean over ranks
+            loss = out["loss"].clone()
+            dist.all_reduce(loss)
+            grads = {}
+            for key, g in out["grads"].items():
+                g = g.clone()
+                dist.all_reduce(g)
+                grads[key] = g / world
+            results[name] = {"loss": loss / world, "grads": grads, "shapes": out["shapes"]}
+            ref = reference[name]
+            assert torch.allclose(results[name]["loss"], ref["loss"], rtol=0, atol=1e-6), name
+            for key, g in grads.items():
+                assert torch.allclose(g, ref["grads"][key], rtol=0, atol=1e-6), (name, key)
+        # unequal local batches are refused on every rank, with a message saying what to do
+        try:
+            gather_with_grad(torch.zeros(3 + rank, 2))
+        except ValueError as e:
+            assert "same per-process batch size" in str(e)
+            results["unequal_refused"] = True
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    data = _global_batch()
+    reference = {name: _run_case(name, data, rank=0, world=1) for name in CASES}
+    # the reference runs see the whole batch: B rows, every valid word
+    assert reference["gcl"]["shapes"] == [(B, B), (B, B)]
+    assert reference["qcl"]["shapes"] == [(int(data["mask"].sum()), B * T)] * 2
+    for name in CASES:
+        ref = reference[name]
+        assert torch.isfinite(ref["loss"]) and float(ref["loss"]) > 0, name
+        assert float(ref["grads"]["logits" if name == "coa" else "q"].abs().sum()) > 0, name
+    ref_only = {n: {"loss": r["loss"], "grads": r["grads"]} for n, r in reference.items()}
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), ref_only), nprocs=WORLD)
+    for rank in range(WORLD):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(results) == {*CASES, "unequal_refused"}
+        for name in CASES:
+            got, ref = results[name], reference[name]
+            assert got["shapes"] == _expected_shapes(name, data, rank, WORLD)
+            assert torch.allclose(got["loss"], ref["loss"], rtol=0, atol=1e-6), name
+            for key, g in ref["grads"].items():
+                assert torch.allclose(got["grads"][key], g, rtol=0, atol=1e-6), (name, key)

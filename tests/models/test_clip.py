@@ -1,0 +1,239 @@
+"""CLIP towers: token shapes, freezing, the text tower and class embeddings (random weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ltdist.config import load_config
+from ltdist.models.clip import (
+    ClipTowerConfig,
+    FrozenImageTower,
+    TextTower,
+    build_clip,
+    build_towers,
+    class_embeddings,
+    get_tokenizer,
+)
+
+# Measured once (open_clip 3.3, random init) and asserted exactly.
+VIT_B16_IMAGE_TOWER_PARAMS = 86_192_640  # incl. ln_post and proj (768 x 512)
+VIT_B16_TEXT_TOWER_PARAMS = 63_428_096  # text transformer + projection 512 x 512
+RN50_TEXT_TOWER_PARAMS = 63_690_240  # same transformer, projection 512 x 1024
+
+TINY = ClipTowerConfig(pretrained="", tiny=True, image_size=64)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    torch.manual_seed(0)
+    return build_clip(TINY)
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    torch.manual_seed(0)
+    return build_clip(ClipTowerConfig(pretrained=""))
+
+
+class Parent(nn.Module):
+    """A downstream model: frozen tower + a trainable layer."""
+
+    def __init__(self, tower: FrozenImageTower):
+        super().__init__()
+        self.tower = tower
+        self.fc = nn.Linear(tower.width, 3)
+
+    def forward(self, images):
+        return self.fc(self.tower(images).mean(1))
+
+
+def test_tiny_image_tower_shapes(tiny_clip):
+    tower = FrozenImageTower(tiny_clip.visual)
+    tokens = tower(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 1 + 16, 64)
+    assert (tower.width, tower.token_dim, tower.num_tokens) == (64, 64, 17)
+    zeros = torch.zeros(1, 3, 64, 64)
+    assert torch.equal(tower.tokens(zeros), tower(zeros))  # the token-source interface
+
+
+def test_class_token_is_what_clip_projects(tiny_clip):
+    tower = FrozenImageTower(tiny_clip.visual)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(tower.project(tower(x)), tiny_clip.encode_image(x))
+    # every token carries ln_post: zero mean, unit variance before the affine (ones/zeros at init)
+    tokens = tower(x)
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 17), atol=1e-5, rtol=0)
+
+
+def test_frozen_tower_survives_train_and_gets_no_grad(tiny_clip):
+    tower = FrozenImageTower(build_clip(TINY).visual)
+    parent = Parent(tower)
+    parent.train()
+    assert parent.training and parent.fc.training
+    assert not tower.training and not any(m.training for m in tower.modules())
+    assert all(not p.requires_grad for p in tower.parameters())
+
+    out = parent(torch.randn(2, 3, 64, 64))
+    out.square().sum().backward()
+    assert parent.fc.weight.grad is not None and parent.fc.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tower.parameters())
+
+    opt = torch.optim.AdamW([p for p in parent.parameters() if p.requires_grad])
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(parent.fc.weight), id(parent.fc.bias)}
+    assert not any(id(p) in held for p in tower.parameters())
+
+
+def test_frozen_tower_output_has_no_graph_even_under_grad(tiny_clip):
+    tower = FrozenImageTower(tiny_clip.visual)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    assert not tower(x).requires_grad
+
+
+def test_image_tower_rejects_resnet_clip():
+    import open_clip
+
+    vision = open_clip.model.CLIPVisionCfg(layers=[1, 1, 1, 1], width=8, image_size=64)
+    text = open_clip.model.CLIPTextCfg(width=32, heads=2, layers=1)
+    model = open_clip.model.CLIP(16, vision, text)
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        FrozenImageTower(model.visual)
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "clip.yaml"
+    path.write_text("model_name: RN50\npretrained: ''\nquick_gelu: null\n")
+    cfg = load_config(ClipTowerConfig, path, ["tiny=false", "image_size=448"])
+    assert (cfg.model_name, cfg.pretrained, cfg.quick_gelu) == ("RN50", "", None)
+    assert cfg.image_size == 448 and cfg.tiny is False
+    assert load_config(ClipTowerConfig, None, ["quick_gelu=true"]).quick_gelu is True
+    with pytest.raises(ValueError, match="divisible"):
+        load_config(ClipTowerConfig, None, ["tiny=true", "tiny_width=30", "tiny_heads=4"])
+
+
+def test_pretrained_tags_reach_open_clip(monkeypatch, tiny_clip):
+    """No weights can be downloaded here: check what would be asked of open_clip."""
+    import open_clip
+
+    calls = []
+
+    def fake_create_model(name, **kwargs):
+        calls.append((name, kwargs))
+        return tiny_clip
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    build_clip(ClipTowerConfig())
+    build_clip(ClipTowerConfig(model_name="RN50", image_size=448, cache_dir="/weights"))
+    build_clip(ClipTowerConfig(pretrained="laion2b_s34b_b88k"))
+    build_clip(ClipTowerConfig(pretrained="/ckpt/vitb16.pt", quick_gelu=True))
+    (n0, k0), (n1, k1), (n2, k2), (n3, k3) = calls
+    assert (n0, k0["pretrained"], k0["force_quick_gelu"], k0["force_image_size"]) == (
+        "ViT-B-16",
+        "openai",
+        True,
+        224,
+    )
+    assert (n1, k1["pretrained"], k1["force_image_size"], k1["cache_dir"]) == (
+        "RN50",
+        "openai",
+        448,
+        "/weights",
+    )
+    assert k2["pretrained"] == "laion2b_s34b_b88k" and k2["force_quick_gelu"] is False
+    assert k3["pretrained"] == "/ckpt/vitb16.pt" and k3["force_quick_gelu"] is True
+
+
+@pytest.mark.slow
+def test_vit_b16_image_tower(vit_b16):
+    tower = FrozenImageTower(vit_b16.visual)
+    count = n_params(tower)
+    print(f"ViT-B/16 image tower parameters: {count:,}")
+    assert count == VIT_B16_IMAGE_TOWER_PARAMS
+    assert (tower.width, tower.num_tokens, tower.embed_dim) == (768, 197, 512)
+    x = torch.randn(2, 3, 224, 224)
+    tokens = tower(x)
+    assert tokens.shape == (2, 197, 768)
+    assert torch.isfinite(tokens).all()
+    torch.testing.assert_close(tower.project(tokens), vit_b16.encode_image(x))
+
+
+@pytest.mark.slow
+def test_vit_b16_text_tower(vit_b16):
+    text = TextTower(vit_b16, get_tokenizer(ClipTowerConfig()))
+    count = n_params(text)
+    print(f"ViT-B/16 text tower parameters: {count:,}")
+    assert count == VIT_B16_TEXT_TOWER_PARAMS
+    assert text.embed_dim == 512
+    ids = text.tokenize(["a photo of a dog.", "a photo of a traffic light."])
+    assert ids.shape == (2, 77) and ids.dtype == torch.long
+    emb = text(ids)
+    assert emb.shape == (2, 512)
+    torch.testing.assert_close(emb, vit_b16.encode_text(ids))
+    torch.testing.assert_close(text(ids), emb, rtol=0, atol=0)  # deterministic
+
+    names = ["dog", "traffic_light", "hair drier"]
+    classes = class_embeddings(text, names)
+    assert classes.shape == (3, 512)
+    torch.testing.assert_close(classes[1], emb[1])  # "_" -> " " in the template
+    unit = class_embeddings(text, names, normalize=True)
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(3))
+
+
+@pytest.mark.slow
+def test_rn50_text_tower_is_1024_wide():
+    cfg = ClipTowerConfig(model_name="RN50", pretrained="")
+    text = TextTower.from_config(cfg)
+    count = n_params(text)
+    print(f"RN50 text tower parameters: {count:,}")
+    assert count == RN50_TEXT_TOWER_PARAMS
+    assert text.embed_dim == 1024
+    classes = class_embeddings(text, ["person", "dining_table"])
+    assert classes.shape == (2, 1024) and torch.isfinite(classes).all()
+
+
+def test_tokenizer_offline():
+    tok = get_tokenizer(ClipTowerConfig())
+    ids = tok(["a photo of a dog.", "a photo of a dog."])
+    assert ids.shape == (2, 77)
+    assert torch.equal(ids[0], ids[1])
+    assert ids[0, 0].item() == 49406  # <start_of_text>
+    assert 49407 in ids[0].tolist()  # <end_of_text>
+
+
+def test_text_tower_frozen_and_trainable(tiny_clip):
+    frozen = TextTower(tiny_clip, get_tokenizer(TINY), frozen=True)
+    ids = frozen.tokenize(["a photo of a cat.", "a photo of a bus."])
+    emb = frozen(ids)
+    assert emb.shape == (2, 32) and not emb.requires_grad
+    frozen.train()
+    assert not frozen.training
+    torch.testing.assert_close(emb, tiny_clip.encode_text(ids))
+
+    model = build_clip(TINY)
+    trainable = TextTower(model, get_tokenizer(TINY), frozen=False)
+    trainable.train()
+    assert trainable.training
+    trainable(ids).sum().backward()
+    assert all(p.requires_grad for p in trainable.parameters())
+    assert trainable.token_embedding.weight.grad is not None
+    # only the text parts: no logit scale, no image tower
+    names = {n.split(".")[0] for n, _ in trainable.named_parameters()}
+    assert names == {
+        "token_embedding",
+        "positional_embedding",
+        "transformer",
+        "ln_final",
+        "text_projection",
+    }
+
+
+def test_build_towers_share_one_model():
+    image, text = build_towers(TINY)
+    assert image.width == 64 and text.embed_dim == 32
+    assert image.tokens(torch.randn(1, 3, 64, 64)).shape == (1, 17, 64)
