@@ -1,0 +1,7 @@
+"""Structured Tail-Aware Generation (STAG): prompts, validation, engines and the Ray pipeline.
+
+An LLM turns each training image's labels (tail classes marked) and caption into a 50-80 word
+scene description that describes the tail classes first and tags each as ``<tail> name </tail>``.
+``prompt`` builds the chat messages, ``validate`` checks what came back; both are shared modules
+(no torch, vLLM, Ray or transformers at import time) and run in either environment.
+"""
