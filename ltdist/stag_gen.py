@@ -1,0 +1,77 @@
+"""``python -m ltdist.stag_gen --config configs/stag/<name>.yaml [key=value ...]``
+
+The STAG generation job (``ltdist.stag.pipeline.run_stag``): LLM scene descriptions for the
+training split on a Ray cluster, written as resumable shards plus ``stag_report.json``. Run it
+directly (joins RAY_ADDRESS or starts a local Ray) or through
+``ray job submit --address http://<head>:8265 -- python -m ltdist.stag_gen --config ...``.
+
+Exit status: 0 done, 2 a config or input problem (the message says which), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ltdist.config import ConfigError, dump_yaml, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ltdist.stag_gen",
+        description="STAG: tail-aware LLM descriptions of the training images, on Ray + vLLM.",
+    )
+    parser.add_argument("--config", default=None, help="YAML file (configs/stag/*.yaml)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. engine.max_tokens=96"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from ltdist.data.benchmarks import BenchmarkFileError
+    from ltdist.data.manifest import ManifestError
+    from ltdist.data.pack import PackError
+    from ltdist.stag.pipeline import StagConfig, StagError, run_stag
+
+    try:
+        cfg = load_config(StagConfig, args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"stag_gen: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    try:
+        report = run_stag(cfg)
+    except (
+        StagError,
+        PackError,
+        ManifestError,
+        BenchmarkFileError,
+        FileNotFoundError,
+        ConfigError,
+    ) as e:
+        print(f"stag_gen: error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: report[k] for k in ("dataset", "counts", "num_written", "complete")}
+    summary["run"] = {
+        k: report["run"][k] for k in ("samples", "seconds", "samples_per_s", "num_actors")
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
