@@ -1,0 +1,128 @@
+"""Generated tokens/s of the whole STAG job vs. a bare ``vllm.LLM.generate`` on the same prompts.
+
+    .venvs/gen/bin/python benchmarks/stag_throughput.py [--num 64] [--batch-size 16]
+
+The prompts are the STAG prompts of the first ``--num`` real COCO-LT training images (labels +
+captions, text-only). The pipeline row is ``python -m ltdist.stag_gen``'s own report (local Ray,
+one vLLM actor, one attempt per sample, so both sides generate once per prompt); it is given
+twice: end to end, and after its first batch came back (without Ray and engine start-up, which
+the bare row does not time either). The bare row builds one ``vllm.LLM`` with the same settings
+in this process and times one ``generate`` call over all prompts. Goal: pipeline / bare >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def stag_config(args, out: str):
+    from ltdist.config import load_config
+    from ltdist.stag.pipeline import StagConfig
+
+    overrides = [
+        f"data.out={out}",
+        "data.source=benchmark",
+        "data.benchmark=coco_lt",
+        f"data.splits_dir={args.splits_dir}",
+        "data.text_only=true",
+        f"data.samples_per_shard={args.num}",
+        f"limit={args.num}",
+        f"batch_size={args.batch_size}",
+        f"engine.model={args.model}",
+        f"engine.max_tokens={args.max_tokens}",
+        "max_attempts=1",
+        "num_actors=1",
+        "reject_truncated=false",
+    ]
+    return load_config(StagConfig, ROOT / "configs/stag/demo.yaml", overrides)
+
+
+def pipeline_row(args) -> dict:
+    from ltdist.stag.pipeline import run_stag
+
+    with tempfile.TemporaryDirectory(prefix="stag-bench-") as tmp:
+        report = run_stag(stag_config(args, f"{tmp}/out"))
+    run = report["run"]
+    steady_s = run["seconds"] - (run["seconds_to_first_result"] or 0.0)
+    first_tokens = run["generated_tokens"] * args.batch_size / max(run["samples"], 1)
+    return {
+        "end_to_end": run["generated_tokens"] / run["seconds"],
+        "steady": (run["generated_tokens"] - first_tokens) / steady_s if steady_s > 0 else None,
+        "tokens": run["generated_tokens"],
+    }
+
+
+def bare_row(args) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from ltdist.data.pack import load_records
+    from ltdist.stag.engines import VLLMEngine
+    from ltdist.stag.pipeline import Describer, derive_seed
+
+    cfg = stag_config(args, "unused")
+    space, splits, _ = load_records(cfg.data)
+    records = sorted(splits["train"], key=lambda r: r.key)[: args.num]
+    # The pipeline's engine settings (chunked prefill off on CPU, eager, dtype, seed), its
+    # prompts and per-request seeds; then the bare LLM object's generate alone is timed.
+    engine = VLLMEngine(cfg.engine)
+    describer = Describer(cfg, space, engine)
+    prompts = [describer.prompt(list(r.label_ids), r.caption) for r in records]
+    llm: LLM = engine.llm
+    params = [
+        SamplingParams(
+            temperature=cfg.engine.temperature,
+            top_p=cfg.engine.top_p,
+            max_tokens=cfg.engine.max_tokens,
+            seed=derive_seed(cfg.engine.seed, r.key, 0),
+        )
+        for r in records
+    ]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    engine.close()
+    return {"tokens_per_s": tokens / seconds, "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--model", default=str(ROOT / ".cache/llm/SmolLM2-135M-Instruct"))
+    parser.add_argument("--splits-dir", default=str(ROOT.parent / "shared" / "benchmarks"))
+    args = parser.parse_args()
+    for name, value in CPU_ENV.items():
+        os.environ.setdefault(name, value)
+
+    pipe = pipeline_row(args)
+    bare = bare_row(args)
+    print(f"STAG throughput: {args.num} COCO-LT prompts, {args.max_tokens} new tokens max")
+    print(f"{'':<40} {'tokens/s':>9} {'vs bare':>8}")
+    print(f"{'bare vllm.LLM.generate':<40} {bare['tokens_per_s']:>9.1f} {1.0:>8.2f}")
+    for label, rate in (
+        ("pipeline, end to end", pipe["end_to_end"]),
+        ("pipeline, after first batch", pipe["steady"]),
+    ):
+        if rate is not None:
+            print(f"{label:<40} {rate:>9.1f} {rate / bare['tokens_per_s']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
