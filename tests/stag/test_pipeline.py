@@ -452,6 +452,7 @@ def job_overrides(demo: Path, out: Path, requests: Path) -> list[str]:
         "env.VLLM_CPU_KVCACHE_SPACE=1",
         "env.VLLM_CPU_NUM_OF_RESERVED_CPU=0",
         "env.VLLM_CPU_OMP_THREADS_BIND={gpu_id}",  # one core per engine, not both on both
+        "env.OMP_NUM_THREADS=1",  # and one thread on it
         "env.VLLM_ENABLE_V1_MULTIPROCESSING=0",  # engine core in the actor: one process less
         f"record_requests={requests}",
     ]
