@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ltdist.labels import LabelSpace
+
 ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = ROOT / ".cache" / "llm" / "SmolLM2-135M-Instruct"
 # Small settings for tests: short outputs, a short context, little KV cache.
@@ -60,3 +62,20 @@ def vllm_engine(smollm2_folder):
         )
     yield engine
     engine.close()
+
+
+# COCO-like names for the prompt and validation tests; the frequencies make person and dog
+# head, car medium, the rest tail.
+NAMES = ["person", "dog", "surfboard", "hot dog", "teddy bear", "bear", "hair drier", "car"]
+FREQ = [300, 150, 5, 3, 8, 10, 2, 50]
+PERSON, DOG, SURFBOARD, HOT_DOG, TEDDY, BEAR, DRIER, CAR = range(len(NAMES))
+
+
+@pytest.fixture(scope="session")
+def space() -> LabelSpace:
+    sets = [[i] for i, f in enumerate(FREQ) for _ in range(f)]
+    s = LabelSpace.from_label_sets(NAMES, sets)
+    assert [s.is_tail(i) for i in range(len(NAMES))] == [
+        False, False, True, True, True, True, True, False
+    ]  # fmt: skip
+    return s

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from ltdist.labels import LabelSpace
 from ltdist.stag.validate import (
     REASON_CODES,
     ValidationConfig,
@@ -14,22 +13,9 @@ from ltdist.stag.validate import (
     validate,
 )
 
+from .conftest import BEAR, DOG, DRIER, NAMES, PERSON, SURFBOARD
+
 pytestmark = pytest.mark.both_envs
-
-# COCO-like names; frequencies make person and dog head, car medium, the rest tail.
-NAMES = ["person", "dog", "surfboard", "hot dog", "teddy bear", "bear", "hair drier", "car"]
-FREQ = [300, 150, 5, 3, 8, 10, 2, 50]
-PERSON, DOG, SURFBOARD, HOT_DOG, TEDDY, BEAR, DRIER, CAR = range(len(NAMES))
-
-
-@pytest.fixture(scope="module")
-def space() -> LabelSpace:
-    sets = [[i] for i, f in enumerate(FREQ) for _ in range(f)]
-    s = LabelSpace.from_label_sets(NAMES, sets)
-    assert [s.is_tail(i) for i in range(len(NAMES))] == [
-        False, False, True, True, True, True, True, False
-    ]  # fmt: skip
-    return s
 
 
 LABELS = [PERSON, DOG, SURFBOARD]
