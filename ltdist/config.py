@@ -85,6 +85,23 @@ def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
+def resolve_path(ref: str) -> str:
+    """A config's path, with ``pkg:<module>/<sub/path>`` naming a folder inside an installed
+    package (the small real models that ship on PyPI); other values are returned unchanged."""
+    if not ref.startswith("pkg:"):
+        return ref
+    import importlib.util
+
+    module, _, sub = ref[len("pkg:") :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{ref}: package {module!r} is not installed")
+    path = Path(spec.submodule_search_locations[0]) / sub
+    if not path.exists():
+        raise ConfigError(f"{ref}: {path} does not exist")
+    return str(path)
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = data

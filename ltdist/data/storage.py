@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import tempfile
 from typing import IO
@@ -75,6 +76,16 @@ def remove(location: str) -> None:
         fs, path = _fs(location)
         if fs.exists(path):
             fs.rm(path)
+
+
+def remove_tree(location: str) -> None:
+    """Remove a folder and everything under it (a prefix on object stores); absent is fine."""
+    if is_local(location):
+        shutil.rmtree(local_path(location), ignore_errors=True)
+    else:
+        fs, path = _fs(location)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def read_bytes(location: str) -> bytes:

@@ -2,7 +2,8 @@
 
 The plot is the long-tail picture in one glance: per-class AP against training frequency, with
 each group's mAP as a dashed line. Files go through ``ltdist.data.storage`` so ``out_dir`` may
-be a local folder or an object-store URL, and each file is written atomically.
+be a local folder or an object-store URL, and each file is written atomically. Alongside: an
+F1 summary table (from ``thresholds.f1_report``) and training-curve plots.
 """
 
 from __future__ import annotations
@@ -146,6 +147,68 @@ def plot_ap_vs_frequency(result: MapResult, label_space: LabelSpace, title: str 
         legend.set_title(
             f"{n} class{'es' if n > 1 else ''} without\ntest positives not shown", prop={"size": 7}
         )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def format_f1_summary(report: dict[str, Any]) -> str:
+    """One table from ``f1_report``: macro-F1 (percent) per group with evaluated / total
+    classes, then micro-F1 with its precision and recall."""
+    counts = report["counts"]
+    lines = [f"{'group':<8}  {'macro-F1':>8}  {'classes':>9}", "-" * 29]
+    for g, value in report["macro_f1"].items():
+        evaluated = f"{counts[g]['evaluated']}/{counts[g]['classes']}"
+        lines.append(f"{g:<8}  {_pct(value):>8}  {evaluated:>9}")
+    micro = report["micro"]
+    lines.append(
+        f"micro-F1 {_pct(micro['f1'])} "
+        f"(precision {_pct(micro['precision'])}, recall {_pct(micro['recall'])})"
+    )
+    if report["excluded"]:
+        lines.append(f"excluded (no positive, none predicted): {', '.join(report['excluded'])}")
+    return "\n".join(lines)
+
+
+# Each metric gets a panel of this size (inches at CURVE_DPI), at most this many to a row.
+CURVE_PANEL_INCHES = (4, 3)
+CURVE_DPI = 100
+CURVE_COLUMNS = 3
+
+
+def plot_curves(
+    series: dict[str, list[tuple[int, float]]], title: str = "", xlabel: str = "step"
+) -> bytes:
+    """PNG bytes: one panel per metric (e.g. "loss", "lr", "eval/map_all") against step.
+
+    Panels fill rows of ``CURVE_COLUMNS``, so the image is CURVE_DPI * CURVE_PANEL_INCHES
+    times (columns, rows) pixels. Points are drawn in step order; a lone point gets a marker
+    and a metric without points gets a "no data" panel. An empty ``series`` is a ValueError:
+    there is nothing to lay out, and a silent blank image would hide a caller's bug.
+    """
+    if not series:
+        raise ValueError("plot_curves needs at least one metric; series is empty")
+    from matplotlib.figure import Figure
+
+    columns = min(CURVE_COLUMNS, len(series))
+    rows = math.ceil(len(series) / columns)
+    width, height = CURVE_PANEL_INCHES
+    fig = Figure(figsize=(width * columns, height * rows), dpi=CURVE_DPI)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (name, points) in zip(axes, series.items()):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+        if not points:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            continue
+        steps, values = zip(*sorted(points))
+        ax.plot(steps, values, marker="o" if len(points) == 1 else None, linewidth=1.2)
+    for ax in axes[len(series) :]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

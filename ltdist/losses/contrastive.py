@@ -58,7 +58,8 @@ class LogitScale(nn.Module):
     lower bound 0 on the log scale keeps tau <= 1). BLIP-2 stores tau itself and clamps it to
     [0.001, 0.5]; we follow CLIP because the log parametrisation makes the learning rate
     scale-free. The clamp is applied in the forward, so no trainer hook is needed (past the
-    bound the gradient is 0).
+    bound the gradient is 0). ``log_scale`` is a one-element vector, not a 0-d scalar: DeepSpeed
+    broadcasts parameters as bytes, which a 0-d bf16 tensor cannot be viewed as.
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class LogitScale(nn.Module):
             raise ValueError(
                 f"temperature {init_temperature} outside [1/{max_scale}, 1/{min_scale}]"
             )
-        value = torch.tensor(math.log(1.0 / init_temperature))
+        value = torch.tensor([math.log(1.0 / init_temperature)])
         if learnable:
             self.log_scale = nn.Parameter(value)
         else:
@@ -81,7 +82,7 @@ class LogitScale(nn.Module):
         self.min_log_scale, self.max_log_scale = math.log(min_scale), math.log(max_scale)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(self.min_log_scale, self.max_log_scale).exp()
+        return self.log_scale.clamp(self.min_log_scale, self.max_log_scale).exp().squeeze(0)
 
     @property
     def temperature(self) -> float:

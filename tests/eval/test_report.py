@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from pathlib import Path
@@ -10,7 +11,16 @@ import numpy as np
 import pytest
 
 from ltdist.eval.metrics import group_map
-from ltdist.eval.report import format_report, format_summary, write_report
+from ltdist.eval.report import (
+    CURVE_DPI,
+    CURVE_PANEL_INCHES,
+    format_f1_summary,
+    format_report,
+    format_summary,
+    plot_curves,
+    write_report,
+)
+from ltdist.eval.thresholds import best_f1_thresholds, f1_report
 from ltdist.labels import LabelSpace
 
 pytest.importorskip("matplotlib")
@@ -97,3 +107,55 @@ def test_format_report_rows(evaluated):
         line for line in lines if line.lstrip().split(" ", 1)[0].isdigit() and "class" in line
     ]
     assert len(class_rows) == 10
+
+
+def test_plot_curves_one_panel_per_metric():
+    image_module = pytest.importorskip("PIL.Image")
+    series = {
+        "loss": [(s, 2.0 / (1 + s)) for s in range(0, 500, 10)],
+        "gcl": [(s, 1.0 / (1 + s)) for s in range(0, 500, 10)],
+        "qcl": [(20, 0.3), (10, 0.5)],  # out of step order
+        "lr": [(0, 1e-4)],  # a single point
+        "eval/map_all": [],  # no evaluation yet
+    }
+    png = plot_curves(series, title="demo run")
+    with image_module.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG"
+        image.load()  # decodes the pixel data, not only the header
+        width, height = CURVE_PANEL_INCHES
+        assert image.size == (3 * width * CURVE_DPI, 2 * height * CURVE_DPI)  # 3 + 2 panels
+
+    with image_module.open(io.BytesIO(plot_curves({"loss": [(5, 1.0)]}))) as image:
+        assert image.size == (width * CURVE_DPI, height * CURVE_DPI)
+
+
+def test_plot_curves_without_metrics_is_an_error():
+    with pytest.raises(ValueError, match="at least one metric"):
+        plot_curves({})
+
+
+def test_format_f1_summary_table(evaluated):
+    _, ls = evaluated
+    rng = np.random.default_rng(1)
+    targets = rng.random((300, 10)) < np.linspace(0.4, 0.05, 10)
+    targets[:, 9] = False
+    scores = rng.random((300, 10)) + 0.6 * targets
+    thresholds, _ = best_f1_thresholds(scores, targets)
+    report = f1_report(scores, targets, thresholds, ls)
+    lines = format_f1_summary(report).splitlines()
+    assert lines[0].split() == ["group", "macro-F1", "classes"]
+    assert lines[2].split() == ["all", f"{100 * report['macro_f1']['all']:.2f}", "9/10"]
+    assert lines[5].split() == ["tail", f"{100 * report['macro_f1']['tail']:.2f}", "3/4"]
+    micro = report["micro"]
+    assert lines[6] == (
+        f"micro-F1 {100 * micro['f1']:.2f} "
+        f"(precision {100 * micro['precision']:.2f}, recall {100 * micro['recall']:.2f})"
+    )
+    assert lines[7] == "excluded (no positive, none predicted): class 9"
+
+
+def test_format_f1_summary_without_groups():
+    report = f1_report(np.array([[0.9], [0.1]]), np.array([[1], [0]]), 0.5)
+    lines = format_f1_summary(report).splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["all", "micro-F1"]
+    assert lines[2].split() == ["all", "100.00", "1/1"]

@@ -39,6 +39,7 @@ from ltdist.stag.pipeline import (
     Describer,
     StagConfig,
     StagError,
+    cpu_engine_threads,
     derive_seed,
     plan_actors,
 )
@@ -188,6 +189,15 @@ def test_seeds_differ_by_key_attempt_and_config_seed():
     seeds = {derive_seed(s, k, a) for s in (0, 1) for k in ("x", "y") for a in range(3)}
     assert len(seeds) == 12 and all(0 <= s < 2**31 for s in seeds)
     assert derive_seed(0, "x", 0) == derive_seed(0, "x", 0)
+
+
+@pytest.mark.both_envs
+def test_cpu_engine_threads_share_a_nodes_cores():
+    # Ray would give a 0.5-CPU actor OMP_NUM_THREADS=1; one engine on a 2-core node gets 2
+    assert cpu_engine_threads({"CPU": 2, "nodes": 1}, 1) == 2
+    assert cpu_engine_threads({"CPU": 64, "nodes": 2}, 4) == 16  # 2 engines per 32-core node
+    assert cpu_engine_threads({"CPU": 64, "nodes": 2}, 3) == 16  # the fuller node decides
+    assert cpu_engine_threads({"CPU": 2, "nodes": 1}, 4) == 1
 
 
 @pytest.mark.both_envs
@@ -634,6 +644,10 @@ def test_report_counts_throughput_provenance_and_logical_gpus(killed_and_resumed
         s["count"] + len(s["rejected"]) for s in index["shards"] if s["id"] in run["shards_written"]
     )
     assert run["samples_per_s"] > 0 and run["generated_tokens_per_s"] > 0
+    # the generation-only window starts when the first engine was ready
+    assert all("ready_at" in a for a in run["actors"])
+    assert 0 < run["generation_seconds"] < run["seconds"]
+    assert run["generation_tokens_per_s"] > run["generated_tokens_per_s"]
     # 2 logical GPUs, one GPU per actor -> a pool of 2 vLLM actors, each on its own GPU
     assert run["cluster_resources"]["GPU"] == 2
     assert (run["num_actors"], run["num_gpus_per_actor"]) == (2, 1)

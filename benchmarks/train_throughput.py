@@ -1,0 +1,136 @@
+"""Training throughput of a task: samples/s and model FLOPs utilisation (MFU), one process.
+
+    python benchmarks/train_throughput.py --config configs/pretrain/coco_lt.yaml \\
+        [--batch-size 64] [--steps 20] [--peak-tflops 989] [key=value ...]
+
+Synthetic batches (random images and descriptions of ``max_text_tokens`` tokens) isolate the
+model from the data path; ``--real-data`` streams the configured shards instead. FLOPs per step
+are counted once with ``torch.utils.flop_counter`` (forward + backward of the trainable path);
+MFU = counted FLOP/s / the device's peak (``--peak-tflops``; bf16 dense H100 SXM 989, H200 989,
+A100 312). Prints a table; run it when an issue asks for a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ltdist.config import load_config
+from ltdist.data.shards import load_label_space
+from ltdist.train.config import TrainConfig
+from ltdist.train.optim import build_optimizer, build_scheduler
+from ltdist.train.tasks import build_task
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def synthetic_batch(cfg: TrainConfig, task, batch_size: int, device) -> dict:
+    size = cfg.loader.image_size
+    c = task.class_ids.shape[0] if hasattr(task, "class_ids") else task.head.num_classes
+    batch = {
+        "image": torch.randn(batch_size, 3, size, size, device=device),
+        "labels": (torch.rand(batch_size, c, device=device) < 0.05).float(),
+    }
+    if getattr(task, "needs_text", False):
+        ids = torch.randint(1000, 20000, (batch_size, cfg.model.max_text_tokens), device=device)
+        ids[:, 0], ids[:, -1] = 101, 102
+        batch["tokens"] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return batch
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--batch-size", type=int, default=0, help="default: the config's")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument("--real-data", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bs = args.batch_size or cfg.loader.batch_size
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    space = load_label_space(cfg.data.location)
+    task = build_task(cfg.task, cfg.model, space).to(device).train()
+    optimizer = build_optimizer(task, cfg.optim, task.backbone_prefixes, task.no_decay_names)
+    scheduler = build_scheduler(optimizer, cfg.optim, args.steps + args.warmup + 1)
+    if args.real_data:
+        from ltdist.data.loader import ShardLoader
+
+        cfg.loader.batch_size = bs
+        loader = ShardLoader(
+            cfg.data.location,
+            cfg.data.train_split,
+            cfg.loader,
+            tokenizer=task.tokenizer if getattr(task, "needs_text", False) else None,
+        )
+        stream = iter(loader)
+    fixed = synthetic_batch(cfg, task, bs, device)
+
+    def next_batch() -> dict:
+        if not args.real_data:
+            return fixed
+        b = next(stream)
+        return {
+            k: (
+                v.to(device)
+                if torch.is_tensor(v)
+                else {kk: vv.to(device) for kk, vv in v.items()}
+                if isinstance(v, dict)
+                else v
+            )
+            for k, v in b.items()
+        }
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = task(next_batch())["loss"]
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_per_step = counter.get_total_flops()
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    achieved = flops_per_step * args.steps / seconds / 1e12
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in task.parameters())
+    rows = [
+        ("device", name),
+        ("task", f"{cfg.task} ({trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M)"),
+        ("precision / batch", f"{cfg.mixed_precision} / {bs}"),
+        ("data", "shards" if args.real_data else "synthetic"),
+        ("samples/s", f"{bs * args.steps / seconds:.1f}"),
+        ("step time (ms)", f"{1000 * seconds / args.steps:.1f}"),
+        ("GFLOP per step", f"{flops_per_step / 1e9:.2f}"),
+        ("achieved TFLOP/s", f"{achieved:.2f}"),
+        ("MFU", f"{100 * achieved / peak:.1f}% of {peak:.0f}" if peak else "n/a (--peak-tflops)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if device.type == "cuda":
+        print(f"{'peak memory (GiB)':<{width}}  {torch.cuda.max_memory_allocated() / 2**30:.1f}")
+
+
+if __name__ == "__main__":
+    main()

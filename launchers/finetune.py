@@ -1,0 +1,12 @@
+"""Phase 2: DP-VLPA adaptation (task: dpvlpa) or the CPRFL head (task: cprfl), from a
+pretraining export (model.init_from) or a plain backbone.
+
+    accelerate launch launchers/finetune.py --config configs/finetune/demo_cprfl.yaml [k=v ...]
+"""
+
+import sys
+
+from ltdist.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(("dpvlpa", "cprfl"), description=__doc__))

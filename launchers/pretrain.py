@@ -1,0 +1,11 @@
+"""DP-VLPA phase 1 (GCL + QCL) on STAG shards.
+
+accelerate launch launchers/pretrain.py --config configs/pretrain/demo.yaml [key=value ...]
+"""
+
+import sys
+
+from ltdist.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("pretrain", description=__doc__))

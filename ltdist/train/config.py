@@ -1,0 +1,117 @@
+"""The training config: one dataclass tree for pretraining and fine-tuning, loaded from YAML.
+
+``task`` picks the loss (DP-VLPA phase 1, or phase 2 with the DP-VLPA or the CPRFL head);
+everything else (data, loader, optimiser, precision, checkpoints) is shared by the one loop
+in :mod:`ltdist.train.loop`. Batch size and precision are owned here; the DeepSpeed JSON says
+``"auto"`` for them and Accelerate fills them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ltdist.data.loader import LoaderConfig
+from ltdist.models.backbones import BackboneConfig
+from ltdist.models.clip import ClipTowerConfig
+from ltdist.models.cprfl import CPRFLConfig
+from ltdist.models.dpvlpa import DPVLPAConfig
+from ltdist.models.qformer import QFormerConfig
+from ltdist.train.optim import OptimConfig
+
+Task = Literal["pretrain", "dpvlpa", "cprfl"]
+
+
+@dataclass
+class DataConfig:
+    location: str = "shards/demo"  # a shard folder (local or s3:// / gs://)
+    train_split: str = "train"
+    eval_split: str = "test"  # periodic and final mAP; "" = no evaluation
+    val_split: str = ""  # picks per-class F1 thresholds; "" = a global threshold of 0.5
+    eval_batch_size: int = 64
+    eval_limit: int = 0  # evaluate on the first N samples only (periodic checks); 0 = all
+    # The learnability control: each batch's label rows permuted across its images.
+    shuffle_labels: bool = False
+
+
+@dataclass
+class LossConfig:
+    """The classification loss (CPRFL's head, DP-VLPA's L_CLS)."""
+
+    kind: Literal["bce", "focal", "asl"] = "asl"
+    gamma: float = 2.0  # focal
+    gamma_neg: float = 4.0  # asl (CPRFL's settings)
+    gamma_pos: float = 0.0
+    clip: float = 0.05
+
+
+@dataclass
+class ModelConfig:
+    clip: ClipTowerConfig = field(default_factory=ClipTowerConfig)
+    # The Q-Former; its vision_width follows the CLIP image tower.
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    # The Q-Former's BERT tokenizer: a Hugging Face id or folder ("pkg:<module>/<path>" for a
+    # folder inside an installed package).
+    text_tokenizer: str = "bert-base-uncased"
+    max_text_tokens: int = 128  # 50-80 word descriptions take ~100 BERT tokens
+    dpvlpa: DPVLPAConfig = field(default_factory=DPVLPAConfig)
+    cprfl: CPRFLConfig = field(default_factory=CPRFLConfig)
+    # CPRFL's visual tokens: resnet101 | clip | qformer (the Q-Former of ``init_from``).
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    class_template: str = "a photo of a {}."
+    # An exported checkpoint (a folder or .safetensors file) to start from, e.g. pretraining's
+    # export for phase 2; its CLIP and Q-Former settings replace the ones here.
+    init_from: str = ""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # "" = <output_dir>/checkpoints; local or s3:// / gs://
+    every_steps: int = 0  # 0 = only at the end (and on preemption)
+    keep_last: int = 2
+    resume: bool = True  # continue from the latest complete checkpoint in dir
+    staging_dir: str = ""  # local scratch for object-store checkpoints; "" = a temp folder
+
+
+@dataclass
+class TrainConfig:
+    task: Task = "pretrain"
+    output_dir: str = "runs/train"
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = epochs x steps per epoch
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    ema_decay: float = 0.0  # 0 = off; CPRFL uses 0.998
+    eval_every_steps: int = 0  # 0 = only at the end
+    log_every_steps: int = 10
+    tracker: Literal["tensorboard", "none"] = "tensorboard"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A file whose appearance asks the run to checkpoint and stop (SLURM's pre-timeout signal
+    # touches it); SIGUSR1 / SIGTERM to a training process do the same.
+    preempt_file: str = ""
+    audit_batches: bool = False  # each rank logs its batches' keys to <output_dir>/batches/
+    collective_timeout_s: int = 1800
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ValueError("set epochs >= 1 or max_steps >= 1")
+        if self.checkpoint.keep_last < 1:
+            raise ValueError("checkpoint.keep_last must be >= 1")
+        if self.model.backbone.kind == "qformer" and not self.model.init_from:
+            raise ValueError(
+                "model.backbone.kind=qformer takes the Q-Former of a pretrained export: "
+                "set model.init_from"
+            )
+        if self.task == "pretrain" and self.model.init_from:
+            raise ValueError("pretraining starts from CLIP + BERT; model.init_from is for phase 2")
+        self.optim.validate()
+        self.loader.validate()

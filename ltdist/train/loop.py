@@ -1,0 +1,608 @@
+"""The one training loop: pretraining and fine-tuning differ only in the task module.
+
+Accelerate owns the processes (DDP, or DeepSpeed ZeRO from ``accelerate launch`` configs) and
+mixed precision; the streaming loader is not wrapped by Accelerate: it shards by the rank and
+world size given here and keeps its exact position, which travels in each checkpoint. One
+optimizer step = ``optim.grad_accum`` micro-batches; the schedule, EMA, logging, evaluation
+and checkpoints count optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from ltdist.config import to_dict
+from ltdist.data import storage
+from ltdist.data.loader import ClipTransform, ShardLoader, clip_normalize
+from ltdist.data.shards import load_index, load_label_space, read_shard
+from ltdist.eval import format_summary, group_map, write_report
+from ltdist.eval.report import plot_curves
+from ltdist.eval.thresholds import best_f1_thresholds, f1_report
+from ltdist.provenance import git_commit, package_versions
+from ltdist.train.checkpoint import Checkpointer
+from ltdist.train.config import TrainConfig
+from ltdist.train.ema import EMA
+from ltdist.train.export import read_export_config, read_export_weights, save_export
+from ltdist.train.optim import build_optimizer, build_scheduler
+from ltdist.train.tasks import build_task
+
+log = logging.getLogger(__name__)
+
+PACKAGES = {
+    "torch": ("torch",),
+    "accelerate": ("accelerate",),
+    "deepspeed": ("deepspeed",),
+    "open_clip": ("open_clip_torch",),
+    "transformers": ("transformers",),
+    "ltdist": ("ltdist",),
+}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue as configured (the message says why)."""
+
+
+# -- set-up -----------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg: TrainConfig, logging_dir: str):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # CPU processes talk over gloo; a lone process (no launcher) needs no process group
+    launched = (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_USE_DEEPSPEED" in os.environ
+    )
+    backend = "gloo" if launched and not torch.cuda.is_available() else None
+    pg = InitProcessGroupKwargs(
+        timeout=timedelta(seconds=cfg.collective_timeout_s), backend=backend
+    )
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum,
+        log_with="tensorboard" if cfg.tracker == "tensorboard" else None,
+        project_dir=logging_dir,
+        kwargs_handlers=[pg],
+        step_scheduler_with_optimizer=False,  # stepped here once per optimizer step
+    )
+
+
+def _is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def _zero_stage(acc) -> int:
+    if not _is_deepspeed(acc):
+        return 0
+    return int(
+        acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    )
+
+
+def _configure_deepspeed(acc, cfg: TrainConfig) -> None:
+    """Batch size and clipping come from the training config (the JSON says "auto")."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    if "optimizer" in ds:
+        raise TrainingError(
+            "the DeepSpeed config has an 'optimizer' block: remove it, the trainer passes torch's "
+            "AdamW with its parameter groups (and DeepSpeed's compiled optimizers may not build)"
+        )
+    ds["train_micro_batch_size_per_gpu"] = cfg.loader.batch_size
+    ds["train_batch_size"] = cfg.loader.batch_size * cfg.optim.grad_accum * acc.num_processes
+    ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    if _zero_stage(acc) == 3:  # the export gathers the partitioned weights
+        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def _write_rank_info(cfg: TrainConfig, acc) -> None:
+    """Who this process is: one small file per rank (multi-node launches are checked by it)."""
+    if not storage.is_local(cfg.output_dir):
+        return
+    info = {
+        "rank": acc.process_index,
+        "local_rank": acc.local_process_index,
+        "world_size": acc.num_processes,
+        "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0))),
+        "master_addr": os.environ.get("MASTER_ADDR"),
+        "master_port": os.environ.get("MASTER_PORT"),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "distributed_type": str(acc.distributed_type),
+        "zero_stage": _zero_stage(acc),
+        "mixed_precision": acc.mixed_precision,
+    }
+    folder = os.path.join(cfg.output_dir, "ranks")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{acc.process_index}.json"), "w") as f:
+        json.dump(info, f)
+
+
+def _to_device(batch: Mapping, device, float_dtype=None) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if float_dtype is not None and v.is_floating_point():
+                v = v.to(float_dtype)
+        elif isinstance(v, Mapping):
+            v = _to_device(v, device, float_dtype)
+        out[k] = v
+    return out
+
+
+def _input_dtype(acc) -> torch.dtype | None:
+    """DeepSpeed bf16/fp16 casts the module itself, so its float inputs must be cast too."""
+    if _is_deepspeed(acc) and acc.mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16
+    return None
+
+
+class _StopRequest:
+    """SIGUSR1 / SIGTERM or the preempt file ask the run to checkpoint and stop."""
+
+    def __init__(self, preempt_file: str):
+        self.preempt_file, self.signalled = preempt_file, False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: checkpointing at the next step, then stopping", signum)
+        self.signalled = True
+
+    def requested(self) -> bool:
+        return self.signalled or bool(self.preempt_file and os.path.exists(self.preempt_file))
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+def _eval_items(location: str, split: str, limit: int) -> Iterator[tuple[int, object]]:
+    n = 0
+    for info in load_index(location, split).ordered():
+        for sample in read_shard(storage.join(location, info.name)):
+            if limit and n >= limit:
+                return
+            yield n, sample
+            n += 1
+
+
+def evaluate_split(
+    acc, module, location: str, split: str, batch_size: int, image_size: int, limit: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, C) and targets (N, C) of a split, every sample once, in stored order.
+
+    Ranks take batches round-robin and run the same number of forward passes (the last one
+    padded), as ZeRO-3 requires; the main process gathers everything.
+    """
+    import io
+
+    from PIL import Image
+
+    rank, world = acc.process_index, acc.num_processes
+    space = load_label_space(location)
+    transform = ClipTransform(image_size)
+    total = sum(1 for _ in _eval_items(location, split, limit))
+    n_batches = math.ceil(total / batch_size)
+    rounds = math.ceil(n_batches / world)
+    dtype = _input_dtype(acc)
+    mine: list[tuple[int, np.ndarray, np.ndarray]] = []
+    items = _eval_items(location, split, limit)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad(), acc.autocast():
+        for r in range(rounds):
+            batch_ids = range(r * world * batch_size, min(total, (r + 1) * world * batch_size))
+            images, idx, targets = [], [], []
+            for i in batch_ids:
+                n, sample = next(items)
+                if (i // batch_size) % world != rank:
+                    continue
+                images.append(transform(Image.open(io.BytesIO(sample.image))))
+                row = np.zeros(space.num_classes, dtype=np.float32)
+                row[sample.label_ids] = 1.0
+                idx.append(n)
+                targets.append(row)
+            padded = not images
+            if padded:  # this rank has no batch in the last round: a dummy keeps the lockstep
+                images = [torch.zeros(3, image_size, image_size, dtype=torch.uint8)]
+            x = clip_normalize(torch.stack(images)).to(acc.device)
+            if dtype is not None:
+                x = x.to(dtype)
+            scores = torch.sigmoid(module.logits(x).float()).cpu().numpy()
+            if not padded:
+                mine.extend(zip(idx, scores, targets))
+    module.train(was_training)
+    from accelerate.utils import gather_object
+
+    everything = gather_object([mine]) if world > 1 else [mine]
+    rows = sorted((t for part in everything for t in part), key=lambda t: t[0])
+    if len(rows) != total:
+        raise RuntimeError(f"evaluation gathered {len(rows)} of {total} samples of {split}")
+    return np.stack([r[1] for r in rows]), np.stack([r[2] for r in rows])
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as configured (resuming when a checkpoint exists); return the final metrics."""
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    local_out = storage.is_local(cfg.output_dir)
+    logging_dir = cfg.output_dir if local_out else tempfile.mkdtemp(prefix="ltdist-tb-")
+    acc = make_accelerator(cfg, logging_dir)
+    if _is_deepspeed(acc):
+        _configure_deepspeed(acc, cfg)
+    if cfg.ema_decay and _zero_stage(acc) == 3:
+        raise TrainingError(
+            "EMA with ZeRO-3 is not supported: ZeRO-3 partitions the weights the average reads; "
+            "use ZeRO-1/2 or ema_decay=0"
+        )
+    _write_rank_info(cfg, acc)
+
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the same initial weights on every rank
+    space = load_label_space(cfg.data.location)
+    model_cfg = _resolve_init(cfg)
+    task = build_task(cfg.task, model_cfg, space)
+    if model_cfg.init_from:
+        unused = task.load_pretrained(read_export_weights(model_cfg.init_from))
+        acc.print(f"initialised from {model_cfg.init_from} ({len(unused)} export tensors unused)")
+    set_seed(cfg.seed, device_specific=True)  # dropout differs per rank
+
+    loader = ShardLoader(
+        cfg.data.location,
+        cfg.data.train_split,
+        cfg.loader,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        tokenizer=task.tokenizer if getattr(task, "needs_text", False) else None,
+    )
+    steps_per_epoch = loader.steps_per_epoch // cfg.optim.grad_accum
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if total < 1:
+        raise TrainingError(
+            f"{loader.steps_per_epoch} batches per epoch and grad_accum {cfg.optim.grad_accum} "
+            "make no optimizer step: lower the batch size or grad_accum, or set max_steps"
+        )
+    optimizer = build_optimizer(task, cfg.optim, task.backbone_prefixes, task.no_decay_names)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    model, optimizer = acc.prepare(task, optimizer)
+    module = acc.unwrap_model(model)
+    ema = EMA(module, cfg.ema_decay) if cfg.ema_decay else None
+
+    ckpt = Checkpointer(
+        acc,
+        cfg.checkpoint.dir or storage.join(cfg.output_dir, "checkpoints"),
+        cfg.checkpoint.keep_last,
+        cfg.checkpoint.staging_dir,
+    )
+    step, history = 0, []
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        state = ckpt.read_trainer_state(latest)
+        _check_resumable(state, cfg, acc)
+        state, ema_state = ckpt.load(latest)
+        loader.load_state_dict(state["loader"])
+        scheduler.load_state_dict(
+            {**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)}
+        )
+        if ema is not None:
+            if ema_state is None:
+                raise TrainingError(
+                    f"checkpoint step {latest} has no EMA state but ema_decay is set"
+                )
+            ema.load_state_dict(ema_state)
+        step, history = int(state["step"]), state["history"]
+        acc.print(f"resumed from step {latest} (epoch {loader.epoch}, batch {loader.step})")
+
+    if cfg.tracker != "none":
+        acc.init_trackers("tb", config=_hparams(cfg))
+    audit = _batch_audit(cfg, acc)
+    dtype = _input_dtype(acc)
+    global_batch = cfg.loader.batch_size * acc.num_processes * cfg.optim.grad_accum
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total, initial=step, desc=cfg.task, disable=not (acc.is_main_process and cfg.progress)
+    )
+    parts: dict[str, list[float]] = {}
+    started, start_step = time.perf_counter(), step
+    status = "completed"
+
+    def save() -> None:
+        trainer_state = {
+            "step": step,
+            "loader": loader.state_dict(),
+            "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+            "history": history,
+            "world_size": acc.num_processes,
+            "zero_stage": _zero_stage(acc),
+            "task": cfg.task,
+        }
+        files = {
+            "classes.json": space.to_json().encode(),
+            "config.json": json.dumps(to_dict(cfg), indent=1).encode(),
+        }
+        where = ckpt.save(step, trainer_state, ema.state_dict() if ema is not None else None, files)
+        acc.print(f"checkpoint: {where}")
+
+    with _StopRequest(cfg.preempt_file) as stop:
+        model.train()
+        while step < total and status == "completed":
+            for batch in loader:
+                if audit is not None:
+                    audit.write(
+                        json.dumps(
+                            {
+                                "micro": loader.epoch * loader.steps_per_epoch + loader.step,
+                                "keys": batch["key"],
+                            }
+                        )
+                        + "\n"
+                    )
+                if cfg.data.shuffle_labels:
+                    batch["labels"] = _shuffled(batch["labels"], cfg.seed, loader, acc)
+                batch = _to_device(batch, acc.device, dtype)
+                with acc.accumulate(model):
+                    out = model(batch)
+                    acc.backward(out["loss"])
+                    if acc.sync_gradients and cfg.optim.grad_clip and not _is_deepspeed(acc):
+                        acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    parts.setdefault(k, []).append(float(v.detach()))
+                if not acc.sync_gradients:
+                    continue
+                scheduler.step()
+                step += 1
+                if ema is not None:
+                    ema.update(module)
+                bar.update(1)
+                if step % cfg.log_every_steps == 0 or step == total:
+                    record = _log_step(
+                        acc, parts, step, scheduler, started, start_step, global_batch
+                    )
+                    history.append(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}"
+                    )
+                    parts = {}
+                if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and step < total:
+                    history.append(_periodic_eval(acc, cfg, module, ema, step))
+                    model.train()
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    save()
+                if _agree(acc, stop.requested()):
+                    status = "preempted"
+                    break
+                if step >= total:
+                    break
+        bar.close()
+        if audit is not None:
+            audit.close()
+        if status == "preempted":
+            if not (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+                save()
+            acc.print(f"stopped at step {step} on request; rerun the same command to resume")
+            acc.end_training()
+            return {"status": status, "step": step}
+        if not (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+            save()
+    result = _finish(
+        acc, cfg, model, module, ema, space, history, step, time.perf_counter() - started
+    )
+    acc.end_training()
+    return result
+
+
+def _shuffled(labels: torch.Tensor, seed: int, loader: ShardLoader, acc) -> torch.Tensor:
+    """Label rows permuted across the batch, seeded by the data position (resumes exactly)."""
+    position = (seed, loader.epoch, loader.step, acc.process_index)
+    gen = torch.Generator().manual_seed(hash(position) & 0x7FFFFFFF)
+    return labels[torch.randperm(len(labels), generator=gen)]
+
+
+def _resolve_init(cfg: TrainConfig):
+    """With ``init_from``, the CLIP / Q-Former / text settings come from the export's config."""
+    from dataclasses import replace
+
+    m = cfg.model
+    if not m.init_from:
+        return m
+    src = read_export_config(m.init_from).model
+    return replace(
+        m,
+        clip=src.clip,
+        qformer=replace(src.qformer, bert_init=""),
+        text_tokenizer=src.text_tokenizer,
+        max_text_tokens=src.max_text_tokens,
+        dpvlpa=replace(m.dpvlpa, embed_dim=src.dpvlpa.embed_dim),
+    )
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, acc) -> None:
+    if state["task"] != cfg.task:
+        raise TrainingError(
+            f"the checkpoints under {cfg.checkpoint.dir or cfg.output_dir} are of task "
+            f"{state['task']!r}, this run is {cfg.task!r}: use another output_dir"
+        )
+    if state["world_size"] == acc.num_processes:
+        return
+    if _zero_stage(acc) or state.get("zero_stage"):
+        raise TrainingError(
+            f"checkpoint saved by {state['world_size']} processes with DeepSpeed ZeRO, now "
+            f"{acc.num_processes}: ZeRO partitions the optimizer state per rank; resume with "
+            f"{state['world_size']} processes"
+        )
+    if not cfg.loader.resampled:
+        raise TrainingError(
+            f"checkpoint saved by {state['world_size']} processes, now {acc.num_processes}: the "
+            "exact data position needs the same layout. Resume with the same number of "
+            "processes, or train in resampled mode (loader.resampled=true)"
+        )
+
+
+def _agree(acc, flag: bool) -> bool:
+    """True on every rank when any rank asks (a stop must be taken at the same step)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def _log_step(acc, parts, step, scheduler, started, start_step, global_batch) -> dict:
+    names = sorted(parts)
+    local = torch.tensor([float(np.mean(parts[k])) for k in names], device=acc.device)
+    mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
+    seconds = max(time.perf_counter() - started, 1e-9)
+    record = {"step": step, **{k: float(v) for k, v in zip(names, mean.tolist())}}
+    record["lr"] = float(scheduler.get_last_lr()[0])
+    record["samples_per_s"] = (step - start_step) * global_batch / seconds
+    acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+    return record
+
+
+def _periodic_eval(acc, cfg: TrainConfig, module, ema, step: int) -> dict:
+    if not cfg.data.eval_split:
+        return {"step": step}
+    with ema.swapped(module) if ema is not None else contextlib.nullcontext():
+        scores, targets = evaluate_split(
+            acc,
+            module,
+            cfg.data.location,
+            cfg.data.eval_split,
+            cfg.data.eval_batch_size,
+            cfg.loader.image_size,
+            cfg.data.eval_limit,
+        )
+    result = group_map(scores, targets, load_label_space(cfg.data.location))
+    summary = result.summary()
+    acc.log({f"eval/map_{k}": v for k, v in summary.items() if v is not None}, step=step)
+    acc.print(f"step {step}: {format_summary(result)}")
+    return {"step": step, "eval_map": summary}
+
+
+def _batch_audit(cfg: TrainConfig, acc):
+    """With ``audit_batches``, each rank appends the keys of every batch it trains on."""
+    if not cfg.audit_batches or not storage.is_local(cfg.output_dir):
+        return None
+    folder = os.path.join(cfg.output_dir, "batches")
+    os.makedirs(folder, exist_ok=True)
+    return open(os.path.join(folder, f"rank{acc.process_index}.jsonl"), "a", buffering=1)
+
+
+def _hparams(cfg: TrainConfig) -> dict:
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix.rstrip(".")] = value
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict:
+    """Final evaluation, thresholds, report, plots, export, metrics.json."""
+    out = cfg.output_dir
+    metrics: dict = {"status": "completed", "task": cfg.task, "steps": step}
+    with ema.swapped(module) if ema is not None else contextlib.nullcontext():
+        state = acc.get_state_dict(model) if _zero_stage(acc) == 3 else None
+        if state is None and acc.is_main_process:
+            state = module.state_dict()
+        if cfg.data.eval_split:
+            ev = dict(batch_size=cfg.data.eval_batch_size, image_size=cfg.loader.image_size)
+            scores, targets = evaluate_split(
+                acc, module, cfg.data.location, cfg.data.eval_split, **ev
+            )
+            thresholds = None
+            if cfg.data.val_split:
+                vs, vt = evaluate_split(acc, module, cfg.data.location, cfg.data.val_split, **ev)
+                thresholds, _ = best_f1_thresholds(vs, vt, fallback=0.5)
+    if acc.is_main_process:
+        meta = {
+            "step": step,
+            "weights": "ema" if ema is not None else "raw",
+            "global_threshold": 0.5,
+        }
+        if cfg.data.eval_split:
+            result = group_map(scores, targets, space)
+            chosen = thresholds if thresholds is not None else 0.5
+            f1 = f1_report(scores, targets, chosen, space)
+            title = f"{cfg.task} ({'EMA' if ema is not None else 'final'} weights, step {step})"
+            metrics["map"] = result.summary()
+            metrics["table"] = format_summary(result)
+            metrics["f1"] = {k: v for k, v in f1.items() if k != "classes"}
+            metrics["report"] = write_report(
+                result, space, storage.join(out, "report"), title=title
+            )
+            meta["map"] = result.summary()
+            if thresholds is not None:
+                meta["thresholds"] = [float(t) for t in thresholds]
+                meta["threshold_split"] = cfg.data.val_split
+        save_export(storage.join(out, "export"), state, space, cfg, meta)
+        series: dict[str, list[tuple[int, float]]] = {}
+        for rec in history:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    series.setdefault(k, []).append((rec["step"], float(v)))
+            for k, v in (rec.get("eval_map") or {}).items():
+                if v is not None:
+                    series.setdefault(f"eval map_{k}", []).append((rec["step"], float(v)))
+        if series:
+            storage.write_bytes_atomic(
+                storage.join(out, "curves.png"), plot_curves(series, title=cfg.task)
+            )
+        metrics.update(
+            train_seconds=round(seconds, 1),
+            world_size=acc.num_processes,
+            distributed_type=str(acc.distributed_type),
+            zero_stage=_zero_stage(acc),
+            mixed_precision=acc.mixed_precision,
+            history=history,
+            export=storage.join(out, "export"),
+            provenance={
+                "packages": package_versions(PACKAGES),
+                "git_commit": git_commit(),
+                "config": to_dict(cfg),
+            },
+        )
+        storage.write_bytes_atomic(
+            storage.join(out, "metrics.json"), json.dumps(metrics, indent=1).encode()
+        )
+        if "table" in metrics:
+            acc.print(metrics["table"])
+    acc.wait_for_everyone()
+    return metrics

