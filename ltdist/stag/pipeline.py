@@ -595,6 +595,9 @@ def _generate(
         )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one progress line: ours
+        # An engine actor holds its model (GiBs) by design: Ray Data's high-memory warning
+        # would repeat every 30 s for the whole run.
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
         remote_args: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_actor}
         if gpus > 0:
             remote_args["num_gpus"] = gpus

@@ -334,7 +334,8 @@ def train(cfg: TrainConfig) -> dict:
         total=total, initial=step, desc=cfg.task, disable=not (acc.is_main_process and cfg.progress)
     )
     parts: dict[str, list[float]] = {}
-    started, start_step = time.perf_counter(), step
+    started = time.perf_counter()
+    since = (started, step)  # the last log record's time and step
     status = "completed"
 
     def save() -> None:
@@ -388,9 +389,8 @@ def train(cfg: TrainConfig) -> dict:
                     ema.update(module)
                 bar.update(1)
                 if step % cfg.log_every_steps == 0 or step == total:
-                    record = _log_step(
-                        acc, parts, step, scheduler, started, start_step, global_batch
-                    )
+                    record = _log_step(acc, parts, step, scheduler, since, global_batch)
+                    since = (time.perf_counter(), step)
                     history.append(record)
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}"
@@ -479,14 +479,16 @@ def _agree(acc, flag: bool) -> bool:
     return bool(acc.reduce(t, reduction="sum").item() > 0)
 
 
-def _log_step(acc, parts, step, scheduler, started, start_step, global_batch) -> dict:
+def _log_step(acc, parts, step, scheduler, since: tuple[float, int], global_batch) -> dict:
+    """Losses averaged over the window and the ranks; samples/s over the window since the
+    last record (``since`` = its time and step)."""
     names = sorted(parts)
     local = torch.tensor([float(np.mean(parts[k])) for k in names], device=acc.device)
     mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
-    seconds = max(time.perf_counter() - started, 1e-9)
+    seconds = max(time.perf_counter() - since[0], 1e-9)
     record = {"step": step, **{k: float(v) for k, v in zip(names, mean.tolist())}}
     record["lr"] = float(scheduler.get_last_lr()[0])
-    record["samples_per_s"] = (step - start_step) * global_batch / seconds
+    record["samples_per_s"] = (step - since[1]) * global_batch / seconds
     acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
     return record
 
@@ -542,6 +544,8 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
         state = acc.get_state_dict(model) if _zero_stage(acc) == 3 else None
         if state is None and acc.is_main_process:
             state = module.state_dict()
+            if ema is not None:  # the float32 averages, not their bf16 copies in the module
+                state.update({k: v for k, v in ema.state_dict().items() if k in state})
         if cfg.data.eval_split:
             ev = dict(batch_size=cfg.data.eval_batch_size, image_size=cfg.loader.image_size)
             scores, targets = evaluate_split(
@@ -563,6 +567,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
             f1 = f1_report(scores, targets, chosen, space)
             title = f"{cfg.task} ({'EMA' if ema is not None else 'final'} weights, step {step})"
             metrics["map"] = result.summary()
+            history.append({"step": step, "eval_map": result.summary()})
             metrics["table"] = format_summary(result)
             metrics["f1"] = {k: v for k, v in f1.items() if k != "classes"}
             metrics["report"] = write_report(
