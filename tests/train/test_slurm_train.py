@@ -161,9 +161,10 @@ def finish(proc, timeout):
     return proc.returncode, out
 
 
-def overrides(tmp_path, *more):
+def overrides(tmp_path, demo, *more):
     # a dead peer fails the others' collectives within 2 minutes, not the default 30
     return [
+        f"data.location={demo}",
         f"output_dir={tmp_path / 'run'}",
         "data.eval_split=",
         "threads=1",
@@ -181,9 +182,9 @@ def option(argv, name):
     return argv[argv.index(name) + 1]
 
 
-def test_two_nodes_make_one_world_of_four(fake_slurm, submit):
+def test_two_nodes_make_one_world_of_four(fake_slurm, submit, demo):
     _, tmp_path = fake_slurm
-    args = overrides(tmp_path, "max_steps=3")
+    args = overrides(tmp_path, demo, "max_steps=3")
     rc, out = finish(submit(LAUNCHER, CONFIG, *args), timeout=180)
     assert rc == 0, out
     port = str(20000 + JOB_ID % 20000)  # no LTDIST_MASTER_PORT: derived from the job id
@@ -244,12 +245,12 @@ def wait_for_steps(proc, batches, steps, timeout):
     pytest.fail(f"no {steps} training steps within {timeout}s:\n{stop(proc)}")
 
 
-def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(fake_slurm, submit):
+def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(fake_slurm, submit, demo):
     env, tmp_path = fake_slurm
     env["LTDIST_MASTER_PORT"] = "24343"
     run = tmp_path / "run"
     preempt_file = tmp_path / "runs" / f".preempt-{JOB_ID}"
-    args = overrides(tmp_path, "checkpoint.every_steps=0", "audit_batches=true")
+    args = overrides(tmp_path, demo, "checkpoint.every_steps=0", "audit_batches=true")
     proc = submit(LAUNCHER, CONFIG, *args, "max_steps=200")
     wait_for_steps(proc, run / "batches" / "rank0.jsonl", steps=2, timeout=180)
     os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@180 sends the batch shell
