@@ -206,7 +206,8 @@ def evaluate_split(
     rank, world = acc.process_index, acc.num_processes
     space = load_label_space(location)
     transform = ClipTransform(image_size)
-    total = sum(1 for _ in _eval_items(location, split, limit))
+    total = sum(info.count for info in load_index(location, split).ordered())  # from the index
+    total = min(total, limit) if limit else total
     n_batches = math.ceil(total / batch_size)
     rounds = math.ceil(n_batches / world)
     dtype = _input_dtype(acc)
