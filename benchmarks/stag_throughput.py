@@ -49,6 +49,10 @@ def stag_config(args, out: str, batch_size: int):
         f"engine.model={args.model}",
         f"engine.max_tokens={args.max_tokens}",
         "max_attempts=1",
+        # the bare side decodes freely: so does the pipeline here (constrained decoding has
+        # its own benchmark, stag_constrained.py)
+        "constrain.grammar=false",
+        "constrain.ban_absent_classes=false",
         "num_actors=1",
         "reject_truncated=false",
     ]

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from ltdist.data.benchmarks import BenchmarkFileError
     from ltdist.data.manifest import ManifestError
     from ltdist.data.pack import PackError
-    from ltdist.stag.pipeline import StagConfig, StagError, run_stag
+    from ltdist.stag.pipeline import StagConfig, StagError, quality_table, run_stag
 
     try:
         cfg = load_config(StagConfig, args.config, args.overrides)
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"stag_gen: error: {e}", file=sys.stderr)
         return 2
+    print(quality_table(report))
     summary = {k: report[k] for k in ("dataset", "counts", "num_written", "complete")}
     summary["run"] = {
         k: report["run"][k] for k in ("samples", "seconds", "samples_per_s", "num_actors")

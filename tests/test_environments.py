@@ -28,6 +28,9 @@ SHARED = (
     "ltdist.data.loader",
     "ltdist.eval",
     "ltdist.baseline",
+    "ltdist.stag.prompt",
+    "ltdist.stag.grammar",
+    "ltdist.stag.validate",
 )
 
 

@@ -62,10 +62,14 @@ from ltdist.stag.engines import (
     TemplateEngine,
     build_engine,
 )
+from ltdist.stag.grammar import GRAMMAR_VERSION, ConstraintConfig, GrammarCache, banned_words
 from ltdist.stag.prompt import PROMPT_VERSION, StagPromptConfig, build_messages, chat_prompt
 from ltdist.stag.validate import (
     ValidationConfig,
+    count_words,
     reason_code,
+    repair,
+    repetition,
     tail_mention_rate,
     validate,
 )
@@ -92,6 +96,9 @@ class StagConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     prompt: StagPromptConfig = field(default_factory=StagPromptConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    # constrained decoding (model engines): a grammar per tail set, absent classes as bad words
+    constrain: ConstraintConfig = field(default_factory=ConstraintConfig)
+    repair: bool = True  # deterministic repair (validate.repair) of an invalid text before a retry
     max_attempts: int = 3  # generations per sample; attempt a has seed hash(engine.seed, key, a)
     fallback: Fallback = "caption"  # what an image without a valid description gets
     # A text cut off by engine.max_tokens (finish_reason 'length') is invalid ('truncated'):
@@ -158,6 +165,13 @@ class RowResult:
     attempts: int = 0
     reasons: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)
+    # 'first_try' | 'repair' (first generation, repaired) | 'retry' (a later one) | '' (none)
+    stage: str = ""
+    # per generation: word count (markup stripped), repetition, named an absent class
+    words: list[int] = field(default_factory=list)
+    repetition: list[float] = field(default_factory=list)
+    hallucinated: int = 0
+    grammars_built: int = 0  # distinct grammars the actor's Describer had built so far
     prompt_tokens: int = 0
     generated_tokens: int = 0
     engine: str = ""
@@ -170,13 +184,21 @@ class Describer:
     A row is ``{"key", "shard", "label_ids", "caption"}``. Every row gets up to
     ``max_attempts`` generations (attempt a seeded with ``derive_seed(engine.seed, key, a)``);
     only the rows still invalid go to the next attempt, so one engine call serves the whole
-    batch per attempt. A prompt that does not fit the model is not retried.
+    batch per attempt. A prompt that does not fit the model is not retried. With
+    ``constrain.grammar`` a model engine gets each row's grammar (one per tail set, built once)
+    and with ``constrain.ban_absent_classes`` the names of the classes the image lacks as bad
+    words; with ``repair`` an invalid text is repaired and validated again before a retry.
     """
 
     def __init__(self, cfg: StagConfig, space: LabelSpace, engine: Engine):
         self.cfg, self.space, self.engine = cfg, space, engine
         words = dict(min_words=cfg.validation.min_words, max_words=cfg.validation.max_words)
         self.fallback_writer = TemplateEngine(None, **words)
+        model_engine = engine.name != TemplateEngine.name  # template texts need no constraint
+        self.grammars = (
+            GrammarCache(cfg.constrain, **words) if model_engine and cfg.constrain.grammar else None
+        )
+        self.ban = model_engine and cfg.constrain.ban_absent_classes
 
     def prompt(self, label_ids: list[int], caption: str | None) -> str:
         messages = build_messages(label_ids, caption, self.space, self.cfg.prompt)
@@ -185,14 +207,21 @@ class Describer:
         return chat_prompt(messages, self.engine.tokenizer)
 
     def _request(self, row: dict, prompt: str, attempt: int) -> GenerationRequest:
-        ids = row["label_ids"]
+        ids = sorted(set(row["label_ids"]))  # the prompt's order: tails by class id
         names = self.space.display_names
+        tails = [names[i] for i in ids if self.space.is_tail(i)]
         return GenerationRequest(
             key=row["key"],
             prompt=prompt,
             seed=derive_seed(self.cfg.engine.seed, row["key"], attempt),
             labels=[names[i] for i in ids],
-            tail_labels=[names[i] for i in ids if self.space.is_tail(i)],
+            tail_labels=tails,
+            grammar=self.grammars.get(tails) if self.grammars else None,
+            banned_words=(
+                banned_words(ids, self.space, allow_parts_of_present=self.grammars is None)
+                if self.ban
+                else None
+            ),
         )
 
     def describe(self, rows: list[dict]) -> list[RowResult]:
@@ -223,18 +252,31 @@ class Describer:
                 if gen.finish_reason == PROMPT_TOO_LONG:
                     res.reasons = [PROMPT_TOO_LONG]
                     continue  # the same prompt will not fit next time either
-                verdict = validate(gen.text, rows[i]["label_ids"], self.space, self.cfg.validation)
+                ids = rows[i]["label_ids"]
+                verdict = validate(gen.text, ids, self.space, self.cfg.validation)
+                res.words.append(verdict.word_count)
+                res.repetition.append(round(repetition(verdict.text), 4))
+                res.hallucinated += bool(verdict.hallucinated)
                 res.reasons = list(verdict.reasons)
                 truncated = gen.finish_reason == "length" and self.cfg.reject_truncated
                 if truncated:
                     res.reasons.append(TRUNCATED)
+                elif not verdict.valid and self.cfg.repair:
+                    fixed = repair(gen.text, ids, self.space)
+                    if fixed.repairs:
+                        again = validate(fixed.text, ids, self.space, self.cfg.validation)
+                        if again.valid:
+                            verdict, res.repairs = again, fixed.repairs
                 if verdict.valid and not truncated:
                     res.status = "generated"
+                    res.stage = "retry" if attempt else ("repair" if res.repairs else "first_try")
                     res.description, res.text = verdict.description, verdict.text
                 else:
                     still.append(i)
             pending = still
+        built = self.grammars.builds if self.grammars else 0
         for i, res in enumerate(results):
+            res.grammars_built = built
             if not res.status:
                 self._fall_back(rows[i], res)
         return results
@@ -274,7 +316,18 @@ def make_engine(cfg: StagConfig) -> Engine:
 # -- the Ray actor ----------------------------------------------------------------------------
 
 _OUT_COLUMNS = ("key", "shard", "status", "attempts", "prompt_tokens", "generated_tokens")
-_JSON_COLUMNS = ("description", "text", "reasons", "repairs", "engine")
+_JSON_COLUMNS = (
+    "description",
+    "text",
+    "reasons",
+    "repairs",
+    "stage",
+    "words",
+    "repetition",
+    "hallucinated",
+    "grammars_built",
+    "engine",
+)
 
 
 class GenerateActor:
@@ -471,6 +524,8 @@ class _RunStats:
             ),
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
+            # distinct grammars built (= compiled: engines cache grammars by text), all actors
+            "grammars_built": sum(w.get("grammars_built", 0) for w in self.workers.values()),
             "num_actors": self.num_actors,
             "num_gpus_per_actor": self.num_gpus_per_actor,
             "cluster_resources": self.cluster,
@@ -489,9 +544,16 @@ class _ShardPublisher:
         stats: dict[str, Any] = {
             "status": Counter(),
             "reasons": Counter(),
+            "stages": Counter(),  # where each described sample became valid (or 'fallback')
+            "repairs": Counter(),
             "attempts": 0,
             "prompt_tokens": 0,
             "generated_tokens": 0,
+            "generations": 0,
+            "hallucinated_generations": 0,
+            "repetition_sum": 0.0,
+            "words_generated": Counter(),  # word count -> generations
+            "words_written": Counter(),  # word count -> descriptions written
         }
         for key in sorted(results):  # Ray Data does not keep order: restore key order
             rec: Record = self.records[key]
@@ -499,6 +561,12 @@ class _ShardPublisher:
             stats["attempts"] += res.attempts
             stats["prompt_tokens"] += res.prompt_tokens
             stats["generated_tokens"] += res.generated_tokens
+            stats["generations"] += len(res.words)
+            stats["hallucinated_generations"] += res.hallucinated
+            stats["repetition_sum"] += sum(res.repetition)
+            stats["words_generated"].update(res.words)
+            stats["stages"][res.stage or "fallback"] += 1
+            stats["repairs"].update(reason_code(r) for r in res.repairs)
             if res.status != "generated":
                 stats["reasons"].update({reason_code(r) for r in res.reasons})
             if res.status == "dropped":
@@ -520,6 +588,7 @@ class _ShardPublisher:
                 "status": res.status,
                 "reasons": res.reasons,
                 "repairs": res.repairs,
+                "stage": res.stage,
             }
             sample = ShardSample(
                 key, sample_meta(rec.label_ids, self.space, rec.caption, res.description, stag)
@@ -537,6 +606,8 @@ class _ShardPublisher:
                     stats["status"]["rejected"] += 1
                     continue
             stats["status"][res.status] += 1
+            if res.description:
+                stats["words_written"][count_words(res.text or "")] += 1
             samples.append(sample)
         label_sets = [s.label_ids for s in samples]
         instances = sum(1 for ids in label_sets for i in ids if self.space.is_tail(i))
@@ -548,8 +619,12 @@ class _ShardPublisher:
             stats[name] = round(tail_mention_rate(texts, label_sets, self.space) * instances)
         stats["engine"], stats["model"] = self.cfg.engine.kind, model_label(self.cfg.engine)
         stats["prompt_version"] = PROMPT_VERSION
-        stats["status"] = dict(stats["status"])
-        stats["reasons"] = dict(stats["reasons"])
+        stats["grammar"] = GRAMMAR_VERSION if self.cfg.constrain.grammar else None
+        stats["repetition_sum"] = round(stats["repetition_sum"], 4)
+        for name in ("status", "reasons", "stages", "repairs"):
+            stats[name] = dict(stats[name])
+        for name in ("words_generated", "words_written"):  # JSON keys are strings
+            stats[name] = {str(k): v for k, v in sorted(stats[name].items())}
         self.writer.write_shard(shard_id, samples, rejected, meta={"stag": stats})
 
 
@@ -643,6 +718,7 @@ def _generate(
                 stats.generated_tokens += res.generated_tokens
                 entry = stats.workers.setdefault(res.worker, {**json.loads(res.worker), "rows": 0})
                 entry["rows"] += 1
+                entry["grammars_built"] = max(entry.get("grammars_built", 0), res.grammars_built)
                 if len(pending[shard]) == shard_size[shard]:
                     publisher.publish(shard, pending.pop(shard))
                     stats.shards_written.append(shard)
@@ -690,11 +766,16 @@ def _aggregate(writer: ShardWriter) -> dict:
     status: Counter = Counter()
     reasons: Counter = Counter()
     totals: Counter = Counter()
+    counters: dict[str, Counter] = {
+        k: Counter() for k in ("stages", "repairs", "words_generated", "words_written")
+    }
     rejects = []
     for info in writer.index.ordered():
         meta = info.meta.get("stag", {})
         status.update(meta.get("status", {}))
         reasons.update(meta.get("reasons", {}))
+        for name, counter in counters.items():
+            counter.update(meta.get(name, {}))
         for k in (
             "attempts",
             "prompt_tokens",
@@ -702,6 +783,9 @@ def _aggregate(writer: ShardWriter) -> dict:
             "tail_instances",
             "tail_mentions_caption",
             "tail_mentions_text",
+            "generations",
+            "hallucinated_generations",
+            "repetition_sum",
         ):
             totals[k] += meta.get(k, 0)
         rejects += info.rejected
@@ -722,7 +806,87 @@ def _aggregate(writer: ShardWriter) -> dict:
             "ratio": round(txt / cap, 3) if cap else None,
             "tail_instances": n,
         },
+        "quality": _quality(totals, counters, txt),
     }
+
+
+def _word_stats(hist: Counter) -> dict:
+    """min / 5th / median / 95th percentile / max of a {word count: n} histogram."""
+    values = sorted((int(k), v) for k, v in hist.items())
+    total = sum(v for _, v in values)
+    if not total:
+        return {"n": 0}
+
+    def pct(q: float) -> int:
+        rank, seen = q * (total - 1), 0
+        for words, v in values:
+            seen += v
+            if seen > rank:
+                return words
+        return values[-1][0]
+
+    return {
+        "n": total,
+        "min": values[0][0],
+        "p5": pct(0.05),
+        "median": pct(0.5),
+        "p95": pct(0.95),
+        "max": values[-1][0],
+        "histogram": {str(k): v for k, v in values},
+    }
+
+
+def _quality(totals: Counter, counters: dict[str, Counter], mentions_per_tail: float) -> dict:
+    """The format-quality section of the report (issue: valid shares by stage, hallucination
+    and repetition per generation, tail mentions, word counts)."""
+    stages = counters["stages"]
+    described = sum(stages.values())
+    gens = totals["generations"]
+
+    def share(k: str) -> float:
+        return round(stages.get(k, 0) / described, 4) if described else 0.0
+
+    return {
+        "samples": described,
+        "valid_first_try": share("first_try"),
+        "valid_after_repair": share("repair"),
+        "valid_after_retry": share("retry"),
+        "fallback": share("fallback"),
+        "generations": gens,
+        # generations naming a label-space class the image lacks
+        "hallucination_rate": round(totals["hallucinated_generations"] / gens, 4) if gens else 0,
+        # mean share of a generation's word 4-grams that repeat an earlier one
+        "repetition_rate": round(totals["repetition_sum"] / gens, 4) if gens else 0,
+        "tail_mentions_per_tail_instance": round(mentions_per_tail, 4),
+        "repairs": dict(counters["repairs"].most_common()),
+        "words_generated": _word_stats(counters["words_generated"]),
+        "words_written": _word_stats(counters["words_written"]),
+    }
+
+
+def quality_table(report: dict) -> str:
+    """The short table printed at the end of a run."""
+    q = report["quality"]
+    wg, ww = q["words_generated"], q["words_written"]
+
+    def words(w: dict) -> str:
+        return f"{w['min']} / {w['median']} / {w['max']}" if w.get("n") else "-"
+
+    rows = [
+        ("samples described", f"{q['samples']}"),
+        ("valid on the first try", f"{q['valid_first_try']:.1%}"),
+        ("valid after repair", f"{q['valid_after_repair']:.1%}"),
+        ("valid after a retry", f"{q['valid_after_retry']:.1%}"),
+        ("fallback", f"{q['fallback']:.1%}"),
+        ("generations", f"{q['generations']}"),
+        ("hallucination rate (per generation)", f"{q['hallucination_rate']:.1%}"),
+        ("repetition rate (repeated 4-grams)", f"{q['repetition_rate']:.1%}"),
+        ("tail mentions per tail instance", f"{q['tail_mentions_per_tail_instance']:.2f}"),
+        ("words generated min / median / max", words(wg)),
+        ("words written min / median / max", words(ww)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def run_stag(cfg: StagConfig) -> dict:

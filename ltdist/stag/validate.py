@@ -284,6 +284,14 @@ def validate(
     )
 
 
+def repetition(text: str | None, n: int = 4) -> float:
+    """Share of a text's word n-grams that repeat an earlier one (0: none; degenerate loops such
+    as "the person is sitting on a towel. The person is sitting on a towel" score high)."""
+    words = [w.lower() for w in _WORD.findall(strip_markup(text or ""))]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
 def tail_mention_rate(
     texts: Iterable[str | None],
     label_sets: Iterable[Sequence[int]],
@@ -305,3 +313,142 @@ def tail_mention_rate(
         if text and tails:
             mentions += sum(m.class_id in tails for m in space.mentions(strip_markup(text)))
     return mentions / instances if instances else 0.0
+
+
+# -- deterministic repair ---------------------------------------------------------------------
+
+_EMPHASIS = re.compile(r"\*\*|__|`")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;!?])")  # left where a removed tag stood
+
+
+@dataclass
+class Repair:
+    """A repaired text and what was done to it (empty ``repairs``: nothing to repair).
+
+    Codes: ``strip_control_chars``, ``strip_chat_tokens``, ``strip_markdown`` (emphasis and
+    code marks only), ``fix_tags`` (stray, unbalanced, nested or misspelled ``<tail>`` tags
+    removed), ``untag:<content>`` (tags around text that is not one of the image's tail labels
+    removed), ``tag:<name>`` (the first mention of an untagged tail label tagged).
+    """
+
+    text: str
+    repairs: list[str] = field(default_factory=list)
+
+
+def _tail_like(markup: str) -> bool:
+    """'<tial>', '</ tails>', '<Tale>': a misspelled tail tag (edit distance <= 2, 't' first)."""
+    name = re.sub(r"[^a-z]", "", markup.lower())
+    return bool(name) and name[0] == "t" and _edit_distance(name, "tail") <= 2
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal-string-alignment distance (insertions, deletions, substitutions, swaps)."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(
+                d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1])
+            )
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
+
+
+def _join(parts: list[str]) -> str:
+    """Concatenate text pieces and tags, putting a space where two words or a word and a tag
+    would touch (but none before punctuation after a tag)."""
+    out = ""
+    for part in parts:
+        if out and part and not out[-1].isspace() and not part[0].isspace():
+            if (out[-1].isalnum() or out[-1] == ">") and (part[0].isalnum() or part[0] == "<"):
+                out += " "
+        out += part
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", normalize_whitespace(out))
+
+
+def repair(text: str | None, label_ids: Sequence[int], space: LabelSpace) -> Repair:
+    """Fix what can be fixed without a model, deterministically; ``validate`` decides after.
+
+    Chat-template tokens, control characters and markdown emphasis are removed; a ``<tail>``
+    pair is kept only when it is well formed, not nested, and holds exactly one of the image's
+    tail labels (case, plural and synonyms as ``LabelSpace.mentions`` reads them); every other
+    tail tag (and a misspelled one) is removed, keeping its words; each tail label left
+    without a tag gets one around its first mention. Other markup, missing labels, named
+    classes the image lacks, and lengths are not touched: those stay invalid.
+    """
+    raw = text or ""
+    repairs: list[str] = []
+    if any(not ch.isspace() and unicodedata.category(ch) in ("Cc", "Cf") for ch in raw):
+        repairs.append("strip_control_chars")
+    s = normalize_whitespace(raw)
+    if _EMPHASIS.search(s):
+        s = normalize_whitespace(_EMPHASIS.sub("", s))
+        repairs.append("strip_markdown")
+    tails = {int(i) for i in label_ids if space.is_tail(int(i))}
+
+    def tail_label(content: str) -> int | None:
+        found = space.mentions(content)
+        exact = len(found) == 1 and found[0].start == 0 and found[0].end == len(content)
+        return found[0].class_id if exact and found[0].class_id in tails else None
+
+    # pieces: ("text", str), ("markup", str) kept as is, ("tag", class id, content)
+    pieces: list[tuple] = []
+    depth, nested, start = 0, False, 0  # start: index in pieces where the open pair began
+    fixed = False
+    pos = 0
+    for m in _MARKUP.finditer(s):
+        pieces.append(("text", s[pos : m.start()]))
+        pos = m.end()
+        kind = m.lastgroup
+        if kind == "chat":
+            if "strip_chat_tokens" not in repairs:
+                repairs.append("strip_chat_tokens")
+        elif kind == "open":
+            depth += 1
+            if depth == 1:
+                start, nested = len(pieces), False
+            else:
+                nested = fixed = True
+        elif kind == "close":
+            if depth == 0:
+                fixed = True
+                continue
+            depth -= 1
+            if depth:
+                continue
+            inside = pieces[start:]
+            content = strip_markup("".join(p[1] for p in inside))
+            class_id = tail_label(content)
+            if class_id is not None and not nested and all(p[0] == "text" for p in inside):
+                pieces[start:] = [("tag", class_id, content)]
+            elif content and class_id is None:
+                repairs.append(f"untag:{content}")
+            else:  # empty, nested, or holding other markup: the tags go
+                fixed = True
+        elif kind == "other" and _tail_like(m.group(0)):
+            fixed = True
+        else:
+            pieces.append(("markup", m.group(0)))
+    pieces.append(("text", s[pos:]))
+    if depth:
+        fixed = True
+    if fixed:
+        repairs.append("fix_tags")
+
+    covered = {p[1] for p in pieces if p[0] == "tag"}
+    for class_id in sorted(tails - covered):
+        for k, piece in enumerate(pieces):
+            if piece[0] != "text":
+                continue
+            hit = next((m for m in space.mentions(piece[1]) if m.class_id == class_id), None)
+            if hit is not None:
+                words = piece[1]
+                pieces[k : k + 1] = [
+                    ("text", words[: hit.start]),
+                    ("tag", class_id, hit.text),
+                    ("text", words[hit.end :]),
+                ]
+                repairs.append(f"tag:{space.names[class_id]}")
+                break
+    out = _join([f"<tail> {p[2]} </tail>" if p[0] == "tag" else p[1] for p in pieces])
+    return Repair(out, repairs)

@@ -124,6 +124,82 @@ def test_transformers_engine_generates_reproducibly(smollm2_folder):
         assert g.finish_reason in ("stop", "length")
 
 
+# -- constrained decoding (grammar + bad words) through the real engines --------------------------
+
+# label sets of the conftest's COCO-like space: tails first in the prompt; captions that name
+# classes the image lacks (dog, car, bear), which the bad words must keep out
+CONSTRAINED_ROWS = [
+    ([0, 2], "a man carries a surfboard past a dog and a car on the beach"),
+    ([3], "a hot dog on a plate next to a car key"),
+    ([0, 4, 6], "a teddy bear and a hair drier on a bed, a bear poster on the wall"),
+    ([1, 2], "a dog rides a surfboard"),
+    ([0, 7, 6], "a person dries her hair in a car"),
+    ([0], "a person walking a dog near a car"),
+]
+
+
+def constrained_describer(engine, space, **kw):
+    from ltdist.stag.pipeline import Describer, StagConfig
+    from ltdist.stag.prompt import StagPromptConfig
+    from ltdist.stag.validate import ValidationConfig
+
+    cfg = StagConfig(
+        prompt=StagPromptConfig(min_words=20, max_words=30),
+        validation=ValidationConfig(min_words=20, max_words=35),
+        max_attempts=1,
+        repair=False,  # the grammar and the bad words alone
+        **kw,
+    )
+    return Describer(cfg, space, engine)
+
+
+def assert_all_valid_first_try(describer, results, space):
+    from ltdist.stag.validate import validate
+
+    for res, (ids, _) in zip(results, CONSTRAINED_ROWS):
+        assert (res.status, res.stage, res.repairs) == ("generated", "first_try", []), (
+            res.key,
+            res.reasons,
+            res.description,
+        )
+        assert validate(res.description, ids, space, describer.cfg.validation).valid
+        for i in ids:
+            if space.is_tail(i):
+                assert f"<tail> {space.display_names[i]} </tail>" in res.description
+    tail_sets = {tuple(i for i in ids if space.is_tail(i)) for ids, _ in CONSTRAINED_ROWS}
+    assert describer.grammars.builds == len(tail_sets)
+
+
+def constrained_rows():
+    return [
+        {"key": f"c{i}", "shard": 0, "label_ids": ids, "caption": caption}
+        for i, (ids, caption) in enumerate(CONSTRAINED_ROWS)
+    ]
+
+
+@pytest.mark.gen_env
+def test_vllm_constrained_generation_yields_only_valid_samples(vllm_engine, space):
+    import dataclasses
+
+    short = vllm_engine.cfg
+    vllm_engine.cfg = dataclasses.replace(short, max_tokens=120)  # room for 35 words + tags
+    try:
+        describer = constrained_describer(vllm_engine, space)
+        results = describer.describe(constrained_rows())
+    finally:
+        vllm_engine.cfg = short
+    assert_all_valid_first_try(describer, results, space)
+
+
+@pytest.mark.gen_env
+def test_transformers_constrained_generation_yields_only_valid_samples(smollm2_folder, space):
+    cfg = EngineConfig(kind="transformers", model=str(smollm2_folder), max_tokens=120)
+    with build_engine(cfg) as engine:
+        describer = constrained_describer(engine, space)
+        results = describer.describe(constrained_rows())
+    assert_all_valid_first_try(describer, results, space)
+
+
 # -- template engine and plumbing (no model) -----------------------------------------------------
 
 TEMPLATE_CASES = [

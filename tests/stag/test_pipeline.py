@@ -184,6 +184,94 @@ def test_template_engine_rows_are_valid_at_first_attempt():
     assert all(r.attempts == 1 for r in results)
 
 
+class RecordingEngine(ScriptedEngine):
+    """A scripted engine that keeps every request it was sent."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.requests = []
+
+    def generate(self, requests):
+        self.requests += requests
+        return super().generate(requests)
+
+
+@pytest.mark.both_envs
+def test_requests_carry_one_grammar_per_tail_set_and_absent_classes_as_bad_words():
+    from ltdist.stag.grammar import ConstraintConfig, stag_grammar
+
+    engine = RecordingEngine({k: [GOOD_TAIL] * 3 for k in "abcd"})  # valid or not: no matter
+    d = describer(engine)
+    d.describe([row("a", [0, 2]), row("b", [2]), row("c", [2, 3]), row("d", [0])])
+    got = {r.key: r for r in engine.requests if r.seed == derive_seed(5, r.key, 0)}
+    # tails in the prompt's order (class id); one grammar string per tail set, built once
+    assert got["a"].grammar == stag_grammar(["surfboard"], 5, 40) and got["d"].grammar
+    assert got["a"].grammar is got["b"].grammar
+    assert got["c"].grammar == stag_grammar(["surfboard", "kite"], 5, 40)
+    assert d.grammars.builds == 3  # (surfboard), (surfboard, kite), ()
+    # the names of the classes each image lacks, never its own
+    assert {"dog", "Dog", "dogs", "kite", "person"} <= set(got["b"].banned_words)
+    assert "surfboard" not in got["b"].banned_words
+    assert "person" not in got["a"].banned_words and "kite" not in got["c"].banned_words
+    # the switches turn both off; the template engine never gets either
+    engine = RecordingEngine({"a": [GOOD_TAIL]})
+    off = ConstraintConfig(grammar=False, ban_absent_classes=False)
+    describer(engine, constrain=off).describe([row("a", [2])])
+    assert engine.requests[0].grammar is None and engine.requests[0].banned_words is None
+    template = describer(TemplateEngine(None, min_words=5, max_words=40))
+    assert template.grammars is None and not template.ban
+
+
+@pytest.mark.both_envs
+def test_repair_before_retry_is_recorded_with_its_stage():
+    untagged = "A surfboard rests on warm sand near the quiet water today."
+    for repair, stage, attempts in ((True, "repair", 1), (False, "retry", 2)):
+        engine = ScriptedEngine({"a": [untagged, GOOD_TAIL], "b": [GOOD_TAIL]})
+        got = {
+            r.key: r
+            for r in describer(engine, repair=repair).describe([row("a", [0, 2]), row("b", [2])])
+        }
+        a = got["a"]
+        assert (a.status, a.stage, a.attempts) == ("generated", stage, attempts)
+        if repair:
+            assert a.repairs == ["tag:surfboard"] and a.reasons == ["untagged_tail:surfboard"]
+            assert a.description == untagged.replace("surfboard", "<tail> surfboard </tail>")
+        else:
+            assert a.repairs == [] and a.description == GOOD_TAIL
+        assert (got["b"].stage, got["b"].repairs) == ("first_try", [])
+        # per generation: word counts and repetition, as the validator counts them
+        assert a.words == [11] * attempts and len(a.repetition) == attempts
+
+
+@pytest.mark.both_envs
+def test_quality_section_and_word_percentiles_match_a_direct_computation():
+    import numpy as np
+
+    from ltdist.stag.pipeline import _quality, _word_stats, quality_table
+
+    hist = collections.Counter({50: 3, 61: 1, 70: 5, 80: 2, 95: 1})
+    values = np.repeat(list(hist), list(hist.values()))
+    stats = _word_stats(hist)
+    for name, q in (("min", 0), ("p5", 5), ("median", 50), ("p95", 95), ("max", 100)):
+        assert stats[name] == int(np.percentile(values, q, method="lower")), name
+    assert stats["n"] == 12 and _word_stats(collections.Counter()) == {"n": 0}
+    totals = collections.Counter(
+        generations=20, hallucinated_generations=5, repetition_sum=2.0, tail_instances=4
+    )
+    counters = {
+        "stages": collections.Counter(first_try=6, repair=2, retry=1, fallback=1),
+        "repairs": collections.Counter(tag=2),
+        "words_generated": hist,
+        "words_written": collections.Counter({60: 9}),
+    }
+    q = _quality(totals, counters, 1.5)
+    assert (q["samples"], q["valid_first_try"], q["valid_after_repair"]) == (10, 0.6, 0.2)
+    assert (q["valid_after_retry"], q["fallback"]) == (0.1, 0.1)
+    assert (q["hallucination_rate"], q["repetition_rate"]) == (0.25, 0.1)
+    table = quality_table({"quality": q})
+    assert "valid on the first try" in table and "60.0%" in table and "50 / 70 / 95" in table
+
+
 @pytest.mark.both_envs
 def test_seeds_differ_by_key_attempt_and_config_seed():
     seeds = {derive_seed(s, k, a) for s in (0, 1) for k in ("x", "y") for a in range(3)}
@@ -454,6 +542,9 @@ def job_overrides(demo: Path, out: Path, requests: Path) -> list[str]:
         "validation.max_words=200",
         "validation.hallucination=flag",
         "reject_truncated=false",  # 24-token texts are cut off; accepted here to stay fast
+        # free-form (the constrained path has its own vLLM test): keeps the mix of statuses
+        "constrain.grammar=false",
+        "constrain.ban_absent_classes=false",
         "max_attempts=2",
         "batch_size=5",
         "num_actors=0",
@@ -613,7 +704,10 @@ def test_resumed_job_writes_every_sample_exactly_once(killed_and_resumed, demo_s
             stag = sample.meta["stag"]
             statuses[stag["status"]] += 1
             assert stag["engine"] == "vllm" and stag["model"] == str(SMOLLM2)
-            assert stag["prompt_version"] == "stag-v1" and stag["repairs"] == []
+            assert stag["prompt_version"] == "stag-v1"
+            # repaired texts (e.g. a tail label tagged) are generated ones
+            assert stag["status"] == "generated" or stag["repairs"] == []
+            assert bool(stag["repairs"]) == (stag["stage"] == "repair") or stag["attempts"] > 1
             assert 1 <= stag["attempts"] <= 2 and sample.image_ext == "png"
             if stag["status"] == "generated":
                 assert sample.text and "<tail>" not in sample.text
@@ -655,6 +749,16 @@ def test_report_counts_throughput_provenance_and_logical_gpus(killed_and_resumed
     assert {g for g in gpus} == {("0",), ("1",)}
     tail = report["tail_mentions"]
     assert tail["tail_instances"] > 0 and tail["per_tail_instance_captions"] > 0
+    # format quality over both runs: every described sample has one stage, every generation
+    # (one per attempt) its word count
+    q = report["quality"]
+    assert q["samples"] == 60
+    shares = ("valid_first_try", "valid_after_repair", "valid_after_retry", "fallback")
+    assert sum(q[k] for k in shares) == pytest.approx(1, abs=1e-3)
+    assert q["fallback"] == pytest.approx(1 - report["counts"]["generated"] / 60, abs=1e-3)
+    assert q["generations"] == q["words_generated"]["n"] == report["totals"]["attempts"]
+    assert q["words_written"]["n"] == report["counts"]["generated"]
+    assert 0 <= q["hallucination_rate"] <= 1 and 0 <= q["repetition_rate"] <= 1
     prov = report["provenance"]
     assert prov["packages"]["ray"] and prov["packages"]["vllm"] and prov["packages"]["torch"]
     assert prov["llm"]["licence"] == "Apache-2.0"

@@ -7,7 +7,10 @@ import pytest
 from ltdist.stag.validate import (
     REASON_CODES,
     ValidationConfig,
+    normalize_whitespace,
     reason_code,
+    repair,
+    repetition,
     strip_markup,
     tail_mention_rate,
     validate,
@@ -271,3 +274,173 @@ def test_tail_mention_rate_hand_count(space):
     assert tail_mention_rate([None], [[PERSON]], space) == 0.0
     with pytest.raises(ValueError, match="2 texts but 1 label sets"):
         tail_mention_rate(["a", "b"], [[PERSON]], space)
+
+
+# -- repair -----------------------------------------------------------------------------------
+
+REPAIR_LABELS = [PERSON, SURFBOARD, DRIER]  # tails: surfboard, hair drier
+REPAIR_CFG = ValidationConfig(min_words=5, max_words=30)
+GOOD = "A person carries a <tail> surfboard </tail> past a <tail> hair drier </tail> on the sand."
+
+# id: (adversarial output, the repairs recorded, in order)
+REPAIRABLE = {
+    "untagged_plural_and_synonym": (
+        "A person carries Surfboards past a hair dryer on the sand.",
+        ["tag:surfboard", "tag:hair drier"],
+    ),
+    "untagged_upper_case": (
+        "A person carries a SURFBOARD past a <tail> hair drier </tail>.",
+        ["tag:surfboard"],
+    ),
+    "only_first_mention_tagged": (
+        "A surfboard, another surfboard and a <tail> hair drier </tail> on the sand.",
+        ["tag:surfboard"],
+    ),
+    "head_class_tagged": (
+        "A <tail> person </tail> carries a <tail> surfboard </tail> past a <tail> hair drier "
+        "</tail>.",
+        ["untag:person"],
+    ),
+    "misspelled_tags": (
+        "A person carries a <tial>surfboard</tial> past a <tail> hair drier </tail>.",
+        ["fix_tags", "tag:surfboard"],
+    ),
+    "nested_tags": (
+        "A person carries a <tail> <tail> surfboard </tail> </tail> past a <tail> hair drier "
+        "</tail>.",
+        ["fix_tags", "tag:surfboard"],
+    ),
+    "unclosed_tag": (
+        "A person passes a <tail> hair drier </tail> with a <tail> surfboard on the sand.",
+        ["fix_tags", "tag:surfboard"],
+    ),
+    "stray_close_tag": (
+        "A person carries a </tail> surfboard past a <tail> hair drier </tail>.",
+        ["fix_tags", "tag:surfboard"],
+    ),
+    "chat_token_at_end": (GOOD + "<|im_end|>", ["strip_chat_tokens"]),
+    "inst_token_in_front": ("[INST] " + GOOD, ["strip_chat_tokens"]),
+    "bell_character": (GOOD.replace("person", "person\x07"), ["strip_control_chars"]),
+    "zero_width_space": (GOOD.replace(" past", "\u200b past"), ["strip_control_chars"]),
+    "bold": (GOOD.replace("person", "**person**"), ["strip_markdown"]),
+    "all_at_once": (
+        "**A** <tail> person </tail> carries a <tial>SURFBOARD</tial> past a hair dryer.<|im_end|>",
+        # emphasis first, then the markup in text order, then the tags
+        ["strip_markdown", "untag:person", "strip_chat_tokens", "fix_tags", "tag:surfboard",
+         "tag:hair drier"],
+    ),
+}  # fmt: skip
+
+
+def plain(text: str) -> str:
+    """The words a repair must keep: markup stripped, markdown emphasis removed."""
+    return strip_markup(text.replace("**", ""))
+
+
+@pytest.mark.parametrize("text, expected", list(REPAIRABLE.values()), ids=list(REPAIRABLE))
+def test_repair_makes_adversarial_outputs_valid(space, text, expected):
+    if "strip_control_chars" not in expected:  # validate drops invisible characters itself
+        assert not validate(text, REPAIR_LABELS, space, REPAIR_CFG).valid
+    fixed = repair(text, REPAIR_LABELS, space)
+    r = validate(fixed.text, REPAIR_LABELS, space, REPAIR_CFG)
+    assert r.valid, (fixed.text, r.reasons)
+    assert set(expected) <= set(fixed.repairs)
+    assert plain(fixed.text) == plain(text)  # the words are kept
+    assert repair(text, REPAIR_LABELS, space) == fixed  # deterministic
+    again = repair(fixed.text, REPAIR_LABELS, space)  # and done in one pass
+    assert (again.text, again.repairs) == (fixed.text, [])
+
+
+@pytest.mark.parametrize("text, expected", list(REPAIRABLE.values()), ids=list(REPAIRABLE))
+def test_repair_reports_what_it_did(space, text, expected):
+    assert repair(text, REPAIR_LABELS, space).repairs == expected
+
+
+def test_repair_tags_the_mention_as_written(space):
+    fixed = repair("A person carries Surfboards past a hair dryer.", REPAIR_LABELS, space)
+    assert fixed.text == (
+        "A person carries <tail> Surfboards </tail> past a <tail> hair dryer </tail>."
+    )
+    fixed = repair("<tail>surfboard</tail>, a <TAIL>hair drier</ Tail >.", REPAIR_LABELS, space)
+    assert fixed.text == "<tail> surfboard </tail>, a <tail> hair drier </tail>."
+
+
+TAGS = "a <tail> surfboard </tail> and a <tail> hair drier </tail>"
+UNREPAIRABLE = {
+    "missing_tail": ("A person carries a board past a <tail> hair drier </tail>.", "missing_tail"),
+    "hallucinated_dog": (f"A person and a dog carry {TAGS} on the sand.", "hallucination"),
+    "hallucinated_car": (f"A person loads {TAGS} into the cars.", "hallucination"),
+    "too_short": ("<tail> surfboard </tail>, <tail> hair drier </tail>.", "too_short"),
+    "too_long": (GOOD + " The waves keep rolling in." * 5, "too_long"),
+    "unknown_tag": ("A <b>surfboard</b> lies past a <tail> hair drier </tail>.", "unknown_tag"),
+    "markdown_list_item": (f"- {TAGS} lie on the sand.", "markdown"),
+    "numbered_list_item": (f"1. {TAGS} lie on the sand.", "markdown"),
+    "heading": (f"# Beach\n{TAGS} lie on the sand.", "markdown"),
+    "preamble": (f"Sure! Here {TAGS} lie on the sand.", "preamble"),
+    "preamble_colon": (f"Here is the description: {TAGS} lie on the sand.", "preamble"),
+    "empty": ("", "empty"),
+    "none": (None, "empty"),
+    "only_chat_tokens": ("<|im_start|> [INST] <|im_end|>", "empty"),
+}
+
+
+@pytest.mark.parametrize("text, code", list(UNREPAIRABLE.values()), ids=list(UNREPAIRABLE))
+def test_unrepairable_outputs_stay_invalid(space, text, code):
+    fixed = repair(text, REPAIR_LABELS, space)
+    r = validate(fixed.text, REPAIR_LABELS, space, REPAIR_CFG)
+    assert not r.valid
+    assert {reason_code(x) for x in r.reasons} == {code}, r.reasons
+    assert repair(text, REPAIR_LABELS, space) == fixed
+
+
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        (GOOD, REPAIR_LABELS),
+        ("  A person carries a <tail> surfboard </tail>,\n\n past a <tail> hair drier </tail>. ",
+         REPAIR_LABELS),
+        (VALID, LABELS),
+        (VALID_PLAIN.replace("surfboard", "board"), [PERSON, DOG]),
+    ],
+)  # fmt: skip
+def test_valid_text_is_left_alone(space, text, labels):
+    assert validate(text, labels, space, REPAIR_CFG if labels == REPAIR_LABELS else None).valid
+    fixed = repair(text, labels, space)
+    assert fixed.repairs == []
+    assert fixed.text == normalize_whitespace(text)
+
+
+# -- repetition -------------------------------------------------------------------------------
+
+
+def repeated_share(words: list[str], n: int = 4) -> float:
+    """Reference: the n-grams that occurred at an earlier position, over all n-grams."""
+    grams = [tuple(w.lower() for w in words[i : i + n]) for i in range(len(words) - n + 1)]
+    repeats = sum(g in grams[:i] for i, g in enumerate(grams))
+    return repeats / len(grams) if grams else 0.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("one two three four five six seven", 0.0),
+        ("a b c d a b c d", 1 / 5),  # 5 4-grams, the last repeats the first
+        ("A b C d a B c D", 1 / 5),  # case does not matter
+        ("the person is sitting on a towel. The person is sitting on a towel", 4 / 11),
+        ("a a a a a a", 2 / 3),
+        ("a b c", 0.0),  # no 4-gram at all
+        ("", 0.0),
+        (None, 0.0),
+        ("<tail> a </tail> b <|im_end|> c d <b>a</b> b c d", 1 / 5),  # markup ignored
+        ("it's well-lit, it's well-lit, it's well-lit", 1 / 3),  # 6 words
+    ],
+)
+def test_repetition(text, expected):
+    assert repetition(text) == pytest.approx(expected)
+    words = strip_markup(text or "").replace(",", " ").replace(".", " ").split()
+    assert repetition(text) == pytest.approx(repeated_share(words))
+
+
+def test_repetition_other_n():
+    assert repetition("a b a b", n=2) == pytest.approx(1 / 3)
+    assert repetition("a b a b", n=5) == 0.0
