@@ -1,6 +1,7 @@
 """Generated tokens/s of the whole STAG job vs. a bare ``vllm.LLM.generate`` on the same prompts.
 
     .venvs/gen/bin/python benchmarks/stag_throughput.py [--num 64] [--batch-size 64 16]
+        [--repeats 3]
 
 The prompts are the STAG prompts of the first ``--num`` real COCO-LT training images (labels +
 captions, text-only). A pipeline row is ``python -m ltdist.stag_gen``'s own report (local Ray,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -110,24 +112,33 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64, 16])
     parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of pipeline rows + bare")
     parser.add_argument("--model", default=str(ROOT / ".cache/llm/SmolLM2-135M-Instruct"))
     parser.add_argument("--splits-dir", default=str(ROOT.parent / "shared" / "benchmarks"))
     args = parser.parse_args()
     for name, value in CPU_ENV.items():
         os.environ.setdefault(name, value)
 
-    pipes = {b: pipeline_row(args, b) for b in args.batch_size}
-    bare = bare_row(args)
+    # Rounds alternate the pipeline rows and the bare row, so that a slow spell of a shared
+    # machine hits both; each round's ratio uses that round's bare rate.
+    rounds = []
+    for _ in range(args.repeats):
+        pipes = {b: pipeline_row(args, b) for b in args.batch_size}
+        rounds.append((pipes, bare_row(args)))
     print(f"STAG throughput: {args.num} COCO-LT prompts, {args.max_tokens} new tokens max")
-    print(f"{'':<44} {'tokens/s':>9} {'vs bare':>8}")
-    print(f"{'bare vllm.LLM.generate (all prompts)':<44} {bare['tokens_per_s']:>9.1f} {1.0:>8.2f}")
-    for b, pipe in pipes.items():
-        for label, rate in (
-            (f"pipeline, batch {b}, generation", pipe["generation"]),
-            (f"pipeline, batch {b}, end to end", pipe["end_to_end"]),
-        ):
-            if rate is not None:
-                print(f"{label:<44} {rate:>9.1f} {rate / bare['tokens_per_s']:>8.2f}")
+    print(f"{'':<44} {'tokens/s':>9} {'vs bare':>8}   (per round; median ratio last)")
+    rates = " ".join(f"{bare['tokens_per_s']:>6.1f}" for _, bare in rounds)
+    print(f"{'bare vllm.LLM.generate (all prompts)':<44} {rates}")
+    for b in args.batch_size:
+        for label, key in (("generation", "generation"), ("end to end", "end_to_end")):
+            ratios = [p[b][key] / bare["tokens_per_s"] for p, bare in rounds if p[b][key]]
+            if not ratios:
+                continue
+            cells = " ".join(f"{p[b][key]:>6.1f}" for p, _ in rounds)
+            median = statistics.median(ratios)
+            each = " ".join(f"{r:.2f}" for r in ratios)
+            name = f"pipeline, batch {b}, {label}"
+            print(f"{name:<44} {cells}   ratios {each}, median {median:.2f}")
 
 
 if __name__ == "__main__":
