@@ -103,36 +103,38 @@ class MemoEngine:
 
 
 def arm_stats(results, records, space, calls) -> dict:
-    from ltdist.stag.validate import reason_code, tail_mention_rate
+    """The report's quality section (the pipeline's own definitions) plus tokens/s."""
+    from ltdist.stag.pipeline import quality_counts, quality_summary
+    from ltdist.stag.validate import count_words, reason_code, tail_mention_rate
 
-    n = len(results)
-    status = collections.Counter(r.status for r in results)
-    stages = collections.Counter(r.stage or "fallback" for r in results)
-    gens = sum(len(r.words) for r in results)
+    described = [r for r in results if r.status == "generated"]
+    by_key = {r.key: r for r in records}
+    counts = quality_counts(results)
+    counts["words_written"] = collections.Counter(count_words(r.text) for r in described)
+    # tail mentions over the descriptions written (fallbacks have none)
+    mentions = tail_mention_rate(
+        [r.text for r in described], [by_key[r.key].label_ids for r in described], space
+    )
+    quality = quality_summary(counts, mentions_per_tail=mentions)
+    words = quality["words_generated"]
     first = [c for c in calls if c["first"]]
-    words = [w for r in results for w in r.words]
     failures = collections.Counter(
         reason_code(x) for r in results if r.status != "generated" for x in r.reasons
     )
-    by_key = {r.key: r for r in records}
-    described = [r for r in results if r.status == "generated"]
     return {
-        "samples": n,
-        "valid": status["generated"] / n,
-        "first_try": stages["first_try"] / n,
-        "after_repair": stages["repair"] / n,
-        "after_retry": stages["retry"] / n,
-        "fallback": stages["fallback"] / n,
-        "generations": gens,
-        "hallucination_rate": sum(r.hallucinated for r in results) / gens,
-        "repetition_rate": sum(sum(r.repetition) for r in results) / gens,
-        # over the descriptions written (fallbacks have none)
-        "tail_mentions_per_tail_instance": tail_mention_rate(
-            [r.text for r in described], [by_key[r.key].label_ids for r in described], space
-        ),
-        "words_median": sorted(words)[len(words) // 2] if words else 0,
-        "words_min": min(words, default=0),
-        "words_max": max(words, default=0),
+        "samples": quality["samples"],
+        "valid": len(described) / len(results),
+        "first_try": quality["valid_first_try"],
+        "after_repair": quality["valid_after_repair"],
+        "after_retry": quality["valid_after_retry"],
+        "fallback": quality["fallback"],
+        "generations": quality["generations"],
+        "hallucination_rate": quality["hallucination_rate"],
+        "repetition_rate": quality["repetition_rate"],
+        "tail_mentions_per_tail_instance": quality["tail_mentions_per_tail_instance"],
+        "words_min": words.get("min", 0),
+        "words_median": words.get("median", 0),
+        "words_max": words.get("max", 0),
         "tokens_per_s_first_attempt": (
             sum(c["tokens"] for c in first) / sum(c["seconds"] for c in first) if first else None
         ),
@@ -141,9 +143,7 @@ def arm_stats(results, records, space, calls) -> dict:
         ),
         "engine_seconds": sum(c["seconds"] for c in calls),
         "failure_reasons": dict(failures.most_common()),
-        "repairs": dict(
-            collections.Counter(reason_code(x) for r in results for x in r.repairs).most_common()
-        ),
+        "repairs": quality["repairs"],
     }
 
 

@@ -241,7 +241,7 @@ class VLLMEngine(_Closing):
         log.info("starting vLLM: %s", kwargs)
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self._word_ids: dict[str, list[list[int]]] = {}  # banned word -> its token ids
+        self._word_tokens = _WordTokens(self.tokenizer)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams
@@ -307,13 +307,7 @@ class VLLMEngine(_Closing):
         bias: dict[int, float] = {}
         multi = []
         for word in words:
-            forms = self._word_ids.get(word)
-            if forms is None:
-                forms = [
-                    self.tokenizer.encode(form, add_special_tokens=False)
-                    for form in (word.lstrip(), " " + word.lstrip())
-                ]
-                self._word_ids[word] = forms
+            forms = self._word_tokens(word)
             for ids in forms:
                 if len(ids) == 1:
                     bias[ids[0]] = -100.0
@@ -373,6 +367,7 @@ class TransformersEngine(_Closing):
             eos = self.tokenizer.eos_token_id
         self._eos = {eos} if isinstance(eos, int) else set(eos)
         self._compiler = None  # xgrammar's, made on the first constrained batch
+        self._word_tokens = _WordTokens(self.tokenizer)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         results: list[Generation | None] = [None] * len(requests)
@@ -435,7 +430,7 @@ class TransformersEngine(_Closing):
         if batch[0].grammar:  # the grammar mask first: the sampler draws from what it allows
             processors.append(self._grammar_processor(batch))
         if any(r.banned_words for r in batch):
-            processors.append(_BannedWords(self.tokenizer, [r.banned_words for r in batch]))
+            processors.append(_BannedWords(self._word_tokens, [r.banned_words for r in batch]))
         if cfg.temperature > 0:
             processors.append(
                 _SeededSampler([r.seed for r in batch], cfg.temperature, cfg.top_p, self.lm.device)
@@ -464,20 +459,35 @@ class TransformersEngine(_Closing):
         self.lm = None
 
 
+class _WordTokens:
+    """A banned word's token ids, alone and after a space (the forms vLLM's bad words ban),
+    cached per word: every request of a label space bans the same few hundred names."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[str, list[list[int]]] = {}
+
+    def __call__(self, word: str) -> list[list[int]]:
+        forms = self._cache.get(word)
+        if forms is None:
+            forms = [
+                ids
+                for form in (word.lstrip(), " " + word.lstrip())
+                if (ids := self.tokenizer.encode(form, add_special_tokens=False))
+            ]
+            self._cache[word] = forms
+        return forms
+
+
 class _BannedWords:
     """Per-row bad words, as vLLM applies them: the last token of a word's token sequence is
     banned where the tokens before it were just generated (each word alone and after a space)."""
 
-    def __init__(self, tokenizer, banned: list[list[str] | None]):
-        self.rows = []
-        for words in banned:
-            seqs = set()
-            for word in words or []:
-                for form in (word.lstrip(), " " + word.lstrip()):
-                    ids = tokenizer.encode(form, add_special_tokens=False)
-                    if ids:
-                        seqs.add(tuple(ids))
-            self.rows.append(sorted(seqs))
+    def __init__(self, word_tokens: _WordTokens, banned: list[list[str] | None]):
+        self.rows = [
+            sorted({tuple(ids) for word in words or [] for ids in word_tokens(word)})
+            for words in banned
+        ]
 
     def __call__(self, input_ids, scores):
         for row, seqs in enumerate(self.rows):

@@ -34,7 +34,7 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -206,23 +206,32 @@ class Describer:
             return messages[-1]["content"]
         return chat_prompt(messages, self.engine.tokenizer)
 
-    def _request(self, row: dict, prompt: str, attempt: int) -> GenerationRequest:
+    def _request(
+        self, row: dict, prompt: str, attempt: int, constraints: dict | None = None
+    ) -> GenerationRequest:
         ids = sorted(set(row["label_ids"]))  # the prompt's order: tails by class id
         names = self.space.display_names
-        tails = [names[i] for i in ids if self.space.is_tail(i)]
         return GenerationRequest(
             key=row["key"],
             prompt=prompt,
             seed=derive_seed(self.cfg.engine.seed, row["key"], attempt),
             labels=[names[i] for i in ids],
-            tail_labels=tails,
-            grammar=self.grammars.get(tails) if self.grammars else None,
-            banned_words=(
+            tail_labels=[names[i] for i in ids if self.space.is_tail(i)],
+            **(constraints or {}),
+        )
+
+    def _constraints(self, row: dict) -> dict:
+        """A row's grammar and banned words (the same for all its attempts)."""
+        ids = sorted(set(row["label_ids"]))
+        tails = [self.space.display_names[i] for i in ids if self.space.is_tail(i)]
+        return {
+            "grammar": self.grammars.get(tails) if self.grammars else None,
+            "banned_words": (
                 banned_words(ids, self.space, allow_parts_of_present=self.grammars is None)
                 if self.ban
                 else None
             ),
-        )
+        }
 
     def describe(self, rows: list[dict]) -> list[RowResult]:
         results = [RowResult(r["key"], int(r["shard"]), engine=self.engine.name) for r in rows]
@@ -232,10 +241,13 @@ class Describer:
             if not rows[i]["label_ids"]:
                 res.reasons = ["no_labels"]
         prompts = {i: self.prompt(rows[i]["label_ids"], rows[i]["caption"]) for i in pending}
+        constraints = {i: self._constraints(rows[i]) for i in pending}
         for attempt in range(self.cfg.max_attempts):
             if not pending:
                 break
-            requests = [self._request(rows[i], prompts[i], attempt) for i in pending]
+            requests = [
+                self._request(rows[i], prompts[i], attempt, constraints[i]) for i in pending
+            ]
             self._record(requests, attempt)
             generations = self.engine.generate(requests)
             if [g.key for g in generations] != [q.key for q in requests]:
@@ -552,15 +564,10 @@ class _ShardPublisher:
         stats: dict[str, Any] = {
             "status": Counter(),
             "reasons": Counter(),
-            "stages": Counter(),  # where each described sample became valid (or 'fallback')
-            "repairs": Counter(),
             "attempts": 0,
             "prompt_tokens": 0,
             "generated_tokens": 0,
-            "generations": 0,
-            "hallucinated_generations": 0,
-            "repetition_sum": 0.0,
-            "words_generated": Counter(),  # word count -> generations
+            **quality_counts(results.values()),
             "words_written": Counter(),  # word count -> descriptions written
         }
         for key in sorted(results):  # Ray Data does not keep order: restore key order
@@ -569,12 +576,6 @@ class _ShardPublisher:
             stats["attempts"] += res.attempts
             stats["prompt_tokens"] += res.prompt_tokens
             stats["generated_tokens"] += res.generated_tokens
-            stats["generations"] += len(res.words)
-            stats["hallucinated_generations"] += res.hallucinated
-            stats["repetition_sum"] += sum(res.repetition)
-            stats["words_generated"].update(res.words)
-            stats["stages"][res.stage or "fallback"] += 1
-            stats["repairs"].update(reason_code(r) for r in res.repairs)
             if res.status != "generated":
                 stats["reasons"].update({reason_code(r) for r in res.reasons})
             if res.status == "dropped":
@@ -774,9 +775,7 @@ def _aggregate(writer: ShardWriter) -> dict:
     status: Counter = Counter()
     reasons: Counter = Counter()
     totals: Counter = Counter()
-    counters: dict[str, Counter] = {
-        k: Counter() for k in ("stages", "repairs", "words_generated", "words_written")
-    }
+    counters: dict[str, Counter] = {k: Counter() for k in _QUALITY_COUNTERS}
     rejects = []
     for info in writer.index.ordered():
         meta = info.meta.get("stag", {})
@@ -814,7 +813,9 @@ def _aggregate(writer: ShardWriter) -> dict:
             "ratio": round(txt / cap, 3) if cap else None,
             "tail_instances": n,
         },
-        "quality": _quality(totals, counters, txt),
+        "quality": quality_summary(
+            {**counters, **{k: totals[k] for k in _QUALITY_TOTALS}}, mentions_per_tail=txt
+        ),
     }
 
 
@@ -844,12 +845,40 @@ def _word_stats(hist: Counter) -> dict:
     }
 
 
-def _quality(totals: Counter, counters: dict[str, Counter], mentions_per_tail: float) -> dict:
-    """The format-quality section of the report (issue: valid shares by stage, hallucination
-    and repetition per generation, tail mentions, word counts)."""
-    stages = counters["stages"]
+_QUALITY_COUNTERS = ("stages", "repairs", "words_generated", "words_written")
+_QUALITY_TOTALS = ("generations", "hallucinated_generations", "repetition_sum")
+
+
+def quality_counts(results: Iterable[RowResult]) -> dict[str, Any]:
+    """What the quality section sums, over rows the Describer returned: where each became
+    valid ('fallback' if it did not), its repairs by code, and per generation the count, the
+    ones naming an absent class, the repetition and the word counts. (``words_written`` is
+    counted where descriptions are written.)"""
+    counts: dict[str, Any] = {
+        "stages": Counter(),
+        "repairs": Counter(),
+        "words_generated": Counter(),  # word count -> generations
+        "generations": 0,
+        "hallucinated_generations": 0,
+        "repetition_sum": 0.0,
+    }
+    for res in results:
+        counts["stages"][res.stage or "fallback"] += 1
+        counts["repairs"].update(reason_code(r) for r in res.repairs)
+        counts["words_generated"].update(res.words)
+        counts["generations"] += len(res.words)
+        counts["hallucinated_generations"] += res.hallucinated
+        counts["repetition_sum"] += sum(res.repetition)
+    return counts
+
+
+def quality_summary(counts: dict[str, Any], mentions_per_tail: float) -> dict:
+    """The format-quality section of the report from summed ``quality_counts`` (plus
+    ``words_written``): valid shares by stage, hallucination and repetition per generation,
+    tail mentions, word counts."""
+    stages = counts["stages"]
     described = sum(stages.values())
-    gens = totals["generations"]
+    gens = counts["generations"]
 
     def share(k: str) -> float:
         return round(stages.get(k, 0) / described, 4) if described else 0.0
@@ -862,13 +891,13 @@ def _quality(totals: Counter, counters: dict[str, Counter], mentions_per_tail: f
         "fallback": share("fallback"),
         "generations": gens,
         # generations naming a label-space class the image lacks
-        "hallucination_rate": round(totals["hallucinated_generations"] / gens, 4) if gens else 0,
+        "hallucination_rate": round(counts["hallucinated_generations"] / gens, 4) if gens else 0,
         # mean share of a generation's word 4-grams that repeat an earlier one
-        "repetition_rate": round(totals["repetition_sum"] / gens, 4) if gens else 0,
+        "repetition_rate": round(counts["repetition_sum"] / gens, 4) if gens else 0,
         "tail_mentions_per_tail_instance": round(mentions_per_tail, 4),
-        "repairs": dict(counters["repairs"].most_common()),
-        "words_generated": _word_stats(counters["words_generated"]),
-        "words_written": _word_stats(counters["words_written"]),
+        "repairs": dict(counts["repairs"].most_common()),
+        "words_generated": _word_stats(counts["words_generated"]),
+        "words_written": _word_stats(counts["words_written"]),
     }
 
 

@@ -247,7 +247,13 @@ def test_repair_before_retry_is_recorded_with_its_stage():
 def test_quality_section_and_word_percentiles_match_a_direct_computation():
     import numpy as np
 
-    from ltdist.stag.pipeline import _quality, _word_stats, quality_table
+    from ltdist.stag.pipeline import (
+        RowResult,
+        _word_stats,
+        quality_counts,
+        quality_summary,
+        quality_table,
+    )
 
     hist = collections.Counter({50: 3, 61: 1, 70: 5, 80: 2, 95: 1})
     values = np.repeat(list(hist), list(hist.values()))
@@ -264,12 +270,25 @@ def test_quality_section_and_word_percentiles_match_a_direct_computation():
         "words_generated": hist,
         "words_written": collections.Counter({60: 9}),
     }
-    q = _quality(totals, counters, 1.5)
+    q = quality_summary({**counters, **totals}, mentions_per_tail=1.5)
     assert (q["samples"], q["valid_first_try"], q["valid_after_repair"]) == (10, 0.6, 0.2)
     assert (q["valid_after_retry"], q["fallback"]) == (0.1, 0.1)
     assert (q["hallucination_rate"], q["repetition_rate"]) == (0.25, 0.1)
     table = quality_table({"quality": q})
     assert "valid on the first try" in table and "60.0%" in table and "50 / 70 / 95" in table
+    # the per-row sums behind it
+    rows = [
+        RowResult("a", 0, stage="first_try", words=[60], repetition=[0.5]),
+        RowResult("b", 0, stage="repair", repairs=["tag:kite", "fix_tags"], words=[55],
+                  repetition=[0.0]),
+        RowResult("c", 0, words=[90, 40, 70], repetition=[0.25, 0.25, 0.0], hallucinated=2),
+    ]  # fmt: skip
+    counts = quality_counts(rows)
+    assert counts["stages"] == {"first_try": 1, "repair": 1, "fallback": 1}
+    assert counts["repairs"] == {"tag": 1, "fix_tags": 1}
+    assert counts["words_generated"] == {60: 1, 55: 1, 90: 1, 40: 1, 70: 1}
+    assert (counts["generations"], counts["hallucinated_generations"]) == (5, 2)
+    assert counts["repetition_sum"] == pytest.approx(1.0)
 
 
 @pytest.mark.both_envs
