@@ -176,6 +176,11 @@ def main() -> None:
             "data.text_only=true",
             f"engine.model={args.model}",
             f"engine.max_tokens={args.max_tokens}",
+            # the paper's 50-80 words, not the demo's shorter texts
+            "prompt.min_words=50",
+            "prompt.max_words=80",
+            "validation.min_words=50",
+            "validation.max_words=80",
         ],
     )
     space, splits, _ = load_records(base.data)

@@ -35,6 +35,14 @@ CPU_ENV = {
 }
 
 
+PAPER_WORDS = [
+    "prompt.min_words=50",
+    "prompt.max_words=80",
+    "validation.min_words=50",
+    "validation.max_words=80",
+]
+
+
 def stag_config(args, out: str, batch_size: int):
     from ltdist.config import load_config
     from ltdist.stag.pipeline import StagConfig
@@ -57,6 +65,9 @@ def stag_config(args, out: str, batch_size: int):
         "constrain.ban_absent_classes=false",
         "num_actors=1",
         "reject_truncated=false",
+        # the paper's settings, not the demo's shorter texts or tail-only selection
+        "describe=all",
+        *PAPER_WORDS,
     ]
     return load_config(StagConfig, ROOT / "configs/stag/demo.yaml", overrides)
 

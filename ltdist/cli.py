@@ -5,6 +5,7 @@ ltdist data pack     --config FILE [key=value ...]      manifest / benchmark -> 
 ltdist data stats    LOCATION [--no-verify]             class table, counts, checksums
 ltdist data fetch-splits {coco_lt,voc_lt} [--dest DIR] [--source URL|DIR]
 ltdist baseline      --config FILE [key=value ...]      small CNN, group-mAP report
+ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs (mean ± std)
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def _baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from ltdist.data import storage
+    from ltdist.eval.compare import compare_runs, format_table, plot_per_class_ap
+
+    methods = compare_runs(args.runs)
+    print(format_table(methods, markdown=args.markdown))
+    if args.plot:
+        storage.write_bytes_atomic(args.plot, plot_per_class_ap(methods))
+        print(f"per-class AP plot: {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltdist", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -119,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_baseline)
+
+    p = sub.add_parser("compare", help="group-mAP table (mean ± std over seeds) of finished runs")
+    p.add_argument(
+        "runs", nargs="+", metavar="[NAME=]RUN", help="a run folder; repeat NAME for its seeds"
+    )
+    p.add_argument("--plot", default="", help="write the per-class AP plot here (PNG)")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table")
+    p.set_defaults(func=_compare)
     return parser
 
 

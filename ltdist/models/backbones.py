@@ -5,7 +5,7 @@ One interface: a module with ``.tokens(images) -> (B, N, D)`` (also its ``forwar
 
 - ``ResNetTokens``: torchvision ResNet-101 up to layer4; at 448 px the 14 x 14 map gives 196
   tokens of width 2048 (CPRFL's backbone). Trainable, BatchNorm in the usual train/eval modes.
-- ``FrozenImageTower`` (``ltdist.models.clip``): CLIP ViT tokens, class token first.
+- ``ImageTower`` (``ltdist.models.clip``): CLIP ViT tokens, class token first.
 - ``QFormerTokens``: the query outputs of a (DP-VLPA-pretrained) Q-Former over a frozen CLIP
   tower, K tokens of the Q-Former's width: the design card's "DP-VLPA pretraining -> CPRFL
   fine-tuning", which no published system has.
@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
-from ltdist.models.clip import ClipTowerConfig, FrozenImageTower
+from ltdist.models.clip import ClipTowerConfig, ImageTower
 
 
 class TokenSource(Protocol):
@@ -83,7 +83,7 @@ class ResNetTokens(nn.Module):
 class QFormerTokens(nn.Module):
     """Q-Former query outputs as tokens: (B, 3, H, W) -> (B, K, hidden).
 
-    The image tower stays frozen (it is a ``FrozenImageTower``); the Q-Former is trainable
+    The image tower stays frozen (it is a ``ImageTower``); the Q-Former is trainable
     unless frozen by the caller.
     """
 
@@ -121,7 +121,7 @@ def build_backbone(cfg: BackboneConfig) -> TokenBackbone:
     if cfg.kind == "resnet101":
         source: nn.Module = ResNetTokens(cfg.pretrained, cfg.weights)
     elif cfg.kind == "clip":
-        source = FrozenImageTower.from_config(cfg.clip)
+        source = ImageTower.from_config(cfg.clip)
     else:
         raise ValueError(f"unknown backbone kind {cfg.kind!r}; one of 'resnet101', 'clip'")
     return TokenBackbone(source, cfg.proj_dim)

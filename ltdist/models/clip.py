@@ -1,6 +1,6 @@
 """CLIP towers through open_clip: a frozen image tower that yields tokens, and a text tower.
 
-``FrozenImageTower`` returns every token of a ViT image tower, the class token first:
+``ImageTower`` returns every token of a ViT image tower, the class token first:
 (B, 1 + N, width), e.g. (B, 197, 768) for ViT-B/16 at 224 px. The tokens are the last
 transformer block's output with the tower's final LayerNorm (``ln_post``) applied to every
 token. For the CLIP ViTs (``pool_type='tok'``, ``final_ln_after_pool=False``) open_clip itself
@@ -20,6 +20,7 @@ for tests; it keeps CLIP's vocabulary and context length so the real tokenizer f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,7 +41,11 @@ class ClipTowerConfig:
     pretrained: str = "openai"  # an open_clip tag or a checkpoint path; "" = random init
     image_size: int = 224
     cache_dir: str = ""  # where open_clip keeps downloaded weights; "" = its default
-    freeze_text: bool = True  # the image tower is always frozen; the text tower by this flag
+    freeze_text: bool = True  # the text tower (CPRFL's code trains it)
+    # The image tower is frozen, as in both papers. False trains it with the rest: only for a
+    # tower without pretrained weights (the demo's tiny random ViT), where freezing would leave
+    # random features.
+    freeze_image: bool = True
     quick_gelu: bool | None = None  # None: as the pretrained tag says (True for 'openai')
     # Tiny model for tests: a small open_clip CLIP built from these sizes (model_name then only
     # picks the tokenizer, which every CLIP model shares).
@@ -111,34 +116,42 @@ def _freeze(module: nn.Module) -> None:
     module.eval()
 
 
-class FrozenImageTower(nn.Module):
-    """A CLIP ViT image tower, frozen: tokens (B, 1 + N, width), class token first.
+class ImageTower(nn.Module):
+    """A CLIP ViT image tower: tokens (B, 1 + N, width), class token first.
 
-    Every parameter has ``requires_grad=False``, the module stays in eval mode whatever
-    ``train()`` a parent calls, and the forward pass runs under ``torch.no_grad()``: it holds no
-    trainable parameter and no optimizer state is ever made for it.
+    Frozen (the default, both papers): every parameter has ``requires_grad=False``, the module
+    stays in eval mode whatever ``train()`` a parent calls, and the forward pass runs under
+    ``torch.no_grad()``: it holds no trainable parameter and no optimizer state is ever made
+    for it. ``frozen=False`` (``ClipTowerConfig.freeze_image``) makes it an ordinary module.
     """
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, frozen: bool = True):
         super().__init__()
         from open_clip.transformer import VisionTransformer
 
         if not isinstance(visual, VisionTransformer):
             raise TypeError(
-                f"FrozenImageTower needs an open_clip VisionTransformer (a ViT model such as "
+                f"ImageTower needs an open_clip VisionTransformer (a ViT model such as "
                 f"ViT-B-16), got {type(visual).__name__}; ResNet CLIP towers give no tokens"
             )
         if visual.attn_pool is not None or visual.final_ln_after_pool:
-            raise ValueError("FrozenImageTower supports CLIP ViTs without attentional pooling")
+            raise ValueError("ImageTower supports CLIP ViTs without attentional pooling")
         self.visual = visual
-        _freeze(self)
+        self.frozen = frozen
+        if frozen:
+            _freeze(self)
+        elif isinstance(visual.proj, nn.Parameter):
+            # the tokens never pass through CLIP's projection: a trainable parameter without a
+            # gradient would fail DDP (and would only decay under weight decay)
+            visual.proj.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, cfg: ClipTowerConfig) -> FrozenImageTower:
-        return cls(build_clip(cfg).visual)
+    def from_config(cls, cfg: ClipTowerConfig) -> ImageTower:
+        return cls(build_clip(cfg).visual, frozen=cfg.freeze_image)
 
-    def train(self, mode: bool = True) -> FrozenImageTower:
-        return super().train(False)  # frozen: always eval (no dropout, fixed statistics)
+    def train(self, mode: bool = True) -> ImageTower:
+        # frozen: always eval (no dropout, fixed statistics)
+        return super().train(mode and not self.frozen)
 
     @property
     def width(self) -> int:
@@ -157,8 +170,11 @@ class FrozenImageTower(nn.Module):
     def embed_dim(self) -> int:
         return self.visual.output_dim
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            return self._tokens(images)
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
         out = self.visual.forward_intermediates(
             images,
             indices=1,  # the last block only
@@ -186,7 +202,7 @@ class TextTower(nn.Module):
 
     Holds only the text parts of the CLIP model (no image tower, no logit scale), so a
     trainable text tower has no unused parameters. ``frozen=True`` freezes it as
-    ``FrozenImageTower`` is frozen.
+    ``ImageTower`` is frozen.
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer, frozen: bool = True):
@@ -249,10 +265,11 @@ def get_tokenizer(cfg: ClipTowerConfig):
     return open_clip.get_tokenizer(cfg.model_name)
 
 
-def build_towers(cfg: ClipTowerConfig) -> tuple[FrozenImageTower, TextTower]:
+def build_towers(cfg: ClipTowerConfig) -> tuple[ImageTower, TextTower]:
     """Both towers from one CLIP model (one weight load)."""
     model = build_clip(cfg)
-    return FrozenImageTower(model.visual), TextTower(model, get_tokenizer(cfg), cfg.freeze_text)
+    image = ImageTower(model.visual, frozen=cfg.freeze_image)
+    return image, TextTower(model, get_tokenizer(cfg), cfg.freeze_text)
 
 
 def class_embeddings(

@@ -28,6 +28,7 @@ Readings of the paper's ambiguous parts are documented at each loss (``ltdist.lo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -65,6 +66,12 @@ class DPVLPAConfig:
     qcl_weighting: Literal["softmax", "linear"] = "softmax"
     qcl_negatives: Literal["global", "image"] = "global"
     # Tokens that are not words in QCL: BERT's [CLS] and [SEP] (padding is masked anyway).
+    # The text feature of GCL and of the class embeddings: BERT's [CLS] output ("cls", BLIP-2
+    # and the paper) or the mean of the attended token outputs ("mean"), for a Q-Former
+    # initialised from a sentence-embedding BERT trained with mean pooling (all-MiniLM-L6-v2,
+    # the demo's): its [CLS] output is nearly the same for every text (cosine 0.9996 between
+    # the demo's captions at 2 layers), which leaves GCL at chance.
+    text_pool: Literal["cls", "mean"] = "cls"
     special_token_ids: tuple[int, ...] = (101, 102)
     pad_token_id: int = 0  # only used when a batch has token ids but no attention mask
 
@@ -117,7 +124,12 @@ class DPVLPA(nn.Module):
                 "DPVLPA needs the Q-Former width: pass hidden_size= or give the "
                 "qformer a .hidden_size attribute"
             )
-        self.image_tower = image_tower.requires_grad_(False).eval()
+        # frozen (the papers) unless the tower says otherwise (ImageTower(frozen=False): a
+        # tower without pretrained weights, e.g. the demo's)
+        self.tower_frozen = getattr(image_tower, "frozen", True)
+        if self.tower_frozen:
+            image_tower = image_tower.requires_grad_(False).eval()
+        self.image_tower = image_tower
         self.qformer = qformer
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
@@ -189,28 +201,32 @@ class DPVLPA(nn.Module):
 
     def train(self, mode: bool = True) -> DPVLPA:
         super().train(mode)
-        self.image_tower.eval()  # frozen: dropout / norm statistics stay as loaded
+        if self.tower_frozen:
+            self.image_tower.eval()  # frozen: dropout / norm statistics stay as loaded
         return self
 
     # -- encoders -------------------------------------------------------------------------
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit query features (B, K, D): normalize(vision_proj(qformer(tower(images))))."""
-        with torch.no_grad():
-            tokens = self.image_tower(images)  # (B, N, Wv), frozen
+        with torch.no_grad() if self.tower_frozen else contextlib.nullcontext():
+            tokens = self.image_tower(images)  # (B, N, Wv)
         queries = self.qformer.encode_image(tokens)  # (B, K, H)
         return F.normalize(self.vision_proj(queries), dim=-1)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit [CLS] features (B, D) and unit word features (B, T, D)."""
+        """Unit text features (B, D) (``config.text_pool``) and unit word features (B, T, D)."""
         cls, words = self.qformer.encode_text(input_ids, attention_mask)
         if words.shape[:2] != input_ids.shape:
             raise ValueError(
                 f"qformer.encode_text returned words {tuple(words.shape)} for input_ids "
                 f"{tuple(input_ids.shape)}: words must be aligned with the tokens"
             )
+        if self.config.text_pool == "mean":
+            mask = attention_mask.to(words.dtype)[..., None]  # (B, T, 1)
+            cls = (words * mask).sum(1) / mask.sum(1).clamp_min(1)
         return F.normalize(self.text_proj(cls), dim=-1), F.normalize(self.text_proj(words), dim=-1)
 
     def encode_classes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):

@@ -20,6 +20,10 @@ A sample's ``status`` is one of ``generated`` (a valid description within ``max_
 and ``fallback: drop``: not written, listed with its reasons among the shard's rejects) and
 ``rejected`` (image missing or unreadable: not written, listed with the reason). An image
 without labels is not sent to the engine (reason ``no_labels``) and goes straight to the fallback.
+With ``describe: tail`` only the images with a tail label go to the engine; the others are
+written as ``not_described`` (stage ``not_described``, no attempts): their caption is the text,
+or the template writer's text when they have none. The quality section covers the described
+samples only.
 
 The per-row logic (:class:`Describer`) is plain Python, tested without Ray; Ray is imported only
 inside :func:`run_stag` and the actor, so this module imports in either environment.
@@ -79,8 +83,17 @@ log = logging.getLogger(__name__)
 SPLIT = "train"  # the split that gets descriptions; the others are packed plainly
 REPORT_FILE = "stag_report.json"
 TRUNCATED = "truncated"  # the reason given to a text that hit engine.max_tokens
-STATUSES = ("generated", "fallback_caption", "fallback_template", "dropped", "rejected")
+NOT_DESCRIBED = "not_described"  # status and stage of a sample that describe='tail' skips
+STATUSES = (
+    "generated",
+    "fallback_caption",
+    "fallback_template",
+    "dropped",
+    "rejected",
+    NOT_DESCRIBED,
+)
 Fallback = Literal["caption", "template", "drop"]
+Describe = Literal["all", "tail"]
 
 
 class StagError(ValueError):
@@ -101,6 +114,10 @@ class StagConfig:
     repair: bool = True  # deterministic repair (validate.repair) of an invalid text before a retry
     max_attempts: int = 3  # generations per sample; attempt a has seed hash(engine.seed, key, a)
     fallback: Fallback = "caption"  # what an image without a valid description gets
+    # 'all' (the paper): every training image goes to the engine. 'tail': only images with a
+    # tail label do (where STAG's tail emphasis applies); the others are written with their
+    # caption as the text, status 'not_described'. A rerun must use the same value.
+    describe: Describe = "all"
     # A text cut off by engine.max_tokens (finish_reason 'length') is invalid ('truncated'):
     # it may be short enough to pass validation but ends mid-sentence.
     reject_truncated: bool = True
@@ -122,6 +139,8 @@ class StagConfig:
     record_requests: str = ""
 
     def validate(self) -> None:
+        if self.describe not in ("all", "tail"):
+            raise ValueError(f"describe must be 'all' or 'tail', got {self.describe!r}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.batch_size < 1:
@@ -145,6 +164,12 @@ class StagConfig:
 
 
 # -- per-row logic (no Ray) -------------------------------------------------------------------
+
+
+def wants_description(cfg: StagConfig, space: LabelSpace, label_ids: Iterable[int]) -> bool:
+    """Whether an image goes to the engine: always with ``describe: all``; with ``tail`` when
+    it has a tail label (by the training split's label space, as its ``tail_labels``)."""
+    return cfg.describe == "all" or any(space.is_tail(int(i)) for i in label_ids)
 
 
 def derive_seed(seed: int, key: str, attempt: int) -> int:
@@ -188,13 +213,17 @@ class Describer:
     ``constrain.grammar`` a model engine gets each row's grammar (one per tail set, built once)
     and with ``constrain.ban_absent_classes`` the names of the classes the image lacks as bad
     words; with ``repair`` an invalid text is repaired and validated again before a retry.
+
+    Without an engine it writes only the texts of rows that are not described
+    (:meth:`not_described`).
     """
 
-    def __init__(self, cfg: StagConfig, space: LabelSpace, engine: Engine):
+    def __init__(self, cfg: StagConfig, space: LabelSpace, engine: Engine | None = None):
         self.cfg, self.space, self.engine = cfg, space, engine
         words = dict(min_words=cfg.validation.min_words, max_words=cfg.validation.max_words)
         self.fallback_writer = TemplateEngine(None, **words)
-        model_engine = engine.name != TemplateEngine.name  # template texts need no constraint
+        # template texts need no constraint
+        model_engine = engine is not None and engine.name != TemplateEngine.name
         self.grammars = (
             GrammarCache(cfg.constrain, **words) if model_engine and cfg.constrain.grammar else None
         )
@@ -234,6 +263,8 @@ class Describer:
         }
 
     def describe(self, rows: list[dict]) -> list[RowResult]:
+        if self.engine is None:
+            raise RuntimeError("Describer.describe needs an engine")
         results = [RowResult(r["key"], int(r["shard"]), engine=self.engine.name) for r in rows]
         # an image without labels has nothing to describe: straight to the fallback
         pending = [i for i, r in enumerate(rows) if r["label_ids"]]
@@ -300,11 +331,29 @@ class Describer:
         elif self.cfg.fallback == "caption" and caption:
             res.status, res.text = "fallback_caption", caption
         else:  # 'template', or 'caption' for an image without one
-            request = self._request(row, "", self.cfg.max_attempts)
-            gen = self.fallback_writer.generate([request])[0]
-            verdict = validate(gen.text, row["label_ids"], self.space, self.cfg.validation)
             res.status = "fallback_template"
-            res.description, res.text = verdict.description, verdict.text
+            res.description, res.text = self._template(row)
+
+    def _template(self, row: dict) -> tuple[str | None, str]:
+        """The rule-based writer's (description, text) for a row."""
+        request = self._request(row, "", self.cfg.max_attempts)
+        gen = self.fallback_writer.generate([request])[0]
+        verdict = validate(gen.text, row["label_ids"], self.space, self.cfg.validation)
+        return verdict.description, verdict.text
+
+    def not_described(self, row: dict) -> RowResult:
+        """A row that ``describe: tail`` keeps from the engine: written with its caption as the
+        text (the ``fallback: caption`` text), the template writer's text when it has none;
+        no attempts, no description."""
+        res = RowResult(
+            row["key"],
+            int(row["shard"]),
+            status=NOT_DESCRIBED,
+            stage=NOT_DESCRIBED,
+            engine=self.cfg.engine.kind,
+        )
+        res.text = (row["caption"] or "").strip() or self._template(row)[1]
+        return res
 
     def _record(self, requests: list[GenerationRequest], attempt: int) -> None:
         if not self.cfg.record_requests:
@@ -505,6 +554,7 @@ def _ray_init(cfg: StagConfig) -> bool:
 @dataclass
 class _RunStats:
     rows: int = 0
+    described: int = 0  # rows sent to the engine (the others: not_described)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
@@ -523,6 +573,7 @@ class _RunStats:
         gen_only = self.last_result_at - min(ready) if ready and self.last_result_at else 0.0
         return {
             "samples": self.rows,
+            "described": self.described,
             "shards_written": self.shards_written,
             "seconds": round(self.seconds, 2),
             "seconds_to_first_result": (
@@ -569,6 +620,9 @@ class _ShardPublisher:
             "generated_tokens": 0,
             **quality_counts(results.values()),
             "words_written": Counter(),  # word count -> descriptions written
+            "describe": self.cfg.describe,  # a resumed run must have the same
+            # rows kept from the engine (written as not_described, or rejected for the image)
+            "not_described": sum(r.status == NOT_DESCRIBED for r in results.values()),
         }
         for key in sorted(results):  # Ray Data does not keep order: restore key order
             rec: Record = self.records[key]
@@ -637,6 +691,44 @@ class _ShardPublisher:
         self.writer.write_shard(shard_id, samples, rejected, meta={"stag": stats})
 
 
+class _Collector:
+    """Matches output rows to input rows (none unknown, none twice) and publishes a shard as
+    soon as its last row is in."""
+
+    def __init__(
+        self, publisher: _ShardPublisher, rows: list[dict], shard_size: dict, stats: _RunStats
+    ):
+        self.publisher, self.shard_size, self.stats = publisher, shard_size, stats
+        self.expected = {r["key"]: r["shard"] for r in rows}
+        self.pending: dict[int, dict[str, RowResult]] = defaultdict(dict)
+
+    def add(self, res: RowResult) -> None:
+        stats = self.stats
+        shard = self.expected.pop(res.key, None)
+        if shard is None:
+            raise StagError(f"output row {res.key!r} matches no pending input row")
+        if shard != res.shard:
+            raise StagError(f"output row {res.key!r}: shard {res.shard} != {shard}")
+        self.pending[shard][res.key] = res
+        stats.rows += 1
+        stats.prompt_tokens += res.prompt_tokens
+        stats.generated_tokens += res.generated_tokens
+        if res.worker:  # rows that were not described never saw an actor
+            entry = stats.workers.setdefault(res.worker, {**json.loads(res.worker), "rows": 0})
+            entry["rows"] += 1
+            entry["grammars_built"] = max(entry.get("grammars_built", 0), res.grammars_built)
+        if len(self.pending[shard]) == self.shard_size[shard]:
+            self.publisher.publish(shard, self.pending.pop(shard))
+            stats.shards_written.append(shard)
+
+    def finish(self) -> None:
+        if self.expected or self.pending:
+            raise StagError(
+                f"{len(self.expected)} input rows came back without output (e.g. "
+                f"{sorted(self.expected)[:5]}); rerun to regenerate the missing shards"
+            )
+
+
 def _generate(
     cfg: StagConfig,
     space: LabelSpace,
@@ -644,12 +736,11 @@ def _generate(
     samples_per_shard: int,
     writer: ShardWriter,
 ) -> _RunStats:
-    """Send the rows of the missing shards through the actor pool; publish complete shards."""
-    import ray
+    """Send the rows of the missing shards that get a description through the actor pool
+    (rows that do not are written at once); publish complete shards."""
     from tqdm import tqdm
 
     todo = writer.index.missing()
-    by_key = {r.key: r for r in records}
     rows, shard_size = [], {}
     for k in todo:
         chunk = records[k * samples_per_shard : (k + 1) * samples_per_shard]
@@ -658,8 +749,63 @@ def _generate(
             {"key": r.key, "shard": k, "label_ids": list(r.label_ids), "caption": r.caption or ""}
             for r in chunk
         ]
-    stats = _RunStats()
+    described = [r for r in rows if wants_description(cfg, space, r["label_ids"])]
+    skipped = [r for r in rows if not wants_description(cfg, space, r["label_ids"])]
+    if cfg.describe != "all":
+        log.info(
+            "describe=%s: %d of the %d samples to write go to the engine; the others keep "
+            "their captions (%s)",
+            cfg.describe,
+            len(described),
+            len(rows),
+            NOT_DESCRIBED,
+        )
+    stats = _RunStats(described=len(described))
     start = time.perf_counter()
+    publisher = _ShardPublisher(cfg, space, writer, {r.key: r for r in records})
+    collector = _Collector(publisher, rows, shard_size, stats)
+    done_before = sum(info.count + len(info.rejected) for info in writer.index.shards.values())
+    bar = tqdm(
+        total=len(records),
+        initial=done_before,
+        desc="stag",
+        unit="sample",
+        disable=not cfg.progress,
+        mininterval=1.0,
+    )
+    passer = Describer(cfg, space)  # no engine: the texts of the rows not described
+    for row in skipped:  # a shard with no row to describe is published here
+        collector.add(passer.not_described(row))
+    bar.update(len(skipped))
+    batches = _describe_on_ray(cfg, space, described, stats)
+    try:
+        for results in batches:
+            for res in results:
+                collector.add(res)
+            stats.last_result_at = time.time()
+            if stats.first_result_s is None:
+                stats.first_result_s = time.perf_counter() - start
+                stats.first_rows = stats.rows
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s", refresh=False)
+            bar.update(len(results))
+    finally:
+        batches.close()  # leaves the Ray cluster
+        stats.seconds = time.perf_counter() - start
+        bar.close()
+    collector.finish()
+    return stats
+
+
+def _describe_on_ray(
+    cfg: StagConfig, space: LabelSpace, rows: list[dict], stats: _RunStats
+) -> Iterator[list[RowResult]]:
+    """The rows through the actor pool: batches of results as they come back (in no order).
+    Joins or starts the cluster (none for no rows), and leaves it when exhausted or closed."""
+    if not rows:
+        return
+    import ray
+
     connected = _ray_init(cfg)
     try:
         stats.cluster = {k: v for k, v in ray.cluster_resources().items() if "node:" not in k}
@@ -667,11 +813,9 @@ def _generate(
         n_actors, gpus = plan_actors(cfg, stats.cluster)
         stats.num_actors, stats.num_gpus_per_actor = n_actors, gpus
         log.info(
-            "STAG: %d samples in %d shards to generate (%d shards done); %d actor(s) x %g GPU, "
-            "%g CPU; cluster %s",
+            "STAG: %d samples in %d shards to generate; %d actor(s) x %g GPU, %g CPU; cluster %s",
             len(rows),
-            len(todo),
-            len(writer.index.shards),
+            len({r["shard"] for r in rows}),
             n_actors,
             gpus,
             cfg.num_cpus_per_actor,
@@ -699,56 +843,13 @@ def _generate(
             batch_format="numpy",
             **remote_args,
         )
-        publisher = _ShardPublisher(cfg, space, writer, by_key)
-        expected = {r["key"]: r["shard"] for r in rows}
-        pending: dict[int, dict[str, RowResult]] = defaultdict(dict)
-        done_before = sum(info.count + len(info.rejected) for info in writer.index.shards.values())
-        bar = tqdm(
-            total=len(records),
-            initial=done_before,
-            desc="stag",
-            unit="sample",
-            disable=not cfg.progress,
-            mininterval=1.0,
-        )
         # prefetch_batches=0: a finished batch is handed over at once (with prefetching, Ray
         # Data holds it back until the next one is ready, which delays publishing shards)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            for res in _result_rows(batch):
-                # every output row matches one input row: none unknown, none twice
-                shard = expected.pop(res.key, None)
-                if shard is None:
-                    raise StagError(f"output row {res.key!r} matches no pending input row")
-                if shard != res.shard:
-                    raise StagError(f"output row {res.key!r}: shard {res.shard} != {shard}")
-                pending[shard][res.key] = res
-                stats.rows += 1
-                stats.prompt_tokens += res.prompt_tokens
-                stats.generated_tokens += res.generated_tokens
-                entry = stats.workers.setdefault(res.worker, {**json.loads(res.worker), "rows": 0})
-                entry["rows"] += 1
-                entry["grammars_built"] = max(entry.get("grammars_built", 0), res.grammars_built)
-                if len(pending[shard]) == shard_size[shard]:
-                    publisher.publish(shard, pending.pop(shard))
-                    stats.shards_written.append(shard)
-            stats.last_result_at = time.time()
-            if stats.first_result_s is None:
-                stats.first_result_s = time.perf_counter() - start
-                stats.first_rows = stats.rows
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s", refresh=False)
-            bar.update(len(batch["key"]))
-        bar.close()
-        if expected or pending:
-            raise StagError(
-                f"{len(expected)} input rows came back without output (e.g. "
-                f"{sorted(expected)[:5]}); rerun to regenerate the missing shards"
-            )
+            yield list(_result_rows(batch))
     finally:
-        stats.seconds = time.perf_counter() - start
         if connected:
             ray.shutdown()
-    return stats
 
 
 _PACKAGES = {
@@ -793,6 +894,7 @@ def _aggregate(writer: ShardWriter) -> dict:
             "generations",
             "hallucinated_generations",
             "repetition_sum",
+            "not_described",
         ):
             totals[k] += meta.get(k, 0)
         rejects += info.rejected
@@ -814,7 +916,9 @@ def _aggregate(writer: ShardWriter) -> dict:
             "tail_instances": n,
         },
         "quality": quality_summary(
-            {**counters, **{k: totals[k] for k in _QUALITY_TOTALS}}, mentions_per_tail=txt
+            {**counters, **{k: totals[k] for k in _QUALITY_TOTALS}},
+            mentions_per_tail=txt,
+            not_described=totals["not_described"],
         ),
     }
 
@@ -850,10 +954,10 @@ _QUALITY_TOTALS = ("generations", "hallucinated_generations", "repetition_sum")
 
 
 def quality_counts(results: Iterable[RowResult]) -> dict[str, Any]:
-    """What the quality section sums, over rows the Describer returned: where each became
-    valid ('fallback' if it did not), its repairs by code, and per generation the count, the
-    ones naming an absent class, the repetition and the word counts. (``words_written`` is
-    counted where descriptions are written.)"""
+    """What the quality section sums, over rows the Describer returned (rows not described
+    left out): where each became valid ('fallback' if it did not), its repairs by code, and
+    per generation the count, the ones naming an absent class, the repetition and the word
+    counts. (``words_written`` is counted where descriptions are written.)"""
     counts: dict[str, Any] = {
         "stages": Counter(),
         "repairs": Counter(),
@@ -863,6 +967,8 @@ def quality_counts(results: Iterable[RowResult]) -> dict[str, Any]:
         "repetition_sum": 0.0,
     }
     for res in results:
+        if res.status == NOT_DESCRIBED:  # the quality of descriptions: described rows only
+            continue
         counts["stages"][res.stage or "fallback"] += 1
         counts["repairs"].update(reason_code(r) for r in res.repairs)
         counts["words_generated"].update(res.words)
@@ -872,10 +978,13 @@ def quality_counts(results: Iterable[RowResult]) -> dict[str, Any]:
     return counts
 
 
-def quality_summary(counts: dict[str, Any], mentions_per_tail: float) -> dict:
+def quality_summary(
+    counts: dict[str, Any], mentions_per_tail: float, not_described: int = 0
+) -> dict:
     """The format-quality section of the report from summed ``quality_counts`` (plus
-    ``words_written``): valid shares by stage, hallucination and repetition per generation,
-    tail mentions, word counts."""
+    ``words_written``): valid shares by stage, hallucination and repetition per generation
+    (all over the described samples), tail mentions (over all written texts), word counts.
+    ``not_described``: the samples ``describe: tail`` kept from the engine."""
     stages = counts["stages"]
     described = sum(stages.values())
     gens = counts["generations"]
@@ -885,6 +994,8 @@ def quality_summary(counts: dict[str, Any], mentions_per_tail: float) -> dict:
 
     return {
         "samples": described,
+        "described": described,
+        "not_described": not_described,
         "valid_first_try": share("first_try"),
         "valid_after_repair": share("repair"),
         "valid_after_retry": share("retry"),
@@ -909,8 +1020,13 @@ def quality_table(report: dict) -> str:
     def words(w: dict) -> str:
         return f"{w['min']} / {w['median']} / {w['max']}" if w.get("n") else "-"
 
+    described = f"{q['samples']}"
+    describe = report.get("describe", "all")
+    if describe != "all" or q.get("not_described"):
+        total = q["samples"] + q.get("not_described", 0)
+        described = f"{q['samples']} of {total} described (describe={describe})"
     rows = [
-        ("samples described", f"{q['samples']}"),
+        ("samples described", described),
         ("valid on the first try", f"{q['valid_first_try']:.1%}"),
         ("valid after repair", f"{q['valid_after_repair']:.1%}"),
         ("valid after a retry", f"{q['valid_after_retry']:.1%}"),
@@ -950,6 +1066,13 @@ def run_stag(cfg: StagConfig) -> dict:
         raise StagError(
             f"{out}: {SPLIT} shards {plain[:3]} were packed without STAG (ltdist data pack); "
             "write the STAG output to a fresh folder"
+        )
+    written_with = {info.meta["stag"].get("describe", "all") for info in writer.index.ordered()}
+    if written_with - {cfg.describe}:
+        other = sorted(written_with - {cfg.describe})[0]
+        raise StagError(
+            f"{out}: {SPLIT} shards were written with describe={other}; this run has "
+            f"describe={cfg.describe}. Resume with describe={other}, or write to a fresh folder."
         )
     kept = len(writer.index.shards)
     stats = _RunStats()
@@ -1022,6 +1145,7 @@ def _report(
         "engine": cfg.engine.kind,
         "model": _model_info(cfg.engine)["model"],
         "prompt_version": PROMPT_VERSION,
+        "describe": cfg.describe,
         "num_input": index.num_input,
         "num_written": index.num_samples,
         "num_rejected": index.num_rejected,

@@ -1,8 +1,9 @@
 """The training config: one dataclass tree for pretraining and fine-tuning, loaded from YAML.
 
-``task`` picks the loss (DP-VLPA phase 1, or phase 2 with the DP-VLPA or the CPRFL head);
-everything else (data, loader, optimiser, precision, checkpoints) is shared by the one loop
-in :mod:`ltdist.train.loop`. Batch size and precision are owned here; the DeepSpeed JSON says
+``task`` picks the loss (DP-VLPA phase 1, or phase 2 with the DP-VLPA or the CPRFL head; the
+``cprfl`` task also trains the linear ERM baseline, ``model.head=linear``); everything else
+(data, loader, optimiser, precision, checkpoints) is shared by the one loop in
+:mod:`ltdist.train.loop`. Batch size and precision are owned here; the DeepSpeed JSON says
 ``"auto"`` for them and Accelerate fills them in.
 """
 
@@ -36,13 +37,22 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """The classification loss (CPRFL's head, DP-VLPA's L_CLS)."""
+    """The classification loss (the ``cprfl`` task's head, DP-VLPA's L_CLS).
 
-    kind: Literal["bce", "focal", "asl"] = "asl"
-    gamma: float = 2.0  # focal
+    ``cbfocal`` (class-balanced focal) and ``dbfocal`` (distribution-balanced focal) weight
+    classes by their training frequencies, taken from the data's label space
+    (``classes.json``: per-class frequency and the number of training images).
+    """
+
+    kind: Literal["bce", "focal", "asl", "cbfocal", "dbfocal"] = "asl"
+    gamma: float = 2.0  # focal, cbfocal, dbfocal
     gamma_neg: float = 4.0  # asl (CPRFL's settings)
     gamma_pos: float = 0.0
     clip: float = 0.05
+    cb_beta: float = 0.9999  # cbfocal: class weight (1 - beta) / (1 - beta^n_c)
+    # dbfocal: "default" = DistributionBalancedLoss's defaults; "coco-lt" / "voc-lt" = DB's
+    # official per-dataset settings (ltdist.losses.multilabel.DB_OFFICIAL_SETTINGS).
+    db_settings: Literal["default", "coco-lt", "voc-lt"] = "default"
 
 
 @dataclass
@@ -56,6 +66,10 @@ class ModelConfig:
     max_text_tokens: int = 128  # 50-80 word descriptions take ~100 BERT tokens
     dpvlpa: DPVLPAConfig = field(default_factory=DPVLPAConfig)
     cprfl: CPRFLConfig = field(default_factory=CPRFLConfig)
+    # The cprfl task's head: "cprfl" (category prompts, ``cprfl`` above) or "linear" (the ERM
+    # baseline: pool the backbone tokens, Linear to the classes; no text side).
+    head: Literal["cprfl", "linear"] = "cprfl"
+    linear_pool: Literal["mean", "cls"] = "mean"  # head=linear; "cls" (token 0): backbone clip
     # CPRFL's visual tokens: resnet101 | clip | qformer (the Q-Former of ``init_from``).
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -110,6 +124,16 @@ class TrainConfig:
             raise ValueError(
                 "model.backbone.kind=qformer takes the Q-Former of a pretrained export: "
                 "set model.init_from"
+            )
+        if self.model.head != "cprfl" and self.task != "cprfl":
+            raise ValueError(
+                f"model.head={self.model.head} is a head of task=cprfl; task={self.task} has "
+                "its own"
+            )
+        if self.model.linear_pool == "cls" and self.model.backbone.kind != "clip":
+            raise ValueError(
+                "model.linear_pool=cls takes a CLIP tower's class token: it needs "
+                f"model.backbone.kind=clip (got {self.model.backbone.kind}); use mean pooling"
             )
         if self.task == "pretrain" and self.model.init_from:
             raise ValueError("pretraining starts from CLIP + BERT; model.init_from is for phase 2")

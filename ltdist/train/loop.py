@@ -19,6 +19,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
@@ -271,7 +272,10 @@ def train(cfg: TrainConfig) -> dict:
 
     set_seed(cfg.seed)  # the same initial weights on every rank
     space = load_label_space(cfg.data.location)
-    model_cfg = _resolve_init(cfg)
+    # the effective model settings (an init_from export's towers and tokenizer) are the ones
+    # the export, metrics.json and the checkpoints record: evaluate / predict rebuild from them
+    cfg = replace(cfg, model=_resolve_init(cfg))
+    model_cfg = cfg.model
     task = build_task(cfg.task, model_cfg, space)
     if model_cfg.init_from:
         unused = task.load_pretrained(read_export_weights(model_cfg.init_from))
@@ -434,8 +438,6 @@ def _shuffled(labels: torch.Tensor, seed: int, loader: ShardLoader, acc) -> torc
 
 def _resolve_init(cfg: TrainConfig):
     """With ``init_from``, the CLIP / Q-Former / text settings come from the export's config."""
-    from dataclasses import replace
-
     m = cfg.model
     if not m.init_from:
         return m
@@ -446,7 +448,7 @@ def _resolve_init(cfg: TrainConfig):
         qformer=replace(src.qformer, bert_init=""),
         text_tokenizer=src.text_tokenizer,
         max_text_tokens=src.max_text_tokens,
-        dpvlpa=replace(m.dpvlpa, embed_dim=src.dpvlpa.embed_dim),
+        dpvlpa=replace(m.dpvlpa, embed_dim=src.dpvlpa.embed_dim, text_pool=src.dpvlpa.text_pool),
     )
 
 
@@ -494,10 +496,21 @@ def _log_step(acc, parts, step, scheduler, since: tuple[float, int], global_batc
     return record
 
 
+def _sync_buffers(acc, module) -> None:
+    """Give every rank rank 0's buffers before an evaluation. DDP broadcasts them only at the
+    start of a training forward, so after the last step each rank holds its own BatchNorm
+    statistics (and its own EMA of them): ranks would score their share of the evaluation with
+    other weights than the export's."""
+    if acc.num_processes > 1 and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def _periodic_eval(acc, cfg: TrainConfig, module, ema, step: int) -> dict:
     if not cfg.data.eval_split:
         return {"step": step}
     with ema.swapped(module) if ema is not None else contextlib.nullcontext():
+        _sync_buffers(acc, module)
         scores, targets = evaluate_split(
             acc,
             module,
@@ -548,6 +561,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
             if ema is not None:  # the float32 averages, not their bf16 copies in the module
                 state.update({k: v for k, v in ema.state_dict().items() if k in state})
         if cfg.data.eval_split:
+            _sync_buffers(acc, module)
             ev = dict(batch_size=cfg.data.eval_batch_size, image_size=cfg.loader.image_size)
             scores, targets = evaluate_split(
                 acc, module, cfg.data.location, cfg.data.eval_split, **ev

@@ -8,8 +8,11 @@ text side (open vocabulary) where the task has one.
 - ``pretrain``: DP-VLPA phase 1 (GCL + QCL) on image-description pairs; zero-shot class logits
   from the class prompts through the Q-Former's text side.
 - ``dpvlpa``: DP-VLPA phase 2 (classification + DQR-weighted GCL + COA).
-- ``cprfl``: the CPRFL head (prompt initialisation + visual-semantic interaction) on ResNet-101,
-  CLIP or pretrained Q-Former tokens, with a multi-label loss (ASL by default).
+- ``cprfl``: a head on ResNet-101, CLIP or pretrained Q-Former tokens with a multi-label loss
+  (ASL by default; BCE, focal, class-balanced or distribution-balanced focal): the CPRFL head
+  (prompt initialisation + visual-semantic interaction; ``model.head=cprfl``, the default), or
+  the papers' ERM baseline, a linear head on the pooled tokens (``model.head=linear``), which
+  knows only its training classes.
 """
 
 from __future__ import annotations
@@ -22,11 +25,19 @@ import torch
 from torch import nn
 
 from ltdist.config import resolve_path
-from ltdist.losses.multilabel import AsymmetricLoss, BCELoss, FocalLoss
+from ltdist.losses.multilabel import (
+    DB_OFFICIAL_SETTINGS,
+    AsymmetricLoss,
+    BCELoss,
+    ClassBalancedFocalLoss,
+    DistributionBalancedLoss,
+    FocalLoss,
+)
 from ltdist.models.backbones import QFormerTokens, TokenBackbone, build_backbone
-from ltdist.models.clip import FrozenImageTower, build_towers, class_embeddings
+from ltdist.models.clip import ImageTower, build_towers, class_embeddings
 from ltdist.models.cprfl import CPRFLHead
 from ltdist.models.dpvlpa import DPVLPA
+from ltdist.models.heads import LinearHead
 from ltdist.models.qformer import QFormer
 from ltdist.models.word_vectors import glove_class_embeddings
 from ltdist.train.config import LossConfig, ModelConfig
@@ -66,12 +77,33 @@ class TextTokenizer:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def build_loss(cfg: LossConfig) -> nn.Module:
+def build_loss(cfg: LossConfig, label_space) -> nn.Module:
+    """The classification loss; ``cbfocal`` / ``dbfocal`` take the class frequencies and the
+    number of training images from ``label_space`` (the training split's statistics)."""
     if cfg.kind == "bce":
         return BCELoss()
     if cfg.kind == "focal":
         return FocalLoss(cfg.gamma)
-    return AsymmetricLoss(cfg.gamma_neg, cfg.gamma_pos, cfg.clip)
+    if cfg.kind == "asl":
+        return AsymmetricLoss(cfg.gamma_neg, cfg.gamma_pos, cfg.clip)
+    if cfg.kind == "cbfocal":
+        return ClassBalancedFocalLoss(label_space.frequency, beta=cfg.cb_beta, gamma=cfg.gamma)
+    if cfg.kind == "dbfocal":
+        if not label_space.num_train_images:
+            raise ValueError(
+                "model.loss.kind=dbfocal needs the number of training images, and the label "
+                "space (classes.json) does not record it (num_train_images is 0): re-pack the "
+                "shards (the packer records it), or use another loss kind"
+            )
+        settings = DB_OFFICIAL_SETTINGS.get(cfg.db_settings, {})
+        return DistributionBalancedLoss(
+            label_space.frequency,
+            label_space.num_train_images,
+            focal=True,
+            gamma=cfg.gamma,
+            **settings,
+        )
+    raise ValueError(f"unknown loss kind {cfg.kind!r}")
 
 
 def class_prompts(names: Sequence[str], template: str) -> list[str]:
@@ -92,7 +124,7 @@ class _DPVLPATask(nn.Module):
     def __init__(self, cfg: ModelConfig, label_space, load_weights: bool = True):
         super().__init__()
         clip_cfg = cfg.clip if load_weights else replace(cfg.clip, pretrained="")
-        tower = FrozenImageTower.from_config(clip_cfg)
+        tower = ImageTower.from_config(clip_cfg)
         bert_init = resolve_path(cfg.qformer.bert_init) if load_weights else ""
         qformer = QFormer(replace(cfg.qformer, vision_width=tower.width, bert_init=bert_init))
         self.model = DPVLPA(tower, qformer, cfg.dpvlpa, label_space=label_space)
@@ -137,7 +169,7 @@ class AdaptTask(_DPVLPATask):
 
     def __init__(self, cfg: ModelConfig, label_space, load_weights: bool = True):
         super().__init__(cfg, label_space, load_weights)
-        self.model.cls_loss = build_loss(cfg.loss)
+        self.model.cls_loss = build_loss(cfg.loss, label_space)
         self.model.set_phase("adapt")
         self.needs_text = bool(cfg.dpvlpa.lambda1)  # DQR-weighted GCL reads descriptions
 
@@ -150,7 +182,13 @@ class AdaptTask(_DPVLPATask):
 
 
 class CPRFLTask(nn.Module):
-    """CPRFL: visual tokens -> category-prompt refined features -> logits; ASL by default."""
+    """Visual tokens -> a head -> logits, with a multi-label loss (ASL by default).
+
+    ``cfg.head='cprfl'``: CPRFL's category-prompt refined features (class prompts from CLIP text,
+    GloVe or random embeddings). ``cfg.head='linear'``: the ERM baseline of the CPRFL / DP-VLPA
+    comparisons, a ``LinearHead`` on the same tokens (pooled by ``cfg.linear_pool``); it needs
+    no text side, so none is built, and it scores only its training classes.
+    """
 
     backbone_prefixes = ("backbone.source.",)  # an unfrozen backbone trains at lr x mult
     no_decay_names: tuple[str, ...] = ("query_tokens",)
@@ -158,13 +196,17 @@ class CPRFLTask(nn.Module):
 
     def __init__(self, cfg: ModelConfig, label_space, load_weights: bool = True):
         super().__init__()
+        if cfg.head not in ("cprfl", "linear"):
+            raise ValueError(f"unknown model.head {cfg.head!r}; one of 'cprfl', 'linear'")
         self.cfg = cfg
         clip_cfg = cfg.clip if load_weights else replace(cfg.clip, pretrained="")
-        image_tower, self.text_tower = None, None
-        needs_clip = cfg.cprfl.prompt_init == "clip" or cfg.backbone.kind in ("clip", "qformer")
-        if needs_clip:
-            image_tower, self.text_tower = build_towers(clip_cfg)
         kind = cfg.backbone.kind
+        image_tower, self.text_tower = None, None
+        if cfg.head == "linear":  # no prompts: the image tower alone, when the backbone needs it
+            if kind in ("clip", "qformer"):
+                image_tower = ImageTower.from_config(clip_cfg)
+        elif cfg.cprfl.prompt_init == "clip" or kind in ("clip", "qformer"):
+            image_tower, self.text_tower = build_towers(clip_cfg)
         if kind == "resnet101":
             bb_cfg = cfg.backbone if load_weights else replace(cfg.backbone, pretrained=False)
             self.backbone = build_backbone(bb_cfg)
@@ -176,10 +218,13 @@ class CPRFLTask(nn.Module):
             _freeze_unused(source, clip_cfg.image_size)
             self.backbone = TokenBackbone(source, cfg.backbone.proj_dim)
         self.names = list(label_space.display_names)
-        self.head = CPRFLHead(
-            self._embed(self.names), self.backbone.token_dim, cfg.cprfl, len(self.names)
-        )
-        self.loss = build_loss(cfg.loss)
+        if cfg.head == "linear":
+            self.head = LinearHead(self.backbone.token_dim, len(self.names), cfg.linear_pool)
+        else:
+            self.head = CPRFLHead(
+                self._embed(self.names), self.backbone.token_dim, cfg.cprfl, len(self.names)
+            )
+        self.loss = build_loss(cfg.loss, label_space)
 
     def _embed(self, names: Sequence[str]) -> torch.Tensor | None:
         init = self.cfg.cprfl.prompt_init
@@ -201,9 +246,17 @@ class CPRFLTask(nn.Module):
         return {"loss": self.loss(logits, batch["labels"].to(logits.dtype))}
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.cfg.head == "linear":
+            return self.head(self.backbone(images))
         return self.head(self.backbone(images), self._fresh_embeddings())
 
     def logits_for(self, images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        if self.cfg.head == "linear":
+            raise ValueError(
+                "a linear head knows only its training classes (one output per class, no text "
+                "side): score other class names with a CPRFL head (prompt_init clip or glove) "
+                "or a DP-VLPA export"
+            )
         if self.cfg.cprfl.prompt_init == "random":
             raise ValueError("a CPRFL head with random prompts knows only its training classes")
         emb = self._embed(names)
@@ -213,7 +266,7 @@ class CPRFLTask(nn.Module):
         """Take the image tower and Q-Former of a pretraining export (backbone kind qformer)."""
         if self.cfg.backbone.kind != "qformer":
             raise ValueError(
-                "model.init_from with the CPRFL head needs model.backbone.kind=qformer "
+                "model.init_from with the cprfl task needs model.backbone.kind=qformer "
                 f"(got {self.cfg.backbone.kind!r})"
             )
         return _load_subset(

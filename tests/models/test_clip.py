@@ -9,7 +9,7 @@ from torch import nn
 from ltdist.config import load_config
 from ltdist.models.clip import (
     ClipTowerConfig,
-    FrozenImageTower,
+    ImageTower,
     TextTower,
     build_clip,
     build_towers,
@@ -44,7 +44,7 @@ def vit_b16():
 class Parent(nn.Module):
     """A downstream model: frozen tower + a trainable layer."""
 
-    def __init__(self, tower: FrozenImageTower):
+    def __init__(self, tower: ImageTower):
         super().__init__()
         self.tower = tower
         self.fc = nn.Linear(tower.width, 3)
@@ -54,7 +54,7 @@ class Parent(nn.Module):
 
 
 def test_tiny_image_tower_shapes(tiny_clip):
-    tower = FrozenImageTower(tiny_clip.visual)
+    tower = ImageTower(tiny_clip.visual)
     tokens = tower(torch.randn(2, 3, 64, 64))
     assert tokens.shape == (2, 1 + 16, 64)
     assert (tower.width, tower.token_dim, tower.num_tokens) == (64, 64, 17)
@@ -63,7 +63,7 @@ def test_tiny_image_tower_shapes(tiny_clip):
 
 
 def test_class_token_is_what_clip_projects(tiny_clip):
-    tower = FrozenImageTower(tiny_clip.visual)
+    tower = ImageTower(tiny_clip.visual)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(tower.project(tower(x)), tiny_clip.encode_image(x))
     # every token carries ln_post: zero mean, unit variance before the affine (ones/zeros at init)
@@ -72,7 +72,7 @@ def test_class_token_is_what_clip_projects(tiny_clip):
 
 
 def test_frozen_tower_survives_train_and_gets_no_grad(tiny_clip):
-    tower = FrozenImageTower(build_clip(TINY).visual)
+    tower = ImageTower(build_clip(TINY).visual)
     parent = Parent(tower)
     parent.train()
     assert parent.training and parent.fc.training
@@ -91,7 +91,7 @@ def test_frozen_tower_survives_train_and_gets_no_grad(tiny_clip):
 
 
 def test_frozen_tower_output_has_no_graph_even_under_grad(tiny_clip):
-    tower = FrozenImageTower(tiny_clip.visual)
+    tower = ImageTower(tiny_clip.visual)
     x = torch.randn(1, 3, 64, 64, requires_grad=True)
     assert not tower(x).requires_grad
 
@@ -103,7 +103,7 @@ def test_image_tower_rejects_resnet_clip():
     text = open_clip.model.CLIPTextCfg(width=32, heads=2, layers=1)
     model = open_clip.model.CLIP(16, vision, text)
     with pytest.raises(TypeError, match="VisionTransformer"):
-        FrozenImageTower(model.visual)
+        ImageTower(model.visual)
 
 
 def test_config_from_yaml_and_overrides(tmp_path):
@@ -151,7 +151,7 @@ def test_pretrained_tags_reach_open_clip(monkeypatch, tiny_clip):
 
 @pytest.mark.slow
 def test_vit_b16_image_tower(vit_b16):
-    tower = FrozenImageTower(vit_b16.visual)
+    tower = ImageTower(vit_b16.visual)
     count = n_params(tower)
     print(f"ViT-B/16 image tower parameters: {count:,}")
     assert count == VIT_B16_IMAGE_TOWER_PARAMS
@@ -237,3 +237,35 @@ def test_build_towers_share_one_model():
     image, text = build_towers(TINY)
     assert image.width == 64 and text.embed_dim == 32
     assert image.tokens(torch.randn(1, 3, 64, 64)).shape == (1, 17, 64)
+
+
+def test_trainable_tower_trains_and_matches_the_frozen_tokens(tiny_clip):
+    """freeze_image=false (a tower without pretrained weights): an ordinary module with the
+    same tokens as the frozen one."""
+    frozen = ImageTower(tiny_clip.visual)
+    torch.manual_seed(0)
+    trainable = ImageTower(build_clip(TINY).visual, frozen=False)
+    trainable.load_state_dict(frozen.state_dict())
+    parent = Parent(trainable)
+    parent.train()
+    trained = [n for n, p in trainable.named_parameters() if p.requires_grad]
+    # everything but CLIP's projection, which the tokens never use (DDP needs every trainable
+    # parameter to get a gradient)
+    assert trainable.training and trained == [
+        n for n, _ in trainable.named_parameters() if n != "visual.proj"
+    ]
+    x = torch.randn(2, 3, 64, 64)
+    parent(x).square().sum().backward()
+    assert all(p.grad is not None for p in trainable.parameters() if p.requires_grad)
+    trainable.eval()
+    torch.testing.assert_close(trainable(x), frozen(x))
+
+
+def test_freeze_image_flag_reaches_the_tower():
+    from dataclasses import replace
+
+    tower = ImageTower.from_config(replace(TINY, freeze_image=False))
+    assert not tower.frozen and tower.visual.conv1.weight.requires_grad
+    image, _ = build_towers(replace(TINY, freeze_image=False))
+    assert not image.frozen
+    assert ImageTower.from_config(TINY).frozen

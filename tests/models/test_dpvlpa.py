@@ -276,3 +276,37 @@ def test_coa_is_zero_when_q_qt_equals_q_co():
     proto_coa = CooccurrenceLoss.from_label_space(ls, source="prototypes", reduction="sum")
     assert proto_coa(protos).item() == pytest.approx(0.0, abs=1e-12)
     assert proto_coa(torch.eye(4, dtype=torch.float64)).item() > 0.1
+
+
+def test_mean_text_pool_is_the_masked_mean_of_the_word_outputs():
+    """text_pool='mean': the text feature is normalize(text_proj(mean of the attended token
+    outputs)), checked against a direct float64 computation; 'cls' takes token 0."""
+    batch = _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for pool in ("mean", "cls"):
+        model = _model(DPVLPAConfig(embed_dim=8, text_pool=pool)).eval()
+        with torch.no_grad():
+            feat, _ = model.encode_text(ids, mask)
+            _, words = model.qformer.encode_text(ids, mask)
+        w = words.double()
+        m = mask.double()[..., None]
+        pooled = (w * m).sum(1) / m.sum(1) if pool == "mean" else w[:, 0]
+        proj = model.text_proj.double()
+        expected = torch.nn.functional.normalize(proj(pooled), dim=-1)
+        torch.testing.assert_close(feat.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_trainable_tower_is_trained_by_the_losses():
+    """A tower that says frozen=False (ImageTower(frozen=False)) gets gradients from phase 1
+    and stays in train mode; the default tower stays frozen."""
+    tower = TinyTower()
+    tower.frozen = False
+    torch.manual_seed(0)
+    model = DPVLPA(tower, TinyQFormer(), DPVLPAConfig(embed_dim=8))
+    model.set_phase("pretrain")
+    model.train()
+    assert model.image_tower.training
+    model.pretrain_loss(_batch())["loss"].backward()
+    assert model.image_tower.proj.weight.grad is not None
+    assert model.image_tower.proj.weight.grad.abs().sum() > 0
+    _assert_tower_frozen(_model().train())

@@ -7,7 +7,7 @@ import torch
 
 from ltdist.labels import LabelSpace
 from ltdist.models.backbones import QFormerTokens
-from ltdist.models.clip import ClipTowerConfig, FrozenImageTower
+from ltdist.models.clip import ClipTowerConfig, ImageTower
 from ltdist.models.cprfl import CPRFLConfig, CPRFLHead
 from ltdist.models.dpvlpa import DPVLPA, DPVLPAConfig
 from ltdist.models.heads import LinearHead
@@ -18,7 +18,7 @@ C = 6
 
 def parts(seed: int = 0):
     torch.manual_seed(seed)
-    tower = FrozenImageTower.from_config(
+    tower = ImageTower.from_config(
         ClipTowerConfig(pretrained="", tiny=True, image_size=32, tiny_patch_size=8)
     )
     qformer = QFormer(

@@ -328,8 +328,10 @@ def test_config_files_load(name):
     assert isinstance(cfg.data, PackConfig) and cfg.engine.kind == "vllm"
     if name == "demo":
         assert cfg.num_gpus_per_actor == 0 and cfg.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+        assert cfg.describe == "tail"  # the demo's captions name every class already
     else:
         assert cfg.data.source == "benchmark" and cfg.num_gpus_per_actor == 1
+        assert cfg.describe == "all"  # the paper's setting
 
 
 @pytest.mark.both_envs
@@ -565,6 +567,7 @@ def job_overrides(demo: Path, out: Path, requests: Path) -> list[str]:
         "constrain.grammar=false",
         "constrain.ban_absent_classes=false",
         "max_attempts=2",
+        "describe=all",  # every image to the engine (the demo config describes tail ones only)
         "batch_size=5",
         "num_actors=0",
         "num_gpus_per_actor=1",

@@ -20,7 +20,7 @@ from ltdist.data.loader import ShardLoader
 from ltdist.data.shards import load_index, read_shard
 from ltdist.train.checkpoint import complete_steps
 from ltdist.train.config import TrainConfig
-from ltdist.train.export import load_export, read_export_weights
+from ltdist.train.export import load_export, read_export_config, read_export_weights
 from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.tasks import build_task
 
@@ -68,6 +68,9 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
         "data.eval_limit=32",
         "data.val_split=test",  # thresholds picked on a split (the demo has no val split)
         "ema_decay=0.9",
+        # a fine-tuning config's own model settings give way to the export's (offline, this
+        # hub id could not even load)
+        "model.text_tokenizer=bert-base-uncased",
     ]
     if task == "cprfl":
         overrides += ["model.backbone.kind=qformer", "model.cprfl.prompt_init=clip"]
@@ -81,6 +84,13 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
     assert exported.meta["weights"] == "ema"
     assert len(exported.thresholds) == exported.label_space.num_classes
     assert exported.meta["threshold_split"] == "test"
+    # the export records the settings it was built with (the pretraining's tokenizer and
+    # towers), whatever the fine-tuning config said: evaluate / predict rebuild from it
+    source = read_export_config(str(pretrained / "export")).model
+    assert exported.config.model.text_tokenizer == source.text_tokenizer
+    assert exported.config.model.qformer.num_layers == source.qformer.num_layers
+    assert exported.config.model.clip == source.clip
+    assert exported.config.model.dpvlpa.text_pool == source.dpvlpa.text_pool
 
     # The fine-tuned model started from the pretrained Q-Former: 3 Adam steps at lr <= 1e-3
     # move each query-token value by < 5e-3, while a fresh initialisation (std 0.02) differs
