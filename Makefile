@@ -5,7 +5,7 @@ GEN := .venvs/gen/bin
 PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard ltdist tests benchmarks launchers)
 
-.PHONY: setup demo test test-train test-gen lint format bench clean-demo
+.PHONY: setup demo table test test-train test-gen lint format bench clean-demo
 
 setup:
 	bash scripts/setup_envs.sh
@@ -30,8 +30,11 @@ format:
 	$(TRAIN)/ruff check --fix $(LINT_PATHS)
 	$(TRAIN)/ruff format $(LINT_PATHS)
 
+table: setup
+	$(TRAIN)/python benchmarks/demo_table.py
+
 bench: setup
 	$(TRAIN)/python benchmarks/loader.py
 
 clean-demo:
-	rm -rf data/demo shards/demo runs/demo
+	rm -rf data/demo data/demo_tiny shards/demo shards/demo_stag shards/demo_stag_tiny runs/demo runs/demo_tiny

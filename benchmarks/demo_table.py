@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,17 @@ class Row:
 
 
 LINEAR = ["model.head=linear"]
+# the tiny CLIP of configs/pretrain/demo.yaml, for the row without pretraining
+DEMO_CLIP = [
+    "model.clip.tiny=true",
+    "model.clip.pretrained=",
+    "model.clip.image_size=64",
+    "model.clip.tiny_width=128",
+    "model.clip.tiny_layers=4",
+    "model.clip.tiny_heads=4",
+    "model.clip.tiny_patch_size=8",
+    "model.clip.freeze_image=false",
+]
 ROWS = [
     # pretraining runs, also rows (zero-shot through the Q-Former's text side)
     Row(
@@ -111,7 +123,7 @@ ROWS = [
         "losses and heads",
         "finetune",
         CPRFL,
-        ["model.backbone.kind=clip", "model.init_from="],
+        ["model.backbone.kind=clip", *DEMO_CLIP],
         init="",
         key="cprfl_clip",
     ),
@@ -169,7 +181,7 @@ def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"demo_table: failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+        raise RuntimeError(f"demo_table: failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     print(f"  {time.time() - start:6.0f} s  {log.stem}", flush=True)
 
 
@@ -213,7 +225,9 @@ def prepare_data(work: Path) -> dict[str, Path]:
     return {"stag": stag, "caption": caption}
 
 
-def run_row(row: Row, seed: int, shards: dict[str, Path], work: Path, epochs: int) -> Path:
+def run_row(
+    row: Row, seed: int, shards: dict[str, Path], work: Path, epochs: int, threads: int
+) -> Path:
     out = work / f"seed{seed}" / row.key
     if (out / "metrics.json").exists():
         return out
@@ -228,6 +242,7 @@ def run_row(row: Row, seed: int, shards: dict[str, Path], work: Path, epochs: in
             f"data={data}",
             f"out={out}",
             f"seed={seed}",
+            f"threads={threads}",
         ]
     else:
         cmd = [
@@ -235,6 +250,8 @@ def run_row(row: Row, seed: int, shards: dict[str, Path], work: Path, epochs: in
             "launch",
             "--config_file",
             "configs/accelerate/single.yaml",
+            "--num_cpu_threads_per_process",
+            str(threads),
             f"launchers/{row.launcher}.py",
             "--config",
             row.config,
@@ -256,6 +273,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default="runs/demo_table")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every trainer run")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="row keys to run (and pretrain)")
     args = parser.parse_args(argv)
     work = (ROOT / args.work).resolve()
@@ -263,10 +283,21 @@ def main(argv=None) -> None:
     start = time.time()
     print(f"demo table: {len(rows)} rows x {len(args.seeds)} seeds under {work}", flush=True)
     shards = prepare_data(work)
-    for seed in args.seeds:
-        print(f"seed {seed}", flush=True)
-        for row in rows:
-            run_row(row, seed, shards, work, args.epochs)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    # Runs at a time: on a few cores, the start-up and evaluation of one run overlap the
+    # training of another. The pretrainings first: every other row starts from one.
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for stage in (
+            [r for r in rows if r.launcher == "pretrain"],
+            [r for r in rows if r.launcher != "pretrain"],
+        ):
+            jobs = [
+                pool.submit(run_row, row, seed, shards, work, args.epochs, threads)
+                for seed in args.seeds
+                for row in stage
+            ]
+            for job in jobs:
+                job.result()
     methods = [
         Method(r.name, [RunMetrics.read(work / f"seed{s}" / r.key) for s in args.seeds])
         for r in rows
