@@ -123,7 +123,7 @@ ROWS = [
         "losses and heads",
         "finetune",
         CPRFL,
-        ["model.backbone.kind=clip", *DEMO_CLIP],
+        ["model.backbone.kind=clip", "model.init_from=", *DEMO_CLIP],
         init="",
         key="cprfl_clip",
     ),
