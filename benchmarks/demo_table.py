@@ -14,7 +14,7 @@ and ``per_class_ap.png`` under ``--work``.
 Unless a row says otherwise, the visual side is the demo's frozen tiny random CLIP image tower
 (no CLIP weights can be downloaded here) under the 2-layer Q-Former of configs/pretrain/demo.yaml,
 and every trainer run (pretraining and fine-tuning) gets ``--epochs`` epochs (3; the demo configs
-say 4-6) so that 13 rows x 3 seeds fit in about 45 minutes on 2 CPU cores.
+say 4-6) so that 13 rows x 3 seeds fit in about 1.5 hours on 2 CPU cores.
 """
 
 from __future__ import annotations
