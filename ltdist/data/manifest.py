@@ -170,7 +170,8 @@ def read_manifest(
                 if not isinstance(image, str):
                     problem(line_no, key, f"'image' must be a path string, got {image!r}")
                     continue
-                image_path = image if os.path.isabs(image) else str(root / image)
+                # Absolute, so that no image path can read as a URL scheme (``pipe:...``).
+                image_path = os.path.abspath(image if os.path.isabs(image) else root / image)
                 if check_files and not os.path.isfile(image_path):
                     problem(line_no, key, f"image file not found: {image_path}")
                     continue

@@ -51,6 +51,8 @@ def load_image(path: str, max_size: int = 0) -> tuple[bytes, str]:
         data = storage.read_bytes(path)
     except FileNotFoundError:
         raise ImageError(f"image file not found: {path}") from None
+    except storage.UntrustedLocationError as e:
+        raise ImageError(f"image path is not a file: {e}") from None
     except OSError as e:
         raise ImageError(f"image file unreadable: {path} ({e})") from None
     try:

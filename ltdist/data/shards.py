@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 INDEX_VERSION = 1
 IMAGE_EXTS = ("jpg", "png", "webp")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass
@@ -125,12 +126,26 @@ class ShardIndex:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> ShardIndex:
+    def from_dict(cls, data: dict, where: str = "index") -> ShardIndex:
         if data.get("format_version") != INDEX_VERSION:
-            raise ValueError(f"index format_version {data.get('format_version')!r} unsupported")
-        index = cls(data["split"], int(data["samples_per_shard"]), int(data["num_input"]))
+            raise ValueError(
+                f"{where}: index format_version {data.get('format_version')!r} unsupported"
+            )
+        split = data["split"]
+        if not isinstance(split, str) or not _SPLIT_RE.match(split):
+            raise ValueError(f"{where}: split name {split!r} is not a plain name")
+        index = cls(split, int(data["samples_per_shard"]), int(data["num_input"]))
         for s in data["shards"]:
-            index.shards[int(s["id"])] = ShardInfo(**s)
+            info = ShardInfo(**s)
+            # Names are joined to the data folder: only the contract's own plain names, never
+            # an absolute path, a '../' or a URL that would read from elsewhere.
+            if info.name != shard_name(split, int(info.id)):
+                raise ValueError(
+                    f"{where}: shard {info.id} is named {info.name!r}; a shard of split "
+                    f"{split!r} must be named {shard_name(split, int(info.id))!r} inside the "
+                    "data folder"
+                )
+            index.shards[int(info.id)] = info
         return index
 
 
@@ -148,7 +163,7 @@ def load_index(location: str, split: str) -> ShardIndex:
         found = list_splits(location)
         hint = f"; splits here: {found}" if found else "; no shard index found there at all"
         raise FileNotFoundError(f"{path} does not exist{hint}")
-    return ShardIndex.from_dict(json.loads(storage.read_bytes(path)))
+    return ShardIndex.from_dict(json.loads(storage.read_bytes(path)), where=path)
 
 
 def list_splits(location: str) -> list[str]:
@@ -210,8 +225,9 @@ def decode_tar(stream, url: str = "") -> Iterator[ShardSample]:
         )
 
 
-def read_shard(url: str) -> Iterator[ShardSample]:
-    with storage.open_read(url) as f:
+def read_shard(url: str, *, allow_pipe: bool = False) -> Iterator[ShardSample]:
+    """Samples of one shard; ``allow_pipe`` only for a ``pipe:`` URL the caller trusts."""
+    with storage.open_read(url, allow_pipe=allow_pipe) as f:
         yield from decode_tar(f, url)
 
 
@@ -291,7 +307,7 @@ class ShardWriter:
         path = index_location(self.location, self.split)
         if not storage.exists(path):
             return None
-        return ShardIndex.from_dict(json.loads(storage.read_bytes(path)))
+        return ShardIndex.from_dict(json.loads(storage.read_bytes(path)), where=path)
 
     def _write_index(self, index: ShardIndex) -> None:
         data = json.dumps(index.to_dict(), indent=1).encode()

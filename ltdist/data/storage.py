@@ -1,9 +1,12 @@
 """Local paths and object-store URLs behind one small set of file operations.
 
-A location is a local path, a ``file://`` URL, any fsspec URL (``s3://``, ``gs://``, ...), or
-for reading only a WebDataset-style ``pipe:command`` URL. Writes are atomic: a local file is
-written under a temporary name, fsync'd and renamed; an object-store object is uploaded in one
-PUT, which object stores make visible whole or not at all.
+A location is a local path, a ``file://`` URL or any fsspec URL (``s3://``, ``gs://``, ...).
+Writes are atomic: a local file is written under a temporary name, fsync'd and renamed; an
+object-store object is uploaded in one PUT, which object stores make visible whole or not at all.
+
+A WebDataset-style ``pipe:command`` URL runs a shell command, so it is read only where the caller
+says the URL is trusted (``allow_pipe=True``): locations come from manifests, split files,
+indexes and configs, which are data, and data is never code.
 """
 
 from __future__ import annotations
@@ -15,6 +18,15 @@ import subprocess
 import tempfile
 from typing import IO
 from urllib.parse import urlparse
+
+
+class UntrustedLocationError(ValueError):
+    """A location that would run a program, met where only data may come from."""
+
+
+def runs_program(location: str) -> bool:
+    """True for a location that would execute a command when opened (``pipe:``)."""
+    return location.lstrip().lower().startswith("pipe:")
 
 
 def is_local(location: str) -> bool:
@@ -88,17 +100,24 @@ def remove_tree(location: str) -> None:
             fs.rm(path, recursive=True)
 
 
-def read_bytes(location: str) -> bytes:
-    with open_read(location) as f:
+def read_bytes(location: str, *, allow_pipe: bool = False) -> bytes:
+    with open_read(location, allow_pipe=allow_pipe) as f:
         return f.read()
 
 
-def open_read(location: str) -> IO[bytes]:
-    """A binary stream; ``pipe:cmd`` runs ``cmd`` and reads its standard output."""
-    if location.startswith("pipe:"):
+def open_read(location: str, *, allow_pipe: bool = False) -> IO[bytes]:
+    """A binary stream; with ``allow_pipe``, ``pipe:cmd`` runs ``cmd`` and reads its output."""
+    if runs_program(location):
+        if not allow_pipe:
+            raise UntrustedLocationError(
+                f"refusing to open {location[:200]!r}: a 'pipe:' location runs a shell command. "
+                "Locations read from manifests, split files, indexes and configs are data; "
+                "read a trusted shard URL with read_shard(url, allow_pipe=True)"
+            )
         # A shell command, as in WebDataset (``pipe:curl -s URL | zcat``); a pipeline's status
         # is that of its last command.
-        proc = subprocess.Popen(location[5:], shell=True, stdout=subprocess.PIPE)
+        cmd = location.lstrip()[5:]
+        proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE)
         return _PipeReader(proc)
     if is_local(location):
         return open(local_path(location), "rb")

@@ -109,10 +109,10 @@ def test_resume_does_not_reopen_consumed_shards(dataset, monkeypatch, tmp_path):
     log_file = tmp_path / "opened.txt"
     real_open = storage.open_read
 
-    def logging_open(url):
+    def logging_open(url, **kwargs):
         with open(log_file, "a") as f:  # worker processes append too
             f.write(url + "\n")
-        return real_open(url)
+        return real_open(url, **kwargs)
 
     monkeypatch.setattr(storage, "open_read", logging_open)
     resumed = ShardLoader(location, "train", cfg, decode_images=False)

@@ -87,3 +87,31 @@ def test_all_splits_share_the_training_label_space(tmp_path):
     other = PackConfig(**{**cfg.__dict__, "manifests": {"train": cfg.manifests["test"]}})
     with pytest.raises(PackError, match="different label space"):
         pack_dataset(other, progress=False)
+
+
+def test_a_pipe_image_path_in_a_manifest_runs_nothing(tmp_path, monkeypatch):
+    # A manifest beside the working directory: its folder is '.', so a relative image path
+    # 'pipe:...' once read as a WebDataset pipe URL and ran its command.
+    cfg = write_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "ran"  # what `touch ran`, run in this folder, would create
+    lines = Path("train.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({"key": "evil", "image": "pipe:touch ran", "labels": ["dog"]})
+    Path("train.jsonl").write_text("\n".join(lines) + "\n")
+    Path("pipe:touch ran").write_bytes(Path("img/1.png").read_bytes())  # a real file
+    cfg.manifests = {"train": "train.jsonl"}
+    cfg.policy = "skip"
+    train = pack_dataset(cfg, progress=False)["train"]
+    assert not marker.exists()
+    # The file of that name is data: it is read as an image, and nothing runs.
+    assert "evil" not in {r["key"] for r in train.rejected}
+    assert train.num_written == 9
+
+
+def test_a_pipe_image_location_is_rejected_with_its_reason(tmp_path):
+    from ltdist.data.pack import load_image
+
+    marker = tmp_path / "ran"
+    with pytest.raises(ValueError, match="runs a shell command"):
+        load_image(f"pipe:touch {marker}")
+    assert not marker.exists()

@@ -195,3 +195,36 @@ def test_images_keep_their_bytes(tmp_path):
         assert s.image_ext == "jpg"
         assert s.image == Path(tmp_path, "img", s.key.split("_")[-1] + ".jpg").read_bytes()
         assert Image.open(io.BytesIO(s.image)).size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    "name", ["/etc/passwd", "../other/train-000000.tar", "sub/train-000000.tar", "pipe:ls"]
+)
+def test_index_shard_names_must_be_plain_names_in_the_folder(tmp_path, name):
+    from ltdist.data.shards import ShardWriter, load_index
+
+    writer = ShardWriter(str(tmp_path), "train", 2, 2)
+    writer.write_shard(
+        0, [ShardSample("a", {"label_ids": [0]}), ShardSample("b", {"label_ids": []})]
+    )
+    path = tmp_path / "train.index.json"
+    data = json.loads(path.read_text())
+    data["shards"][0]["name"] = name
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"train.index.json: shard 0 is named .* must be named"):
+        load_index(str(tmp_path), "train")
+
+
+def test_index_split_name_must_be_plain(tmp_path):
+    from ltdist.data.shards import ShardIndex
+
+    with pytest.raises(ValueError, match="not a plain name"):
+        ShardIndex.from_dict(
+            {
+                "format_version": 1,
+                "split": "../x",
+                "samples_per_shard": 1,
+                "num_input": 0,
+                "shards": [],
+            }
+        )

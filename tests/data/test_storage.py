@@ -130,13 +130,13 @@ def test_local_write_leaves_no_temporary_files(tmp_path):
 def test_pipe_reads_command_output(tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(range(256)) * 1000)
-    assert storage.read_bytes(f"pipe:cat {path}") == path.read_bytes()
+    assert storage.read_bytes(f"pipe:cat {path}", allow_pipe=True) == path.read_bytes()
 
 
 def test_pipe_runs_a_shell_command_like_webdataset(tmp_path):
     path = tmp_path / "my data.bin"
     path.write_bytes(b"abc" * 1000)
-    assert storage.read_bytes(f"pipe:cat '{path}' | head -c 6") == b"abcabc"
+    assert storage.read_bytes(f"pipe:cat '{path}' | head -c 6", allow_pipe=True) == b"abcabc"
 
 
 def test_pipe_shard_reads_like_a_file(tmp_path):
@@ -146,7 +146,7 @@ def test_pipe_shard_reads_like_a_file(tmp_path):
     ]
     path = tmp_path / "train-000000.tar"
     path.write_bytes(encode_tar(samples))
-    got = list(read_shard(f"pipe:cat {path}"))
+    got = list(read_shard(f"pipe:cat {path}", allow_pipe=True))
     assert [(s.key, s.image, s.text) for s in got] == [(s.key, s.image, s.text) for s in samples]
 
 
@@ -155,18 +155,29 @@ def test_pipe_shard_reads_like_a_file(tmp_path):
 )
 def test_pipe_failure_is_an_error(cmd):
     with pytest.raises(OSError):
-        storage.read_bytes(f"pipe:{cmd}")
+        storage.read_bytes(f"pipe:{cmd}", allow_pipe=True)
 
 
 def test_pipe_failure_while_reading_a_shard_is_an_error():
     with pytest.raises(OSError):
-        list(read_shard("pipe:cat /nonexistent/ltdist-shard.tar"))
+        list(read_shard("pipe:cat /nonexistent/ltdist-shard.tar", allow_pipe=True))
+
+
+@pytest.mark.parametrize("prefix", ["pipe:", "PIPE:", "  pipe:"])
+def test_pipe_is_refused_unless_trusted(tmp_path, prefix):
+    marker = tmp_path / "ran"
+    url = f"{prefix}touch {marker}"
+    with pytest.raises(storage.UntrustedLocationError, match="runs a shell command"):
+        storage.read_bytes(url)
+    with pytest.raises(storage.UntrustedLocationError):
+        list(read_shard(url))
+    assert not marker.exists()
 
 
 def test_pipe_closed_early_does_not_hang():
     # A reader that stops early (the loader skips the rest of a shard) closes the pipe; the
     # command dies of SIGPIPE and close() returns.
-    with storage.open_read("pipe:yes") as f:
+    with storage.open_read("pipe:yes", allow_pipe=True) as f:
         assert f.read(4) == b"y\ny\n"
 
 
