@@ -5,7 +5,14 @@ GEN := .venvs/gen/bin
 PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard ltdist tests benchmarks launchers)
 
-.PHONY: setup demo table test test-train test-gen lint format bench clean-demo
+# `make rehearse`: every shipped config's plan at its own shape and at cluster shapes, and its
+# run here at reduced width. The split files are fetched into SPLITS first (SPLITS_SOURCE: a
+# local copy instead of the public files).
+SPLITS ?= data/splits
+SPLITS_SOURCE ?=
+SHIPPED := $(foreach d,stag pretrain finetune,$(sort $(wildcard configs/$(d)/*.yaml)))
+
+.PHONY: setup demo table test test-train test-gen lint format bench clean-demo rehearse
 
 setup:
 	bash scripts/setup_envs.sh
@@ -32,6 +39,13 @@ format:
 
 table: setup
 	$(TRAIN)/python benchmarks/demo_table.py
+
+rehearse: setup
+	for bench in coco_lt voc_lt; do \
+	    $(TRAIN)/ltdist data fetch-splits $$bench --dest $(SPLITS) $(if $(SPLITS_SOURCE),--source $(SPLITS_SOURCE)) || exit 1; \
+	done
+	$(TRAIN)/ltdist rehearse $(SHIPPED) \
+	    --shapes 1x8,2x8,8x8 --splits-dir $(SPLITS) --work runs/rehearsal
 
 bench: setup
 	$(TRAIN)/python benchmarks/loader.py

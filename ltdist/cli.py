@@ -6,6 +6,9 @@ ltdist data stats    LOCATION [--no-verify]             class table, counts, che
 ltdist data fetch-splits {coco_lt,voc_lt} [--dest DIR] [--source URL|DIR]
 ltdist baseline      --config FILE [key=value ...]      small CNN, group-mAP report
 ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs (mean ± std)
+ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
+                     [--shapes 1x8,8x8] [--splits-dir DIR]   a config's plan at a cluster shape,
+                     then (without --plan) its run here at reduced width
 """
 
 from __future__ import annotations
@@ -98,6 +101,43 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rehearse(args: argparse.Namespace) -> int:
+    """Plans; the exit status counts refusals at the shape asked for (default: the config's
+    own), while refusals at the extra ``--shapes`` are reported, not failures."""
+    from ltdist.rehearsal import Shape, plan_config
+
+    configs = [c for c in args.configs if "=" not in c]
+    overrides = [c for c in args.configs if "=" in c]
+    extra = [Shape.parse(s) for s in args.shapes.split(",") if s]
+    shape = Shape(args.nodes, args.gpus_per_node) if args.nodes else None
+    refused, reported = 0, 0
+    for path in configs:
+        main_result = plan_config(path, shape, overrides, args.splits_dir)
+        print(main_result.render() + "\n")
+        refused += not main_result.ok
+        for other in extra:
+            if other == main_result.shape:
+                continue
+            result = plan_config(path, other, overrides, args.splits_dir)
+            print(result.render() + "\n")
+            reported += not result.ok
+        if not args.plan and main_result.ok and main_result.kind == "train":
+            from ltdist.rehearsal.run import rehearse_run
+
+            try:
+                run = rehearse_run(path, args.work, args.splits_dir or "data/splits", overrides)
+            except (RuntimeError, TimeoutError) as e:  # a launch that failed: say which
+                print(f"{path}: rehearsal run FAILED\n{e}\n")
+                refused += 1
+                continue
+            print(run.render() + "\n")
+            refused += not run.ok
+    note = f"; {reported} refusal(s) at the extra shapes (reported)" if reported else ""
+    state = f"{refused} plan(s) refused" if refused else "every plan passes"
+    print(f"rehearse: {state} at the shape asked for{note}")
+    return 1 if refused else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltdist", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -140,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="", help="write the per-class AP plot here (PNG)")
     p.add_argument("--markdown", action="store_true", help="a Markdown table")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("rehearse", help="a config's plan (and run) before the cluster does it")
+    p.add_argument("configs", nargs="+", metavar="CONFIG|key=value")
+    p.add_argument("--plan", action="store_true", help="the plan only: no model is built")
+    p.add_argument("--nodes", type=int, default=0, help="default: the config's cluster shape")
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--shapes", default="", help="comma-separated NODESxGPUS besides its own")
+    p.add_argument("--splits-dir", default="", help="the benchmark split files (data/splits)")
+    p.add_argument("--work", default="runs/rehearsal", help="stand-in data and runs go here")
+    p.set_defaults(func=_rehearse)
     return parser
 
 

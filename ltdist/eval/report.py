@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.txt"
 PLOT_FILE = "ap_vs_frequency.png"
+SCORES_FILE = "scores.npy"
 GROUP_COLOURS = {"head": "tab:blue", "medium": "tab:orange", "tail": "tab:red"}
 
 
@@ -216,9 +217,15 @@ def plot_curves(
 
 
 def write_report(
-    result: MapResult, label_space: LabelSpace, out_dir: str | Path, title: str = ""
+    result: MapResult,
+    label_space: LabelSpace,
+    out_dir: str | Path,
+    title: str = "",
+    scores: np.ndarray | None = None,
 ) -> dict[str, str]:
-    """Write ``metrics.json``, ``report.txt`` and ``ap_vs_frequency.png``; return their paths.
+    """Write ``metrics.json``, ``report.txt`` and ``ap_vs_frequency.png`` (and with ``scores``,
+    the (N, C) float32 scores in the split's stored order as ``scores.npy``, for analyses and
+    for comparing two evaluations sample by sample); return their paths.
 
     ``out_dir`` is a local folder or an fsspec URL (``s3://...``).
     ``label_space`` supplies training frequencies; its class names must match the result's.
@@ -238,5 +245,10 @@ def write_report(
     )
     storage.write_bytes_atomic(paths["report"], format_report(result, label_space, title).encode())
     storage.write_bytes_atomic(paths["plot"], plot_ap_vs_frequency(result, label_space, title))
+    if scores is not None:
+        paths["scores"] = storage.join(out_dir, SCORES_FILE)
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(scores, dtype=np.float32), allow_pickle=False)
+        storage.write_bytes_atomic(paths["scores"], buf.getvalue())
     log.info("evaluation report written to %s", out_dir)
     return paths

@@ -5,6 +5,8 @@ One interface: a module with ``.tokens(images) -> (B, N, D)`` (also its ``forwar
 
 - ``ResNetTokens``: torchvision ResNet-101 up to layer4; at 448 px the 14 x 14 map gives 196
   tokens of width 2048 (CPRFL's backbone). Trainable, BatchNorm in the usual train/eval modes.
+  ``tiny``: one Bottleneck per stage instead of [3, 4, 23, 3], the same code at a fraction of
+  the cost, for tests and reduced-size runs of the shipped configs.
 - ``ImageTower`` (``ltdist.models.clip``): CLIP ViT tokens, class token first.
 - ``QFormerTokens``: the query outputs of a (DP-VLPA-pretrained) Q-Former over a frozen CLIP
   tower, K tokens of the Q-Former's width: the design card's "DP-VLPA pretraining -> CPRFL
@@ -39,6 +41,9 @@ class BackboneConfig:
     pretrained: bool = True  # resnet101: torchvision ImageNet weights (else random init)
     weights: str = "IMAGENET1K_V2"  # resnet101: a ResNet101_Weights member (IMAGENET1K_V1 too)
     proj_dim: int = 2048  # trainable Linear(token_dim, proj_dim) on top; 0 = none
+    # resnet101: a random ResNet with one Bottleneck per stage (pretrained, weights ignored),
+    # like ClipTowerConfig.tiny: runs the ResNet-101 code path quickly on a CPU.
+    tiny: bool = False
     clip: ClipTowerConfig = field(default_factory=ClipTowerConfig)  # kind='clip'
 
     def validate(self) -> None:
@@ -49,18 +54,21 @@ class BackboneConfig:
 class ResNetTokens(nn.Module):
     """ResNet-101 layer4 map as tokens: (B, 3, H, W) -> (B, H/32 * W/32, 2048)."""
 
-    token_dim = 2048
-
-    def __init__(self, pretrained: bool = True, weights: str = "IMAGENET1K_V2"):
+    def __init__(self, pretrained: bool = True, weights: str = "IMAGENET1K_V2", tiny: bool = False):
         super().__init__()
         from torchvision.models import ResNet101_Weights, resnet101
+        from torchvision.models.resnet import Bottleneck, ResNet
 
-        try:
-            enum = ResNet101_Weights[weights] if pretrained else None
-        except KeyError:
-            names = [w.name for w in ResNet101_Weights]
-            raise ValueError(f"unknown ResNet101 weights {weights!r}; one of {names}") from None
-        net = resnet101(weights=enum)
+        if tiny:  # no weights exist for this depth: random init
+            net = ResNet(Bottleneck, [1, 1, 1, 1])
+        else:
+            try:
+                enum = ResNet101_Weights[weights] if pretrained else None
+            except KeyError:
+                names = [w.name for w in ResNet101_Weights]
+                raise ValueError(f"unknown ResNet101 weights {weights!r}; one of {names}") from None
+            net = resnet101(weights=enum)
+        self.token_dim = net.fc.in_features  # layer4's width: 2048
         self.body = nn.Sequential(
             net.conv1,
             net.bn1,
@@ -119,7 +127,7 @@ class TokenBackbone(nn.Module):
 def build_backbone(cfg: BackboneConfig) -> TokenBackbone:
     cfg.validate()
     if cfg.kind == "resnet101":
-        source: nn.Module = ResNetTokens(cfg.pretrained, cfg.weights)
+        source: nn.Module = ResNetTokens(cfg.pretrained, cfg.weights, cfg.tiny)
     elif cfg.kind == "clip":
         source = ImageTower.from_config(cfg.clip)
     else:

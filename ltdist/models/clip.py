@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -89,25 +89,45 @@ def build_clip(cfg: ClipTowerConfig) -> open_clip.model.CLIP:
             layers=cfg.tiny_layers,
         )
         model = open_clip.model.CLIP(
-            cfg.tiny_embed_dim, vision_cfg, text_cfg, quick_gelu=bool(cfg.quick_gelu)
+            cfg.tiny_embed_dim, vision_cfg, text_cfg, quick_gelu=resolve_quick_gelu(cfg)
         )
     else:
-        # OpenAI's weights were trained with QuickGELU: follow the tag's own setting unless told
-        # (a random init follows the 'openai' architecture; a checkpoint path needs the flag).
-        quick_gelu = cfg.quick_gelu
-        if quick_gelu is None:
-            tag = cfg.pretrained or "openai"
-            quick_gelu = bool(open_clip.get_pretrained_cfg(cfg.model_name, tag).get("quick_gelu"))
         model = open_clip.create_model(
             cfg.model_name,
             pretrained=cfg.pretrained or None,
-            force_quick_gelu=quick_gelu,
+            force_quick_gelu=resolve_quick_gelu(cfg),
             force_image_size=cfg.image_size,
             cache_dir=cfg.cache_dir or None,
         )
         if not cfg.pretrained:
             log.warning("CLIP %s built with random weights (pretrained='')", cfg.model_name)
     return model.eval()
+
+
+def resolve_quick_gelu(cfg: ClipTowerConfig) -> bool:
+    """QuickGELU or GELU: as told, else as the pretrained tag's entry in open_clip's table says
+    (OpenAI's weights were trained with QuickGELU, most others with GELU). A random init follows
+    the 'openai' architecture, a checkpoint path needs the flag, a tiny model is GELU unless
+    told. Reads a table only: nothing is downloaded."""
+    if cfg.quick_gelu is not None:
+        return cfg.quick_gelu
+    if cfg.tiny:
+        return False
+    import open_clip
+
+    tag = cfg.pretrained or "openai"
+    return bool(open_clip.get_pretrained_cfg(cfg.model_name, tag).get("quick_gelu"))
+
+
+def resolved_clip_config(cfg: ClipTowerConfig) -> ClipTowerConfig:
+    """``cfg`` with ``quick_gelu`` decided, as an export records it: its rebuild has no tag."""
+    return replace(cfg, quick_gelu=resolve_quick_gelu(cfg))
+
+
+def without_weights(cfg: ClipTowerConfig) -> ClipTowerConfig:
+    """The same model with random weights (an export's own go on top): the activation is
+    decided from the tag before the tag is dropped, also for exports that did not record it."""
+    return replace(resolved_clip_config(cfg), pretrained="")
 
 
 def _freeze(module: nn.Module) -> None:

@@ -19,6 +19,7 @@ from ltdist.models.cprfl import CPRFLConfig
 from ltdist.models.dpvlpa import DPVLPAConfig
 from ltdist.models.qformer import QFormerConfig
 from ltdist.train.optim import OptimConfig
+from ltdist.train.plan import ClusterConfig
 
 Task = Literal["pretrain", "dpvlpa", "cprfl"]
 
@@ -26,6 +27,9 @@ Task = Literal["pretrain", "dpvlpa", "cprfl"]
 @dataclass
 class DataConfig:
     location: str = "shards/demo"  # a shard folder (local or s3:// / gs://)
+    # The data set the shards hold (coco_lt, voc_lt, demo; "" = other): `ltdist rehearse`
+    # sizes its plan from the split files before the shards exist.
+    dataset: str = ""
     train_split: str = "train"
     eval_split: str = "test"  # periodic and final mAP; "" = no evaluation
     val_split: str = ""  # picks per-class F1 thresholds; "" = a global threshold of 0.5
@@ -92,6 +96,8 @@ class CheckpointConfig:
 class TrainConfig:
     task: Task = "pretrain"
     output_dir: str = "runs/train"
+    # The cluster shape the config is written for, and its rescaling rule (ltdist.train.plan).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -139,3 +145,4 @@ class TrainConfig:
             raise ValueError("pretraining starts from CLIP + BERT; model.init_from is for phase 2")
         self.optim.validate()
         self.loader.validate()
+        self.cluster.validate()

@@ -2,7 +2,9 @@
 
 ``<dir>/model.safetensors``  the task module's weights (EMA weights when EMA was on)
 ``<dir>/classes.json``       the label space the model predicts
-``<dir>/config.json``        the whole training config (rebuilds the module without downloads)
+``<dir>/config.json``        the whole training config (rebuilds the module without downloads;
+                             what a pretrained tag implied, such as CLIP's activation, is
+                             recorded explicitly, since the rebuild has no weights to follow)
 ``<dir>/export.json``        task, step, which weights, decision thresholds, headline metrics
 
 Fine-tuning (``model.init_from``), ``evaluate`` and ``predict`` read this; resume reads the
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -22,7 +24,8 @@ from torch import nn
 from ltdist.config import from_dict, to_dict
 from ltdist.data import storage
 from ltdist.labels import LabelSpace
-from ltdist.train.config import TrainConfig
+from ltdist.models.clip import resolved_clip_config
+from ltdist.train.config import ModelConfig, TrainConfig
 
 FORMAT_VERSION = 1
 WEIGHTS, CLASSES, CONFIG, META = "model.safetensors", "classes.json", "config.json", "export.json"
@@ -61,11 +64,20 @@ def save_export(
         save_file(tensors, path, metadata={"format": "pt", "task": config.task})
         storage.put_file_atomic(path, storage.join(location, WEIGHTS))
     storage.write_bytes_atomic(storage.join(location, CLASSES), label_space.to_json().encode())
+    config = replace(config, model=_explicit(config.model))
     storage.write_bytes_atomic(
         storage.join(location, CONFIG), json.dumps(to_dict(config), indent=1).encode()
     )
     meta = {"format_version": FORMAT_VERSION, "task": config.task, **meta}
     storage.write_bytes_atomic(storage.join(location, META), json.dumps(meta, indent=1).encode())
+
+
+def _explicit(model: ModelConfig) -> ModelConfig:
+    """The model settings with CLIP's activation decided from the tags it was trained from."""
+    backbone = model.backbone
+    if backbone.kind == "clip":
+        backbone = replace(backbone, clip=resolved_clip_config(backbone.clip))
+    return replace(model, clip=resolved_clip_config(model.clip), backbone=backbone)
 
 
 def read_export_config(location: str) -> TrainConfig:

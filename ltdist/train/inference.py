@@ -72,7 +72,7 @@ def evaluate_export(
         maps = group_map(scores, targets, space)
         f1 = f1_report(scores, targets, thresholds, space)
         title = f"{exported.config.task} export ({export}) on {location}/{split}"
-        report = write_report(maps, space, out, title=title)
+        report = write_report(maps, space, out, title=title, scores=scores)
         result = {
             "export": export,
             "data": location,

@@ -38,6 +38,7 @@ from ltdist.train.config import TrainConfig
 from ltdist.train.ema import EMA
 from ltdist.train.export import read_export_config, read_export_weights, save_export
 from ltdist.train.optim import build_optimizer, build_scheduler
+from ltdist.train.plan import plan_training
 from ltdist.train.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,31 @@ def make_accelerator(cfg: TrainConfig, logging_dir: str):
         timeout=timedelta(seconds=cfg.collective_timeout_s), backend=backend
     )
     return Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=_mixed_precision(cfg),
         gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with="tensorboard" if cfg.tracker == "tensorboard" else None,
         project_dir=logging_dir,
         kwargs_handlers=[pg],
         step_scheduler_with_optimizer=False,  # stepped here once per optimizer step
     )
+
+
+def _mixed_precision(cfg: TrainConfig) -> str:
+    """The training config owns the precision; a launcher that asks for another is an error.
+
+    ``accelerate launch`` passes its ``--mixed_precision`` (or its config file's) to the process
+    as ``ACCELERATE_MIXED_PRECISION``, and "no" both when asked and when not given at all: so
+    "no" defers to the config, and any other value must agree with it.
+    """
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in ("", "no") and launcher != cfg.mixed_precision:
+        raise TrainingError(
+            f"accelerate launch asks for mixed precision {launcher!r} (its --mixed_precision or "
+            f"its config file), the training config for {cfg.mixed_precision!r}: make them agree "
+            f"(the training config owns it: override mixed_precision={launcher}, or drop the "
+            "launcher's setting)"
+        )
+    return cfg.mixed_precision
 
 
 def _is_deepspeed(acc) -> bool:
@@ -259,6 +278,7 @@ def train(cfg: TrainConfig) -> dict:
     local_out = storage.is_local(cfg.output_dir)
     logging_dir = cfg.output_dir if local_out else tempfile.mkdtemp(prefix="ltdist-tb-")
     acc = make_accelerator(cfg, logging_dir)
+    cfg, plan = _plan(cfg, acc)
     if _is_deepspeed(acc):
         _configure_deepspeed(acc, cfg)
     if cfg.ema_decay and _zero_stage(acc) == 3:
@@ -290,13 +310,12 @@ def train(cfg: TrainConfig) -> dict:
         world_size=acc.num_processes,
         tokenizer=task.tokenizer if getattr(task, "needs_text", False) else None,
     )
-    steps_per_epoch = loader.steps_per_epoch // cfg.optim.grad_accum
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    if total < 1:
-        raise TrainingError(
-            f"{loader.steps_per_epoch} batches per epoch and grad_accum {cfg.optim.grad_accum} "
-            "make no optimizer step: lower the batch size or grad_accum, or set max_steps"
+    if loader.steps_per_epoch // cfg.optim.grad_accum != plan.steps_per_epoch:
+        raise RuntimeError(
+            f"the loader makes {loader.steps_per_epoch} batches per epoch, the plan "
+            f"{plan.steps_per_epoch} optimizer steps x {cfg.optim.grad_accum}"
         )
+    total = plan.total_steps
     optimizer = build_optimizer(task, cfg.optim, task.backbone_prefixes, task.no_decay_names)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     model, optimizer = acc.prepare(task, optimizer)
@@ -427,6 +446,25 @@ def train(cfg: TrainConfig) -> dict:
     )
     acc.end_training()
     return result
+
+
+def _plan(cfg: TrainConfig, acc) -> tuple[TrainConfig, object]:
+    """The config as it runs at this world size (rescaled from its stated cluster shape) and
+    its plan; a plan that cannot finish is refused before any model is built."""
+    num_train = load_index(cfg.data.location, cfg.data.train_split).num_samples
+    cfg, plan = plan_training(cfg, num_train, acc.num_processes)
+    for change in plan.changes:
+        acc.print(
+            f"rescaled from {cfg.cluster.nodes} x {cfg.cluster.gpus_per_node} to "
+            f"{acc.num_processes} processes: {change}"
+        )
+    fatal = [p for p in plan.problems if p.fatal]
+    if fatal:
+        raise TrainingError("this run cannot finish as configured: " + "; ".join(map(str, fatal)))
+    for problem in plan.problems:
+        if acc.is_main_process:
+            log.warning("%s", problem)
+    return cfg, plan
 
 
 def _shuffled(labels: torch.Tensor, seed: int, loader: ShardLoader, acc) -> torch.Tensor:
@@ -586,7 +624,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
             metrics["table"] = format_summary(result)
             metrics["f1"] = {k: v for k, v in f1.items() if k != "classes"}
             metrics["report"] = write_report(
-                result, space, storage.join(out, "report"), title=title
+                result, space, storage.join(out, "report"), title=title, scores=scores
             )
             meta["map"] = result.summary()
             if thresholds is not None:

@@ -34,7 +34,13 @@ from ltdist.losses.multilabel import (
     FocalLoss,
 )
 from ltdist.models.backbones import QFormerTokens, TokenBackbone, build_backbone
-from ltdist.models.clip import ImageTower, build_towers, class_embeddings
+from ltdist.models.clip import (
+    ImageTower,
+    TextTower,
+    build_towers,
+    class_embeddings,
+    without_weights,
+)
 from ltdist.models.cprfl import CPRFLHead
 from ltdist.models.dpvlpa import DPVLPA
 from ltdist.models.heads import LinearHead
@@ -123,7 +129,7 @@ class _DPVLPATask(nn.Module):
 
     def __init__(self, cfg: ModelConfig, label_space, load_weights: bool = True):
         super().__init__()
-        clip_cfg = cfg.clip if load_weights else replace(cfg.clip, pretrained="")
+        clip_cfg = cfg.clip if load_weights else without_weights(cfg.clip)
         tower = ImageTower.from_config(clip_cfg)
         bert_init = resolve_path(cfg.qformer.bert_init) if load_weights else ""
         qformer = QFormer(replace(cfg.qformer, vision_width=tower.width, bert_init=bert_init))
@@ -199,14 +205,16 @@ class CPRFLTask(nn.Module):
         if cfg.head not in ("cprfl", "linear"):
             raise ValueError(f"unknown model.head {cfg.head!r}; one of 'cprfl', 'linear'")
         self.cfg = cfg
-        clip_cfg = cfg.clip if load_weights else replace(cfg.clip, pretrained="")
+        clip_cfg = cfg.clip if load_weights else without_weights(cfg.clip)
         kind = cfg.backbone.kind
         image_tower, self.text_tower = None, None
         if cfg.head == "linear":  # no prompts: the image tower alone, when the backbone needs it
             if kind in ("clip", "qformer"):
                 image_tower = ImageTower.from_config(clip_cfg)
-        elif cfg.cprfl.prompt_init == "clip" or kind in ("clip", "qformer"):
+        elif kind in ("clip", "qformer"):
             image_tower, self.text_tower = build_towers(clip_cfg)
+        elif cfg.cprfl.prompt_init == "clip":  # ResNet-101 tokens: the prompts' text tower alone
+            self.text_tower = TextTower.from_config(clip_cfg)  # (RN50 CLIPs have no ViT tower)
         if kind == "resnet101":
             bb_cfg = cfg.backbone if load_weights else replace(cfg.backbone, pretrained=False)
             self.backbone = build_backbone(bb_cfg)

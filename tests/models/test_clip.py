@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,8 @@ from ltdist.models.clip import (
     build_towers,
     class_embeddings,
     get_tokenizer,
+    resolved_clip_config,
+    without_weights,
 )
 
 # Measured once (open_clip 3.3, random init) and asserted exactly.
@@ -149,6 +153,29 @@ def test_pretrained_tags_reach_open_clip(monkeypatch, tiny_clip):
     assert k3["pretrained"] == "/ckpt/vitb16.pt" and k3["force_quick_gelu"] is True
 
 
+def test_quick_gelu_is_resolved_from_the_tag_without_downloads():
+    """OpenAI's weights were trained with QuickGELU, most others with GELU: the tag's entry in
+    open_clip's table decides (nothing is downloaded; no hub here); a random init follows
+    'openai', a checkpoint path needs the flag, a set flag stays. ``without_weights`` (an
+    export's rebuild) decides it before it drops the tag."""
+    cases = [
+        (ClipTowerConfig(pretrained="laion2b_s34b_b88k"), False),
+        (ClipTowerConfig(pretrained="openai"), True),
+        (ClipTowerConfig(pretrained=""), True),
+        (ClipTowerConfig(model_name="RN50", pretrained=""), True),
+        (ClipTowerConfig(pretrained="/ckpt/vitb16.pt"), False),
+        (ClipTowerConfig(pretrained="laion2b_s34b_b88k", quick_gelu=True), True),
+        (ClipTowerConfig(pretrained="openai", quick_gelu=False), False),
+        (TINY, False),
+        (replace(TINY, quick_gelu=True), True),
+    ]
+    for cfg, quick_gelu in cases:
+        assert resolved_clip_config(cfg) == replace(cfg, quick_gelu=quick_gelu), cfg
+    gelu = without_weights(ClipTowerConfig(pretrained="laion2b_s34b_b88k"))
+    assert (gelu.pretrained, gelu.quick_gelu) == ("", False)
+    assert without_weights(ClipTowerConfig()) == ClipTowerConfig(pretrained="", quick_gelu=True)
+
+
 @pytest.mark.slow
 def test_vit_b16_image_tower(vit_b16):
     tower = ImageTower(vit_b16.visual)
@@ -262,8 +289,6 @@ def test_trainable_tower_trains_and_matches_the_frozen_tokens(tiny_clip):
 
 
 def test_freeze_image_flag_reaches_the_tower():
-    from dataclasses import replace
-
     tower = ImageTower.from_config(replace(TINY, freeze_image=False))
     assert not tower.frozen and tower.visual.conv1.weight.requires_grad
     image, _ = build_towers(replace(TINY, freeze_image=False))

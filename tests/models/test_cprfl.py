@@ -224,6 +224,31 @@ def test_resnet101_pretrained_asks_for_the_weights_enum(monkeypatch):
     assert asked == [ResNet101_Weights.IMAGENET1K_V2, ResNet101_Weights.IMAGENET1K_V1, None]
 
 
+def test_tiny_resnet_tokens_take_the_resnet101_code_path(monkeypatch):
+    """``tiny``: the same ResNetTokens on a 1-block-per-stage ResNet (random init, no weights
+    asked for even with ``pretrained=True``), for tests and reduced-size runs."""
+    import torchvision
+    from torchvision.models.resnet import Bottleneck
+
+    from ltdist.models.backbones import BackboneConfig, ResNetTokens, build_backbone
+
+    def no_resnet101(weights=None):
+        raise AssertionError("a tiny ResNet is not ResNet-101")
+
+    monkeypatch.setattr(torchvision.models, "resnet101", no_resnet101)
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneConfig(kind="resnet101", tiny=True, proj_dim=0))
+    assert isinstance(backbone.source, ResNetTokens)
+    stages = list(backbone.source.body)[4:]  # layer1..layer4
+    assert [len(stage) for stage in stages] == [1, 1, 1, 1]  # ResNet-101: [3, 4, 23, 3]
+    assert all(isinstance(block, Bottleneck) for stage in stages for block in stage)
+    assert backbone.token_dim == backbone.source.token_dim == 2048
+    tokens = backbone(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 4, 2048)  # a 2 x 2 map at 64 px
+    tokens.sum().backward()
+    assert all(p.grad is not None for p in backbone.parameters())
+
+
 def test_clip_backbone_with_projection():
     from ltdist.models.backbones import BackboneConfig, build_backbone
     from ltdist.models.clip import ClipTowerConfig

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from ltdist.config import load_config
 from ltdist.data.loader import ShardLoader
 from ltdist.data.shards import load_index, read_shard
+from ltdist.rehearsal.run import kill_tree
 from ltdist.train.checkpoint import complete_steps
 from ltdist.train.config import TrainConfig
 from ltdist.train.export import load_export, read_export_config, read_export_weights
@@ -270,13 +269,15 @@ def test_resume_after_sigkill_is_exact_with_zero2_and_ema(demo, tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    marker = resumed / "checkpoints" / f"step-{n:08d}" / "COMPLETE"
+    checkpoints = str(resumed / "checkpoints")  # keep_last=1: whichever step is complete
     deadline = time.time() + 400
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    while not complete_steps(checkpoints) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # every process of the tree: torchrun starts each worker in a session of its own, so a
+    # killpg of the launcher's group left the workers training on (and this test vacuous)
+    kill_tree(proc.pid)
     proc.wait()
-    assert marker.exists(), "the run never completed its first checkpoint"
+    assert complete_steps(checkpoints), "the run never completed a checkpoint"
     assert not (resumed / "metrics.json").exists(), "the run finished before it was killed"
     launch("pretrain.py", [*common, f"output_dir={resumed}"], demo, **ds)
 
@@ -332,3 +333,18 @@ def test_resuming_with_another_number_of_processes(demo, tmp_path):
     m = metrics(sampled)
     assert (m["steps"], m["world_size"]) == (4, 1)
     assert [h["step"] for h in m["history"]] == [1, 2, 3, 4]
+
+
+def test_a_launcher_precision_that_disagrees_with_the_config_is_refused(demo, tmp_path):
+    # `accelerate launch --mixed_precision bf16` with a config that says "no": once silently
+    # overridden by the config, now an error that names both values, before any model is built.
+    cmd, env = launch_command(
+        "pretrain.py",
+        [f"output_dir={tmp_path / 'run'}", "max_steps=1"],
+        demo,
+        mixed_precision="bf16",
+    )
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "asks for mixed precision 'bf16'" in proc.stderr and "for 'no'" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -19,6 +19,9 @@ from ltdist.losses.multilabel import (
     ClassBalancedFocalLoss,
     DistributionBalancedLoss,
 )
+from ltdist.models.backbones import ResNetTokens
+from ltdist.models.clip import ImageTower
+from ltdist.models.cprfl import CPRFLHead
 from ltdist.models.heads import LinearHead
 from ltdist.train import tasks
 from ltdist.train.config import LossConfig, ModelConfig, TrainConfig
@@ -113,6 +116,71 @@ def test_a_linear_head_on_resnet101_builds_no_clip_tower(monkeypatch):
         assert task.logits(images).shape == (2, space.num_classes)
         with pytest.raises(ValueError, match="linear head knows only its training classes"):
             task.logits_for(images, ["zebra"])
+
+
+def _rn50_prompts_on_resnet(*overrides: str) -> ModelConfig:
+    """The shipped CPRFL configs' model: prompts from CLIP RN50's text tower, ResNet-101 tokens
+    (here a tiny ResNet through the same code)."""
+    return _tiny_model(
+        "model.head=cprfl",
+        "model.cprfl.prompt_init=clip",
+        "model.clip.model_name=RN50",
+        "model.backbone.kind=resnet101",
+        "model.backbone.tiny=true",
+        *overrides,
+    )
+
+
+@pytest.mark.parametrize("freeze_text", [True, False])
+def test_cprfl_prompts_on_resnet101_build_the_text_tower_alone(monkeypatch, freeze_text):
+    """An RN50 CLIP has no ViT image tower, and ResNet-101 tokens need none: only the text
+    tower is built; a trainable one gets gradient through the prompts."""
+
+    def no_image_tower(*args, **kwargs):
+        raise AssertionError("prompts on ResNet-101 tokens need no CLIP image tower")
+
+    monkeypatch.setattr(ImageTower, "__init__", no_image_tower)
+    cfg = _rn50_prompts_on_resnet(f"model.clip.freeze_text={str(freeze_text).lower()}")
+    space = _space()
+    task = build_task("cprfl", cfg, space)
+    assert isinstance(task.backbone.source, ResNetTokens) and isinstance(task.head, CPRFLHead)
+    assert not any("visual" in k for k in task.state_dict())
+    assert task.text_tower.frozen is freeze_text
+    labels = torch.zeros(2, space.num_classes)
+    labels[:, 0] = 1
+    images = torch.randn(2, 3, 64, 64)
+    task.train()
+    assert task.logits(images).shape == (2, space.num_classes)
+    out = task({"image": images, "labels": labels})
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert task.head.prompt_init.fc1.weight.grad.abs().sum() > 0
+    assert task.backbone.source.body[0].weight.grad.abs().sum() > 0
+    text = list(task.text_tower.parameters())
+    if freeze_text:
+        assert not any(p.requires_grad or p.grad is not None for p in text)
+    else:
+        assert all(p.grad is not None for p in text)
+        assert task.text_tower.token_embedding.weight.grad.abs().sum() > 0
+        assert task.text_tower.text_projection.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_cprfl_prompts_from_a_random_rn50_text_tower():
+    """open_clip's RN50 itself (random weights): 1024-d prompts, QuickGELU as the 'openai'
+    tag's architecture has it."""
+    from open_clip.transformer import QuickGELU
+
+    space = _space()
+    task = build_task("cprfl", _rn50_prompts_on_resnet("model.clip.tiny=false"), space)
+    assert task.text_tower.embed_dim == 1024
+    assert task.head.class_embeddings.shape == (space.num_classes, 1024)
+    assert any(isinstance(m, QuickGELU) for m in task.text_tower.modules())
+    assert not any("visual" in k for k in task.state_dict())
+    task.eval()
+    with torch.no_grad():
+        logits = task.logits(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, space.num_classes) and torch.isfinite(logits).all()
 
 
 def test_a_linear_head_on_clip_tokens_takes_the_image_tower_alone(demo):

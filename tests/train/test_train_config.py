@@ -59,3 +59,30 @@ def test_deepspeed_configs_leave_batch_precision_and_optimizer_to_the_trainer(st
     acc = yaml.safe_load((ROOT / "configs" / "accelerate" / f"zero{stage}.yaml").read_text())
     assert acc["distributed_type"] == "DEEPSPEED"
     assert (ROOT / acc["deepspeed_config"]["deepspeed_config_file"]).is_file()
+
+
+@pytest.mark.parametrize(
+    "launcher, config, expected",
+    [("", "bf16", "bf16"), ("no", "bf16", "bf16"), ("bf16", "bf16", "bf16"), ("no", "no", "no")],
+)
+def test_the_training_config_owns_the_precision(monkeypatch, launcher, config, expected):
+    from ltdist.train.loop import _mixed_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    cfg = load_config(TrainConfig, overrides=[f"mixed_precision={config}"])
+    assert _mixed_precision(cfg) == expected
+
+
+@pytest.mark.parametrize("launcher, config", [("bf16", "no"), ("fp16", "bf16")])
+def test_a_launcher_precision_that_disagrees_is_refused_naming_both(monkeypatch, launcher, config):
+    from ltdist.train.loop import TrainingError, _mixed_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    cfg = load_config(TrainConfig, overrides=[f"mixed_precision={config}"])
+    with pytest.raises(TrainingError, match=rf"asks for mixed precision '{launcher}'.*'{config}'"):
+        _mixed_precision(cfg)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")))
+def test_accelerate_configs_leave_the_precision_to_the_training_config(path):
+    assert yaml.safe_load(path.read_text())["mixed_precision"] == "no"

@@ -1,0 +1,90 @@
+"""The rehearsal's run: one shipped config of each (task x method x data set) pair trains at
+reduced width with 2 processes, is SIGKILLed after a checkpoint and resumes, and its export
+rebuilds the trained model exactly (evaluate and predict through the launchers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ltdist.rehearsal.run import MAX_STEPS, SCORE_TOLERANCE, rehearse_run, run_name, shrink
+
+pytestmark = pytest.mark.slow
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+
+# pretraining first: the phase-2 runs of a data set start from its export
+PAIRS = [
+    "configs/pretrain/coco_lt.yaml",
+    "configs/pretrain/voc_lt.yaml",
+    "configs/pretrain/demo.yaml",
+    "configs/finetune/coco_lt_dpvlpa.yaml",
+    "configs/finetune/voc_lt_dpvlpa.yaml",
+    "configs/finetune/demo_dpvlpa.yaml",
+    "configs/finetune/coco_lt_cprfl.yaml",
+    "configs/finetune/voc_lt_cprfl.yaml",
+    "configs/finetune/demo_cprfl.yaml",
+]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    if not (SHARED / "coco_lt" / "coco_lt_train.txt").is_file():
+        pytest.fail(f"the benchmark split files are not under {SHARED}")
+    return str(tmp_path_factory.mktemp("rehearsal"))
+
+
+def check(result) -> None:
+    assert result.ok, result.render()
+    assert result.steps == MAX_STEPS
+    assert result.killed_at is not None and result.resumed_from == result.killed_at
+    assert result.killed_at < MAX_STEPS  # killed mid-run, not after it
+    assert result.max_score_diff is not None and result.max_score_diff <= SCORE_TOLERANCE
+    assert result.predicted == 3 and result.eval_samples > 0
+
+
+@pytest.mark.parametrize("path", PAIRS)
+def test_each_pair_rehearses(path, root):
+    result = rehearse_run(path, root, str(SHARED), timeout_s=600)
+    check(result)
+    # the run read the stand-in shards of its data set, at the split files' names
+    cfg = json.loads((Path(root) / run_name(path) / "run" / "export" / "config.json").read_text())
+    assert cfg["data"]["location"].endswith(f"data_{cfg['data']['dataset']}/shards")
+
+
+def test_the_cprfl_resnet101_path_with_a_gelu_clip_text_tower(root):
+    # ViT-B-16/laion2b_s34b_b88k is a GELU tower (the OpenAI tags are QuickGELU): the export
+    # must rebuild it with its own activation
+    overrides = ["model.clip.model_name=ViT-B-16", "model.clip.pretrained=laion2b_s34b_b88k"]
+    result = rehearse_run("configs/finetune/coco_lt_cprfl.yaml", root, str(SHARED), overrides)
+    assert {o.key: o.value for o in result.overrides}["model.clip.quick_gelu"] == "false"
+    check(result)
+    exported = json.loads(
+        (Path(root) / "finetune_coco_lt_cprfl" / "run" / "export" / "config.json").read_text()
+    )
+    assert exported["model"]["clip"]["quick_gelu"] is False
+    assert exported["model"]["backbone"]["kind"] == "resnet101"
+
+
+def test_shrinking_changes_only_widths_and_the_schedule():
+    from ltdist.config import load_config
+    from ltdist.train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, "configs/pretrain/coco_lt.yaml")
+    keys = {o.key for o in shrink(cfg)}
+    # the method's settings stay the config's
+    for kept in (
+        "optim.lr",
+        "optim.weight_decay",
+        "optim.schedule",
+        "model.qformer.num_queries",
+        "model.dpvlpa.lambda1",
+        "model.loss.kind",
+        "seed",
+        "loader.augment",
+    ):
+        assert kept not in keys
+    quick_gelu = {o.key: o.value for o in shrink(cfg)}["model.clip.quick_gelu"]
+    assert quick_gelu == "true"  # ViT-B-16/openai is a QuickGELU tower
