@@ -113,27 +113,29 @@ def _rehearse(args: argparse.Namespace) -> int:
     refused, reported = 0, 0
     for path in configs:
         main_result = plan_config(path, shape, overrides, args.splits_dir)
-        print(main_result.render() + "\n")
+        print(main_result.render() + "\n", flush=True)
         refused += not main_result.ok
         for other in extra:
             if other == main_result.shape:
                 continue
             result = plan_config(path, other, overrides, args.splits_dir)
-            print(result.render() + "\n")
+            print(result.render() + "\n", flush=True)
             reported += not result.ok
-        if not args.plan and main_result.ok and main_result.kind == "train":
+        if not args.plan and main_result.ok:
             from ltdist.rehearsal.run import rehearse_run
+            from ltdist.rehearsal.stag_run import rehearse_stag_run
 
+            rehearse = rehearse_run if main_result.kind == "train" else rehearse_stag_run
             try:
-                run = rehearse_run(path, args.work, args.splits_dir or "data/splits", overrides)
+                run = rehearse(path, args.work, args.splits_dir or "data/splits", overrides)
             except (RuntimeError, TimeoutError) as e:  # a launch that failed: say which
                 print(f"{path}: rehearsal run FAILED\n{e}\n")
                 refused += 1
                 continue
-            print(run.render() + "\n")
+            print(run.render() + "\n", flush=True)
             refused += not run.ok
     note = f"; {reported} refusal(s) at the extra shapes (reported)" if reported else ""
-    state = f"{refused} plan(s) refused" if refused else "every plan passes"
+    state = f"{refused} config(s) refused or failed" if refused else "every config passes"
     print(f"rehearse: {state} at the shape asked for{note}")
     return 1 if refused else 0
 

@@ -110,7 +110,7 @@ def test_cli_plans_every_shape_and_passes(splits, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert rc == 0 and out.count("PASS") == 3 and "every plan passes" in out
+    assert rc == 0 and out.count("PASS") == 3 and "every config passes" in out
 
 
 def test_refusals_at_extra_shapes_are_reported_not_failures(splits, capsys):

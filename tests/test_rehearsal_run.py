@@ -88,3 +88,32 @@ def test_shrinking_changes_only_widths_and_the_schedule():
         assert kept not in keys
     quick_gelu = {o.key: o.value for o in shrink(cfg)}["model.clip.quick_gelu"]
     assert quick_gelu == "true"  # ViT-B-16/openai is a QuickGELU tower
+
+
+def test_a_stag_rehearsal_overrides_only_the_engine_pool_and_inputs(tmp_path):
+    # the STAG run itself (local Ray + vLLM, kill and resume, ~100 s) runs in `make rehearse`;
+    # here: what it changes, and its stand-in inputs at the split files' names
+    from ltdist.config import load_config
+    from ltdist.rehearsal.stag_run import LIMIT, _standin_inputs, shrink_stag
+    from ltdist.stag.pipeline import StagConfig
+
+    cfg = load_config(StagConfig, "configs/stag/coco_lt.yaml")
+    data = _standin_inputs(cfg, str(tmp_path), str(SHARED))
+    overrides = {o.key: o.value for o in shrink_stag(cfg, str(tmp_path / "out"), data)}
+    assert overrides["limit"] == str(LIMIT) and overrides["engine.model"].endswith(
+        "SmolLM2-135M-Instruct"
+    )
+    for kept in (
+        "prompt.min_words",
+        "validation.max_words",
+        "constrain.grammar",
+        "max_attempts",
+        "fallback",
+        "describe",
+        "engine.max_tokens",
+        "engine.temperature",
+    ):
+        assert kept not in overrides
+    images = sorted(Path(overrides["data.image_root"]).rglob("*.jpg"))
+    assert len(images) == LIMIT + 8 and all(p.stat().st_size > 0 for p in images)
+    assert any("train2017" in str(p) for p in images) and any("val2017" in str(p) for p in images)

@@ -394,11 +394,17 @@ class ShardLoader:
         epoch, start = self.epoch, self.step
         stream = _EpochStream(self, epoch, start)
         if self.cfg.num_workers > 0:
+            # Its own generator: a DataLoader draws its workers' base seed from torch's global
+            # RNG otherwise, which is the model's (dropout): a resumed run, whose loader starts
+            # at another point of that stream than the straight run's, would draw other masks.
+            # The data's randomness is seeded per sample (_rng), so the base seed is unused.
+            base = int(_rng(self.cfg.seed, "workers", epoch, self.rank).integers(2**62))
             batches = torch.utils.data.DataLoader(
                 stream,
                 batch_size=None,
                 num_workers=self.cfg.num_workers,
                 prefetch_factor=self.cfg.prefetch_factor,
+                generator=torch.Generator().manual_seed(base),
             )
         else:
             batches = stream

@@ -55,17 +55,22 @@ class Override:
         return f"{self.key}={self.value}"
 
 
+def render_run(
+    head: str, overrides: list[Override], facts: list[str], seconds: float, problems: list[str]
+) -> str:
+    """A rehearsal run as printed: what it overrode, what it found, PASS or what failed."""
+    lines = [head, *(f"  override {o.arg:<48} {o.why}" for o in overrides)]
+    lines += [f"  {fact}" for fact in facts] + [f"  {seconds:.0f} s"]
+    lines += [f"  FAILED {p}" for p in problems] or ["  PASS"]
+    return "\n".join(lines)
+
+
 @dataclass
-class RunResult:
+class RehearsalResult:
+    """What a rehearsal run overrode and found; ``problems`` empty = PASS."""
+
     config: str
     overrides: list[Override]
-    steps: int = 0
-    killed_at: int | None = None
-    resumed_from: int | None = None
-    map_all: float | None = None
-    eval_samples: int = 0
-    predicted: int = 0
-    max_score_diff: float | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -73,26 +78,30 @@ class RunResult:
     def ok(self) -> bool:
         return not self.problems
 
+
+@dataclass
+class RunResult(RehearsalResult):
+    steps: int = 0
+    killed_at: int | None = None
+    resumed_from: int | None = None
+    map_all: float | None = None
+    eval_samples: int = 0
+    predicted: int = 0
+    max_score_diff: float | None = None
+
     def render(self) -> str:
-        lines = [f"{self.config}: rehearsal run ({PROCESSES} processes, reduced width)"]
-        lines += [f"  override {o.arg:<48} {o.why}" for o in self.overrides]
-        lines += [
-            f"  trained {self.steps} steps; killed after the checkpoint of step "
+        mean_ap = "-" if self.map_all is None else f"{100 * self.map_all:.2f}"
+        diff = "-" if self.max_score_diff is None else f"{self.max_score_diff:.2e}"
+        facts = [
+            f"trained {self.steps} steps; killed after the checkpoint of step "
             f"{self.killed_at}, resumed from step {self.resumed_from}",
-            f"  export evaluated on {self.eval_samples} samples: mAP {self._map()}; "
+            f"export evaluated on {self.eval_samples} samples: mAP {mean_ap}; "
             f"predicted {self.predicted} images",
-            f"  export vs trained model, max |score difference| {self._diff()} "
+            f"export vs trained model, max |score difference| {diff} "
             f"(tolerance {SCORE_TOLERANCE:g})",
-            f"  {self.seconds:.0f} s",
         ]
-        lines += [f"  FAILED {p}" for p in self.problems] or ["  PASS"]
-        return "\n".join(lines)
-
-    def _map(self) -> str:
-        return "-" if self.map_all is None else f"{100 * self.map_all:.2f}"
-
-    def _diff(self) -> str:
-        return "-" if self.max_score_diff is None else f"{self.max_score_diff:.2e}"
+        head = f"{self.config}: rehearsal run ({PROCESSES} processes, reduced width)"
+        return render_run(head, self.overrides, facts, self.seconds, self.problems)
 
 
 # -- what the rehearsal overrides -------------------------------------------------------------
@@ -325,11 +334,9 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def _run_and_kill(cmd: list[str], env: dict, checkpoints: str, timeout_s: int) -> int:
-    """Start the run, SIGKILL its whole process tree once a checkpoint is complete; the step
-    of the latest checkpoint it left (the run must not have finished)."""
-    from ltdist.train.checkpoint import complete_steps
-
+def kill_when(cmd: list[str], env: dict, ready, what: str, timeout_s: int) -> None:
+    """Start ``cmd`` and SIGKILL its whole process tree as soon as ``ready()`` is true; an
+    exit before that is an error that shows the end of its output."""
     with tempfile.TemporaryFile("w+") as log_file:
         proc = subprocess.Popen(
             cmd, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True
@@ -337,23 +344,31 @@ def _run_and_kill(cmd: list[str], env: dict, checkpoints: str, timeout_s: int) -
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
-                if complete_steps(checkpoints):
-                    kill_tree(proc.pid)
-                    proc.wait()
-                    if os.path.exists(os.path.join(os.path.dirname(checkpoints), "metrics.json")):
-                        raise RuntimeError("the run finished before it could be killed")
-                    return complete_steps(checkpoints)[-1]
+                if ready():
+                    return
                 if proc.poll() is not None:
                     log_file.seek(0)
                     raise RuntimeError(
-                        f"the run exited {proc.returncode} before its first checkpoint:\n"
+                        f"{cmd[0]} ... exited {proc.returncode} before {what}:\n"
                         f"{log_file.read()[-4000:]}"
                     )
                 time.sleep(0.05)
-            raise TimeoutError(f"no checkpoint within {timeout_s} s")
+            raise TimeoutError(f"no {what} within {timeout_s} s")
         finally:
-            if proc.poll() is None:
-                kill_tree(proc.pid)
+            kill_tree(proc.pid)
+            proc.wait()
+
+
+def _run_and_kill(cmd: list[str], env: dict, checkpoints: str, timeout_s: int) -> int:
+    """Kill the run after its first complete checkpoint; the step of the latest it left."""
+    from ltdist.train.checkpoint import complete_steps
+
+    kill_when(
+        cmd, env, lambda: bool(complete_steps(checkpoints)), "its first checkpoint", timeout_s
+    )
+    if os.path.exists(os.path.join(os.path.dirname(checkpoints), "metrics.json")):
+        raise RuntimeError("the run finished before it could be killed")
+    return complete_steps(checkpoints)[-1]
 
 
 def _check_export(result: RunResult, out: str, data, timeout_s: int) -> None:

@@ -57,7 +57,7 @@ def build_standin(
     """Shards of ``dataset`` (coco_lt, voc_lt, demo) under ``work``; reruns reuse them."""
     location = os.path.join(work, "shards")
     if dataset == "demo":
-        return _demo(work, location, num_train, num_test)
+        return _demo(work, location)
     if dataset not in ("coco_lt", "voc_lt"):
         raise ValueError(
             f"data.dataset={dataset!r}: a rehearsal run makes stand-in data for coco_lt, voc_lt "
@@ -83,20 +83,22 @@ def build_standin(
     return StandinData(location, root, test_images, num_train, num_test)
 
 
-def _demo(work: str, location: str, num_train: int, num_test: int) -> StandinData:
+def small_demo_config():
+    """The demo's class profile at a fifth of its size (its sampler needs room per class)."""
+    from ltdist.data.demo import DemoConfig
+
+    return DemoConfig(
+        num_train=240, num_test=120, max_frequency=100, min_frequency=2, test_min_frequency=3
+    )
+
+
+def _demo(work: str, location: str) -> StandinData:
     from ltdist.config import load_config
-    from ltdist.data.demo import DemoConfig, build_demo
+    from ltdist.data.demo import build_demo
     from ltdist.data.pack import PackConfig, pack_dataset
 
     data = os.path.join(work, "demo")
-    # the demo's class profile at a fifth of its size (its sampler needs room for every class)
-    demo = DemoConfig(
-        num_train=max(num_train, 240),
-        num_test=max(num_test, 120),
-        max_frequency=100,
-        min_frequency=2,
-        test_min_frequency=3,
-    )
+    demo = small_demo_config()
     if not os.path.exists(os.path.join(data, "test.jsonl")):
         build_demo(data, demo)
     pack = load_config(

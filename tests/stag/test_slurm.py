@@ -25,8 +25,10 @@ log() {  # one JSON line: the command, its argv, and the environment it saw
     python3 - "$@" <<'PY' >> "$FAKE_LOG"
 import json, os, sys
 env = {k: v for k, v in os.environ.items() if k.startswith(("SLURM_", "RAY_", "LTDIST_"))}
-print(json.dumps({"cmd": os.environ["FAKE_CMD"], "argv": sys.argv[1:], "env": env,
-                  "cwd": os.getcwd()}))
+# one write() of the whole line: O_APPEND keeps concurrent writers' lines apart (print's
+# two writes, flushed at exit, once left a record without its newline when TERM came)
+os.write(1, (json.dumps({"cmd": os.environ["FAKE_CMD"], "argv": sys.argv[1:], "env": env,
+                         "cwd": os.getcwd()}) + "\n").encode())
 PY
 }
 """

@@ -261,24 +261,7 @@ def test_resume_after_sigkill_is_exact_with_zero2_and_ema(demo, tmp_path):
 
     resumed = tmp_path / "resumed"
     cmd, env = launch_command("pretrain.py", [*common, f"output_dir={resumed}"], demo, **ds)
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    checkpoints = str(resumed / "checkpoints")  # keep_last=1: whichever step is complete
-    deadline = time.time() + 400
-    while not complete_steps(checkpoints) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    # every process of the tree: torchrun starts each worker in a session of its own, so a
-    # killpg of the launcher's group left the workers training on (and this test vacuous)
-    kill_tree(proc.pid)
-    proc.wait()
-    assert complete_steps(checkpoints), "the run never completed a checkpoint"
-    assert not (resumed / "metrics.json").exists(), "the run finished before it was killed"
+    _sigkill_after_a_checkpoint(cmd, env, resumed)
     launch("pretrain.py", [*common, f"output_dir={resumed}"], demo, **ds)
 
     a, b = metrics(straight), metrics(resumed)
@@ -348,3 +331,50 @@ def test_a_launcher_precision_that_disagrees_with_the_config_is_refused(demo, tm
     assert proc.returncode != 0
     assert "asks for mixed precision 'bf16'" in proc.stderr and "for 'no'" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _sigkill_after_a_checkpoint(cmd, env, out: Path) -> None:
+    """Start a run and SIGKILL every process of its tree once a checkpoint is complete (with
+    keep_last=1 whichever step it is): torchrun starts each worker in a session of its own, so
+    a killpg of the launcher's group left the workers training on."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    checkpoints = str(out / "checkpoints")
+    deadline = time.time() + 400
+    while not complete_steps(checkpoints) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    proc.wait()
+    assert complete_steps(checkpoints), "the run never completed a checkpoint"
+    assert not (out / "metrics.json").exists(), "the run finished before it was killed"
+
+
+def test_resume_after_sigkill_is_bitwise_with_loader_workers_and_dropout(demo, tmp_path):
+    """DDP in fp32 with a loader worker and dropout: the resumed run's losses and weights are
+    bitwise those of the straight run (the loader's workers once drew their base seed from the
+    model's RNG, at another point of its stream after a resume, and changed the dropout masks)."""
+    common = [
+        "max_steps=8",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=1",
+        "model.qformer.dropout=0.1",
+        "loader.num_workers=1",
+        "loader.augment=true",
+        "data.eval_split=",
+        "log_every_steps=1",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch("pretrain.py", [*common, f"output_dir={straight}"], demo)
+    cmd, env = launch_command("pretrain.py", [*common, f"output_dir={resumed}"], demo)
+    _sigkill_after_a_checkpoint(cmd, env, resumed)
+    launch("pretrain.py", [*common, f"output_dir={resumed}"], demo)
+
+    a, b = metrics(straight), metrics(resumed)
+    assert (
+        [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]] == list(range(1, 9))
+    )
+    assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]
+    wa = read_export_weights(str(straight / "export"))
+    wb = read_export_weights(str(resumed / "export"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

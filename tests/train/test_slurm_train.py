@@ -32,7 +32,8 @@ log() {  # one JSON line: the command, its argv, and the environment it saw
     python3 - "$@" <<'PY' >> "$FAKE_LOG"
 import json, os, sys
 env = {k: v for k, v in os.environ.items() if k.startswith(("SLURM", "LTDIST_", "ACCELERATE_"))}
-print(json.dumps({"cmd": os.environ["FAKE_CMD"], "argv": sys.argv[1:], "env": env}))
+os.write(1, (json.dumps({"cmd": os.environ["FAKE_CMD"], "argv": sys.argv[1:], "env": env})
+             + "\n").encode())  # one write(): O_APPEND keeps concurrent lines apart
 PY
 }
 """
