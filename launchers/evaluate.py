@@ -39,6 +39,7 @@ def main(argv=None) -> int:
         return 2
     if result:
         print(result["table"])
+        print(result["coverage"]["text"])
         print(result["f1_table"])
         print(f"thresholds: {result['thresholds_from']}; report: {out}")
     return 0

@@ -38,8 +38,9 @@ def _pack(args: argparse.Namespace) -> int:
     for split, r in results.items():
         print(
             f"{split}: {r.num_written} of {r.num_input} samples in {cfg.out} "
-            f"({len(r.shards_written)} shards written, {r.shards_kept} kept from an earlier run, "
-            f"{len(r.rejected)} rejected)"
+            f"({len(r.shards_written)} shards written"
+            + (f" ({len(r.shards_redone)} again: their input changed)" if r.shards_redone else "")
+            + f", {r.shards_kept} kept from an earlier run, {len(r.rejected)} rejected)"
         )
         for rej in r.rejected[:10]:
             print(f"  rejected {rej['key']}: {rej['reason']}")

@@ -42,6 +42,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:  # the file and line, not a parser traceback
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            what = " ".join(
+                x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x
+            ) or str(e)
+            raise ConfigError(f"{where}: not valid YAML: {what}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}

@@ -262,3 +262,17 @@ def test_dump_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "dumped.yaml"
     path.write_text(dump_yaml(cfg))
     assert load_config(TrainCfg, path) == cfg
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("a: 1\nb: [1, 2\nc: 3\n")
+
+    @dataclass
+    class Cfg:
+        a: int = 0
+
+    with pytest.raises(
+        ConfigError, match=r"broken\.yaml:3:2: not valid YAML: while parsing a flow"
+    ):
+        load_config(Cfg, path)

@@ -38,7 +38,15 @@ import torch
 import torch.utils.data
 
 from ltdist.data import storage
-from ltdist.data.shards import ShardSample, decode_tar, load_index, load_label_space, read_shard
+from ltdist.data.images import to_rgb
+from ltdist.data.shards import (
+    DigestingReader,
+    ShardSample,
+    decode_tar,
+    load_index,
+    load_label_space,
+    read_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,9 @@ class LoaderConfig:
     augment: bool = False  # random resized crop + flip, seeded per sample and epoch
     seed: int = 0
     prefetch_factor: int = 2
+    # Check every shard's SHA-256 against the index as it streams (a swapped, edited or damaged
+    # shard stops the run naming it); see benchmarks/loader.py for what it costs.
+    verify: bool = True
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0:
@@ -74,13 +85,22 @@ class Segment:
     url: str
     start: int
     stop: int
+    sha256: str = ""  # the shard's digest in the index: checked as it streams when set
 
 
 class SamplePlan:
     """Maps positions of the sample stream to shard segments, from counts alone."""
 
-    def __init__(self, urls: list[str], counts: list[int], cfg: LoaderConfig, world_size: int):
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        cfg: LoaderConfig,
+        world_size: int,
+        digests: list[str] | None = None,
+    ):
         self.urls, self.counts, self.cfg, self.world_size = urls, counts, cfg, world_size
+        self.digests = digests if digests is not None and cfg.verify else [""] * len(urls)
         self.num_samples = sum(counts)
         global_batch = cfg.batch_size * world_size
         epoch_samples = cfg.samples_per_epoch if cfg.resampled else self.num_samples
@@ -117,7 +137,7 @@ class SamplePlan:
             while i < len(order) and pos < stop:
                 shard = order[i]
                 lo, hi = pos - offsets[i], min(self.counts[shard], stop - offsets[i])
-                yield Segment(self.urls[shard], lo, hi)
+                yield Segment(self.urls[shard], lo, hi, self.digests[shard])
                 pos = offsets[i] + hi
                 i += 1
 
@@ -168,7 +188,9 @@ def read_range(
             pos += n
             continue
         seen = 0
-        with storage.open_read(seg.url) as f:
+        with storage.open_read(seg.url) as raw:
+            # every segment reads its shard from the start, so each one can check it whole
+            f = DigestingReader(raw, seg.url, seg.sha256) if seg.sha256 else raw
             for sample in decode_tar(f, seg.url):
                 if seen >= seg.start:
                     yield None if pos in skip else sample
@@ -176,6 +198,8 @@ def read_range(
                 seen += 1
                 if seen == seg.stop:
                     break
+            if seg.sha256:
+                f.verify()
         if seen < seg.stop:
             raise ValueError(
                 f"{seg.url} holds {seen} samples, fewer than its index says: "
@@ -200,8 +224,7 @@ class ClipTransform:
         from PIL import Image
 
         size = self.image_size
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img)
         w, h = img.size
         if self.augment and rng is not None:
             scale = rng.uniform(0.5, 1.0)
@@ -334,7 +357,7 @@ class ShardLoader:
         self.fingerprint = hashlib.sha256(
             repr([(s.name, s.count, s.sha256) for s in shards]).encode()
         ).hexdigest()[:16]
-        self.plan = SamplePlan(urls, counts, cfg, world_size)
+        self.plan = SamplePlan(urls, counts, cfg, world_size, [s.sha256 for s in shards])
         readers = world_size * max(1, cfg.num_workers)
         if not cfg.resampled and len(urls) < readers:
             log.warning(
@@ -469,15 +492,14 @@ def eval_batches(location: str, split: str, batch_size: int, image_size: int):
     space = load_label_space(location)
     transform = ClipTransform(image_size)
     images, labels, keys = [], [], []
-    for info in load_index(location, split).ordered():
-        for s in read_shard(storage.join(location, info.name)):
-            images.append(transform(Image.open(io.BytesIO(s.image))))
-            row = torch.zeros(space.num_classes)
-            row[s.label_ids] = 1.0
-            labels.append(row)
-            keys.append(s.key)
-            if len(images) == batch_size:
-                yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
-                images, labels, keys = [], [], []
+    for s in read_split(location, split):
+        images.append(transform(Image.open(io.BytesIO(s.image))))
+        row = torch.zeros(space.num_classes)
+        row[s.label_ids] = 1.0
+        labels.append(row)
+        keys.append(s.key)
+        if len(images) == batch_size:
+            yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
+            images, labels, keys = [], [], []
     if images:
         yield clip_normalize(torch.stack(images)), torch.stack(labels), keys

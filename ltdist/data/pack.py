@@ -7,6 +7,7 @@ at the first bad record and names it. A rerun writes only the shards the index l
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ltdist.data import storage
+from ltdist.data.images import to_rgb
 from ltdist.data.manifest import Record
 from ltdist.data.shards import ShardSample, ShardWriter, sample_meta
 from ltdist.labels import CLASSES_FILE, LabelSpace
@@ -41,6 +43,7 @@ class PackResult:
     rejected: list[dict] = field(default_factory=list)
     shards_written: list[int] = field(default_factory=list)
     shards_kept: int = 0
+    shards_redone: list[int] = field(default_factory=list)  # written again: the input changed
 
 
 def load_image(path: str, max_size: int = 0) -> tuple[bytes, str]:
@@ -66,7 +69,7 @@ def load_image(path: str, max_size: int = 0) -> tuple[bytes, str]:
                 img.thumbnail((max_size, max_size), Image.BICUBIC)
             out_fmt = "JPEG" if fmt == "JPEG" else "PNG"
             buf = io.BytesIO()
-            img.convert("RGB").save(buf, format=out_fmt, quality=95)
+            to_rgb(img).save(buf, format=out_fmt, quality=95)
             return buf.getvalue(), _PIL_EXT[out_fmt]
     except Exception as e:
         raise ImageError(f"image does not decode: {path} ({type(e).__name__}: {e})") from None
@@ -96,6 +99,45 @@ def write_classes(location: str, space: LabelSpace) -> None:
     space.save(path)
 
 
+def input_digest(records: list[Record], settings: dict) -> str:
+    """What a shard is made from: its records (key, labels, caption, the image file's path,
+    size and modification time) and the settings that shape its bytes."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for r in records:
+        stat = None
+        if r.image and storage.is_local(r.image) and os.path.isfile(r.image):
+            st = os.stat(r.image)
+            stat = (st.st_size, st.st_mtime_ns)
+        h.update(json.dumps([r.key, list(r.label_ids), r.caption, r.image, stat]).encode())
+    return h.hexdigest()
+
+
+def stale_shards(index, inputs: dict[int, str], split: str) -> list[int]:
+    """Shards of the index whose input changed since they were written: to write again."""
+    stale, unknown = [], []
+    for k, info in sorted(index.shards.items()):
+        made_from = info.meta.get("input")
+        if made_from is None:
+            unknown.append(k)
+        elif made_from != inputs.get(k):
+            stale.append(k)
+    if unknown:
+        log.warning(
+            "%s: shards %s were written before shards recorded their input: kept as they are "
+            "(remove the folder to rebuild them from the current input)",
+            split,
+            unknown[:10],
+        )
+    if stale:
+        log.warning(
+            "%s: the input of shards %s changed since they were written (records, image files "
+            "or settings): writing them again",
+            split,
+            stale[:10],
+        )
+    return stale
+
+
 def pack_split(
     records: list[Record],
     space: LabelSpace,
@@ -113,15 +155,25 @@ def pack_split(
 
     records = sorted(records, key=lambda r: r.key)
     writer = ShardWriter(location, split, samples_per_shard, len(records))
-    done = writer.done()
+    settings = {"text_only": text_only, "max_image_size": max_image_size, "space": space.to_dict()}
+
+    def chunk_of(k: int) -> list[Record]:
+        return records[k * samples_per_shard : (k + 1) * samples_per_shard]
+
+    inputs = {
+        k: input_digest(chunk_of(k), settings) for k in range(writer.index.num_shards_planned)
+    }
+    stale = stale_shards(writer.index, inputs, split)
+    done = writer.done() - set(stale)
     result = PackResult(split, location, len(records), 0, shards_kept=len(done))
-    todo = writer.index.missing()
+    result.shards_redone = sorted(stale)
+    todo = sorted(set(writer.index.missing()) | set(stale))
     bar = tqdm(total=len(records), desc=f"pack {split}", unit="img", disable=not progress)
     bar.update(
         sum(writer.index.shards[k].count + len(writer.index.shards[k].rejected) for k in done)
     )
     for k in todo:
-        chunk = records[k * samples_per_shard : (k + 1) * samples_per_shard]
+        chunk = chunk_of(k)
         samples, rejected = [], []
         for r in chunk:
             sample = ShardSample(r.key, sample_meta(r.label_ids, space, caption=r.caption))
@@ -141,7 +193,7 @@ def pack_split(
                     rejected.append({"key": r.key, "reason": str(e)})
                     continue
             samples.append(sample)
-        writer.write_shard(k, samples, rejected)
+        writer.write_shard(k, samples, rejected, meta={"input": inputs[k]})
         result.shards_written.append(k)
         bar.update(len(chunk))
     bar.close()

@@ -90,6 +90,12 @@ class QFormerConfig:
     bert_init: str = ""
 
     def __post_init__(self) -> None:
+        sizes = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "num_queries")
+        small = [f"{k}={getattr(self, k)}" for k in sizes if getattr(self, k) < 1]
+        if small:
+            raise ValueError(f"QFormerConfig: sizes must be >= 1, got {', '.join(small)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"QFormerConfig: dropout must be in [0, 1), got {self.dropout}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"QFormerConfig: hidden_size {self.hidden_size} is not divisible by "

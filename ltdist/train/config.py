@@ -115,11 +115,43 @@ class TrainConfig:
     preempt_file: str = ""
     audit_batches: bool = False  # each rank logs its batches' keys to <output_dir>/batches/
     collective_timeout_s: int = 1800
+    # A non-finite loss stops the run at its step, naming the value; up to this many such
+    # steps are skipped first (their update is dropped), e.g. a rare fp16 overflow.
+    max_nonfinite_steps: int = 0
     seed: int = 0
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     progress: bool = True
 
     def validate(self) -> None:
+        counts = {
+            "data.eval_batch_size": (self.data.eval_batch_size, 1),
+            "data.eval_limit": (self.data.eval_limit, 0),
+            "epochs": (self.epochs, 0),
+            "max_steps": (self.max_steps, 0),
+            "eval_every_steps": (self.eval_every_steps, 0),
+            "log_every_steps": (self.log_every_steps, 1),
+            "checkpoint.every_steps": (self.checkpoint.every_steps, 0),
+            "collective_timeout_s": (self.collective_timeout_s, 1),
+            "threads": (self.threads, 0),
+            "max_nonfinite_steps": (self.max_nonfinite_steps, 0),
+        }
+        low = [f"{k}={v} (at least {least})" for k, (v, least) in counts.items() if v < least]
+        if low:
+            raise ValueError(f"out of range: {', '.join(low)}")
+        clip = self.model.clip
+        builds_clip_tower = self.task in ("pretrain", "dpvlpa") or (
+            self.model.backbone.kind in ("clip", "qformer")
+        )
+        if (
+            builds_clip_tower
+            and not self.model.init_from
+            and (self.loader.image_size != clip.image_size)
+        ):
+            raise ValueError(
+                f"loader.image_size={self.loader.image_size} but model.clip.image_size="
+                f"{clip.image_size}: the CLIP tower's position embeddings are built for the "
+                "latter; set both to the same size"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.epochs < 1 and self.max_steps < 1:

@@ -51,7 +51,7 @@ def evaluate_export(
     acc = Accelerator(mixed_precision=mixed_precision)
     exported = load_export(export, device=acc.device)
     module, space = exported.module, exported.label_space
-    from ltdist.data.shards import load_label_space
+    from ltdist.data.shards import load_label_space, split_coverage
 
     data_space = load_label_space(location)
     if data_space.names != space.names:
@@ -78,6 +78,7 @@ def evaluate_export(
             "data": location,
             "split": split,
             "map": maps.summary(),
+            "coverage": split_coverage(location, split, len(scores)),
             "table": format_summary(maps),
             "f1": {k: v for k, v in f1.items() if k != "classes"},
             "f1_table": format_f1_summary(f1),

@@ -28,7 +28,7 @@ import torch
 from ltdist.config import to_dict
 from ltdist.data import storage
 from ltdist.data.loader import ClipTransform, ShardLoader, clip_normalize
-from ltdist.data.shards import load_index, load_label_space, read_shard
+from ltdist.data.shards import load_index, load_label_space, read_split, split_coverage
 from ltdist.eval import format_summary, group_map, write_report
 from ltdist.eval.report import plot_curves
 from ltdist.eval.thresholds import best_f1_thresholds, f1_report
@@ -202,13 +202,10 @@ class _StopRequest:
 
 
 def _eval_items(location: str, split: str, limit: int) -> Iterator[tuple[int, object]]:
-    n = 0
-    for info in load_index(location, split).ordered():
-        for sample in read_shard(storage.join(location, info.name)):
-            if limit and n >= limit:
-                return
-            yield n, sample
-            n += 1
+    for n, sample in enumerate(read_split(location, split)):  # complete, shards verified
+        if limit and n >= limit:
+            return
+        yield n, sample
 
 
 def evaluate_split(
@@ -358,6 +355,7 @@ def train(cfg: TrainConfig) -> dict:
         total=total, initial=step, desc=cfg.task, disable=not (acc.is_main_process and cfg.progress)
     )
     parts: dict[str, list[float]] = {}
+    nonfinite = 0  # steps whose loss was not finite on some rank
     started = time.perf_counter()
     since = (started, step)  # the last log record's time and step
     status = "completed"
@@ -398,6 +396,11 @@ def train(cfg: TrainConfig) -> dict:
                 batch = _to_device(batch, acc.device, dtype)
                 with acc.accumulate(model):
                     out = model(batch)
+                    if _agree(acc, not bool(torch.isfinite(out["loss"].detach()))):
+                        nonfinite += 1
+                        _nonfinite(acc, cfg, out, step + 1, nonfinite)
+                        optimizer.zero_grad(set_to_none=True)  # this update is dropped
+                        continue
                     acc.backward(out["loss"])
                     if acc.sync_gradients and cfg.optim.grad_clip and not _is_deepspeed(acc):
                         acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -446,6 +449,20 @@ def train(cfg: TrainConfig) -> dict:
     )
     acc.end_training()
     return result
+
+
+def _nonfinite(acc, cfg: TrainConfig, out: dict, step: int, count: int) -> None:
+    """A loss that is NaN or infinite on some rank: stop naming the step and the values, or,
+    within ``max_nonfinite_steps``, drop this update and say so."""
+    values = {k: float(v.detach()) for k, v in out.items()}
+    what = f"step {step}: non-finite loss on rank {acc.process_index}: {values}"
+    if count > cfg.max_nonfinite_steps:
+        raise TrainingError(
+            f"{what} (or on another rank). Nothing after it is trained on; the last checkpoint "
+            "is intact. Check optim.lr, the data, mixed precision; max_nonfinite_steps allows "
+            f"skipping a few such steps ({cfg.max_nonfinite_steps} now)"
+        )
+    log.warning("%s: update dropped (%d of %d allowed)", what, count, cfg.max_nonfinite_steps)
 
 
 def _plan(cfg: TrainConfig, acc) -> tuple[TrainConfig, object]:
@@ -620,6 +637,9 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
             f1 = f1_report(scores, targets, chosen, space)
             title = f"{cfg.task} ({'EMA' if ema is not None else 'final'} weights, step {step})"
             metrics["map"] = result.summary()
+            metrics["coverage"] = split_coverage(
+                cfg.data.location, cfg.data.eval_split, len(scores)
+            )
             history.append({"step": step, "eval_map": result.summary()})
             metrics["table"] = format_summary(result)
             metrics["f1"] = {k: v for k, v in f1.items() if k != "classes"}
@@ -662,5 +682,6 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
         )
         if "table" in metrics:
             acc.print(metrics["table"])
+            acc.print(metrics["coverage"]["text"])
     acc.wait_for_everyone()
     return metrics

@@ -60,8 +60,13 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
 
     def validate(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"OptimConfig.lr must be finite and > 0, got {self.lr}")
+        if not math.isfinite(self.weight_decay) or not math.isfinite(self.grad_clip):
+            raise ValueError(
+                f"OptimConfig: weight_decay and grad_clip must be finite, got "
+                f"{self.weight_decay}, {self.grad_clip}"
+            )
         if self.weight_decay < 0 or self.eps <= 0 or self.backbone_lr_mult < 0:
             raise ValueError(
                 "OptimConfig: weight_decay and backbone_lr_mult must be >= 0 and eps > 0, got "

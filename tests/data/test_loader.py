@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ltdist.data import storage
 from ltdist.data.loader import CLIP_MEAN, CLIP_STD, LoaderConfig, ShardLoader
@@ -224,3 +225,35 @@ def test_eval_batches_yield_every_sample_once_in_stored_order(dataset):
     images = torch.cat([x for x, _, _ in batches])
     pixel = (22 / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
     np.testing.assert_allclose(images[22, :, 3, 3].numpy(), pixel, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode_bits", [("I;16", 16), ("I", 16), ("L", 8), ("F", 1)])
+def test_wide_images_convert_by_value_range_not_by_clipping(mode_bits):
+    # a 16-bit PNG reached the model almost pure white: convert("RGB") clips at 255
+    from ltdist.data.images import to_rgb
+
+    mode, bits = mode_bits
+    top = {16: 65535, 8: 255, 1: 1.0}[bits]
+    ramp = np.linspace(0, top, 64).reshape(8, 8)
+    dtype = {"I;16": np.uint16, "I": np.int32, "L": np.uint8, "F": np.float32}[mode]
+    img = Image.fromarray(ramp.astype(dtype), mode=mode if mode != "I;16" else None)
+    assert img.mode == mode
+    rgb = np.asarray(to_rgb(img))
+    assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+    expected = np.rint(ramp.astype(dtype).astype(np.float64) * 255 / top).astype(np.uint8)
+    np.testing.assert_allclose(rgb[..., 0], expected, atol=1)
+    assert rgb.mean() == pytest.approx(127.5, abs=2)  # a ramp, not white
+
+
+def test_a_16_bit_png_reaches_the_loader_with_its_values(tmp_path):
+    import io
+
+    from ltdist.data.loader import ClipTransform
+
+    grey = np.full((32, 32), 32768, dtype=np.uint16)  # mid grey
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    assert img.mode.startswith("I")
+    tensor = ClipTransform(16)(img)
+    assert tensor.dtype == torch.uint8 and int(tensor.float().mean().round()) == 128

@@ -115,3 +115,32 @@ def test_a_pipe_image_location_is_rejected_with_its_reason(tmp_path):
     with pytest.raises(ValueError, match="runs a shell command"):
         load_image(f"pipe:touch {marker}")
     assert not marker.exists()
+
+
+def test_a_rerun_after_the_input_changed_rewrites_what_changed(tmp_path):
+    # once: "48 kept from an earlier run" although labels and images had changed, as only
+    # the counts were compared
+    cfg = write_inputs(tmp_path)
+    cfg.policy = "skip"
+    first = pack_dataset(cfg, progress=False)["train"]
+    assert first.shards_written == [0, 1]
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    rec = json.loads(lines[8])  # k08, in the second shard (k00..k04 | k06, k08..k11)
+    rec["caption"] = "a new caption"
+    lines[8] = json.dumps(rec)
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    again = pack_dataset(cfg, progress=False)["train"]
+    assert again.shards_redone == [1] and again.shards_written == [1] and again.shards_kept == 1
+    written = {s.key: s.meta["caption"] for s in read_split_samples(cfg.out)}
+    assert written["k08"] == "a new caption"
+    # an image file replaced under the same name is a change too
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(tmp_path / "img/0.png")
+    third = pack_dataset(cfg, progress=False)["train"]
+    assert third.shards_redone == [0]
+    assert pack_dataset(cfg, progress=False)["train"].shards_written == []  # nothing changed
+
+
+def read_split_samples(location: str):
+    from ltdist.data.shards import read_split
+
+    return list(read_split(location, "train"))

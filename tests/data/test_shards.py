@@ -228,3 +228,69 @@ def test_index_split_name_must_be_plain(tmp_path):
                 "shards": [],
             }
         )
+
+
+# -- what evaluation and training read is what was written, all of it -----------------------
+
+
+def _swap_second_shard_for_the_first(location: str) -> None:
+    # a shard replaced by another of the same count: the index's counts still agree
+    first, second = Path(location, "train-000000.tar"), Path(location, "train-000001.tar")
+    second.write_bytes(first.read_bytes())
+
+
+def _flip_a_label_byte(location: str) -> None:
+    path = Path(location, "train-000001.tar")
+    data = bytearray(path.read_bytes())
+    i = data.index(b'"label_ids": [') + len(b'"label_ids": [')
+    data[i] = ord("4") if data[i] != ord("4") else ord("3")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_swap_second_shard_for_the_first, _flip_a_label_byte])
+def test_evaluation_refuses_a_shard_that_is_not_what_its_index_says(dataset, damage):
+    from ltdist.data.shards import ShardIntegrityError, read_split
+
+    location, keys = dataset(12, 4)
+    assert [s.key for s in read_split(location, "train")] == keys
+    damage(location)
+    with pytest.raises(ShardIntegrityError, match=r"train-000001\.tar: SHA-256 .* index"):
+        list(read_split(location, "train"))
+
+
+@pytest.mark.parametrize("damage", [_swap_second_shard_for_the_first, _flip_a_label_byte])
+def test_training_refuses_a_shard_that_is_not_what_its_index_says(dataset, damage):
+    from ltdist.data.loader import LoaderConfig, ShardLoader
+    from ltdist.data.shards import ShardIntegrityError
+
+    location, _ = dataset(12, 4)
+    damage(location)
+    cfg = LoaderConfig(batch_size=2, num_workers=0, shuffle_buffer=0, shuffle_shards=False)
+    with pytest.raises(ShardIntegrityError, match=r"train-000001\.tar"):
+        list(ShardLoader(location, "train", cfg, decode_images=False))
+    # the check is a switch: off, the damaged shard is read as it is
+    off = LoaderConfig(
+        batch_size=2, num_workers=0, shuffle_buffer=0, shuffle_shards=False, verify=False
+    )
+    assert len(list(ShardLoader(location, "train", off, decode_images=False))) == 6
+
+
+def test_evaluation_refuses_an_incomplete_split(dataset):
+    from ltdist.data.shards import read_split
+
+    location, _ = dataset(12, 4)
+    path = Path(location, "train.index.json")
+    index = json.loads(path.read_text())
+    index["shards"] = index["shards"][:2]  # an interrupted pack: 8 of the 12 samples
+    path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"incomplete \(missing shards \[2\] of 3\)"):
+        list(read_split(location, "train"))
+
+
+def test_coverage_states_what_was_scored_against_the_split(dataset):
+    from ltdist.data.shards import split_coverage
+
+    location, _ = dataset(12, 4)
+    cov = split_coverage(location, "train", 12)
+    assert (cov["samples_scored"], cov["split_samples"], cov["rejected_at_pack"]) == (12, 12, 0)
+    assert cov["text"].startswith("scored 12 of the 12 samples of train")

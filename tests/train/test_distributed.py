@@ -378,3 +378,23 @@ def test_resume_after_sigkill_is_bitwise_with_loader_workers_and_dropout(demo, t
     wa = read_export_weights(str(straight / "export"))
     wb = read_export_weights(str(resumed / "export"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step(demo, tmp_path):
+    # lr 1e30 blows the weights up after the first update: once trained on NaN until the
+    # final evaluation, now stopped at the first non-finite loss with its step and value
+    cmd, env = launch_command(
+        "pretrain.py",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=6",
+            "optim.lr=1e30",
+            "optim.grad_clip=0",
+            "data.eval_split=",
+        ],
+        demo,
+    )
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "non-finite loss" in proc.stderr and "step " in proc.stderr
+    assert not (tmp_path / "run" / "export").exists()

@@ -72,6 +72,7 @@ def gelu_export(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
         "model.clip.model_name=ViT-B-32",
         "model.clip.pretrained=laion2b_s34b_b79k",
         "model.clip.image_size=64",
+        "loader.image_size=64",
     )
     create_model = open_clip.create_model
 

@@ -4,6 +4,7 @@ leave to the training config what it owns."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,19 @@ def test_a_launcher_precision_that_disagrees_is_refused_naming_both(monkeypatch,
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")))
 def test_accelerate_configs_leave_the_precision_to_the_training_config(path):
     assert yaml.safe_load(path.read_text())["mixed_precision"] == "no"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=inf", "finite"),
+        ("data.eval_batch_size=0", "data.eval_batch_size=0"),
+        ("model.qformer.num_queries=0", "num_queries=0"),
+        ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1"),
+        ("collective_timeout_s=0", "collective_timeout_s=0"),
+        ("loader.image_size=448", "model.clip.image_size=224"),
+    ],
+)
+def test_bad_numbers_are_refused_at_load(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(TrainConfig, overrides=[override])
