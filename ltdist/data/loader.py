@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.data.shards import ShardSample, decode_tar, load_index, load_label_space, read_shard
 
 log = logging.getLogger(__name__)

@@ -122,7 +122,7 @@ def plan_config(
 def data_sizes(cfg: TrainConfig, splits_dir: str = "") -> DataSizes:
     """Training and evaluation sample counts: the shard index where the shards exist, else
     the data set's own definition (``data.dataset``: split files or the demo generator)."""
-    from ltdist.data import storage
+    from ltdist import storage
     from ltdist.data.shards import index_location, load_index
 
     loc, d = cfg.data.location, cfg.data

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ltdist import storage
 from ltdist.config import from_dict, to_dict
-from ltdist.data import storage
 from ltdist.data.manifest import Record
 from ltdist.data.pack import (
     ImageError,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.data.loader import CLIP_MEAN, CLIP_STD, LoaderConfig, ShardLoader
 
 from .conftest import label_ids
