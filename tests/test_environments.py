@@ -32,6 +32,10 @@ SHARED = (
     "ltdist.stag.prompt",
     "ltdist.stag.grammar",
     "ltdist.stag.validate",
+    "ltdist.stag.config",
+    "ltdist.stag.describe",
+    "ltdist.stag.report",
+    "ltdist.stag.publish",
 )
 
 

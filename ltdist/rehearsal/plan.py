@@ -197,7 +197,7 @@ def tag_problems(cfg: TrainConfig) -> list[Problem]:
 
 
 def _plan_stag(path: str, shape: Shape, overrides: list[str], splits_dir: str) -> PlanResult:
-    from ltdist.stag.pipeline import StagConfig
+    from ltdist.stag.config import StagConfig
 
     cfg = load_config(StagConfig, path, overrides)
     problems: list[Problem] = []
