@@ -104,7 +104,7 @@ class MemoEngine:
 
 def arm_stats(results, records, space, calls) -> dict:
     """The report's quality section (the pipeline's own definitions) plus tokens/s."""
-    from ltdist.stag.pipeline import quality_counts, quality_summary
+    from ltdist.stag.report import quality_counts, quality_summary
     from ltdist.stag.validate import count_words, reason_code, tail_mention_rate
 
     described = [r for r in results if r.status == "generated"]
@@ -161,9 +161,10 @@ def main() -> None:
 
     from ltdist.config import load_config
     from ltdist.data.pack import load_records
+    from ltdist.stag.config import StagConfig
+    from ltdist.stag.describe import Describer
     from ltdist.stag.engines import VLLMEngine
     from ltdist.stag.grammar import ConstraintConfig
-    from ltdist.stag.pipeline import Describer, StagConfig
 
     base = load_config(
         StagConfig,

@@ -45,7 +45,7 @@ PAPER_WORDS = [
 
 def stag_config(args, out: str, batch_size: int):
     from ltdist.config import load_config
-    from ltdist.stag.pipeline import StagConfig
+    from ltdist.stag.config import StagConfig
 
     overrides = [
         f"data.out={out}",
@@ -89,8 +89,8 @@ def bare_row(args) -> dict:
     from vllm import LLM, SamplingParams
 
     from ltdist.data.pack import load_records
+    from ltdist.stag.describe import Describer, derive_seed
     from ltdist.stag.engines import VLLMEngine
-    from ltdist.stag.pipeline import Describer, derive_seed
 
     cfg = stag_config(args, "unused", args.num)
     space, splits, _ = load_records(cfg.data)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ltdist import storage
 from ltdist.config import to_dict
-from ltdist.data import storage
 from ltdist.data.loader import LoaderConfig, ShardLoader, eval_batches
 from ltdist.data.shards import load_label_space
 from ltdist.eval import format_summary, group_map, write_report

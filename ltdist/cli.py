@@ -91,7 +91,7 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ltdist.data import storage
+    from ltdist import storage
     from ltdist.eval.compare import compare_runs, format_table, plot_per_class_ap
 
     methods = compare_runs(args.runs)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ltdist import storage
+
 CLASSES_FILE = "classes.json"
 FORMAT_VERSION = 1
 
@@ -247,17 +249,13 @@ class LabelSpace:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
-        from ltdist.data.storage import write_bytes_atomic
-
-        write_bytes_atomic(str(path), self.to_json().encode())
+        storage.write_bytes_atomic(str(path), self.to_json().encode())
 
     @classmethod
     def load(cls, path: str | Path) -> LabelSpace:
-        from ltdist.data.storage import read_bytes
-
         path = str(path)
         try:
-            return cls.from_json(read_bytes(path).decode())
+            return cls.from_json(storage.read_bytes(path).decode())
         except (KeyError, ValueError) as e:
             raise ValueError(f"{path}: not a valid classes.json ({e})") from e
 

@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     from ltdist.data.benchmarks import BenchmarkFileError
     from ltdist.data.manifest import ManifestError
     from ltdist.data.pack import PackError
-    from ltdist.stag.pipeline import StagConfig, StagError, quality_table, run_stag
+    from ltdist.stag.config import StagConfig, StagError
+    from ltdist.stag.pipeline import run_stag
+    from ltdist.stag.report import quality_table
 
     try:
         cfg = load_config(StagConfig, args.config, args.overrides)

@@ -19,6 +19,7 @@ VENVS = {"train": ROOT / ".venvs" / "train", "gen": ROOT / ".venvs" / "gen"}
 HEAVY = ("vllm", "ray", "open_clip", "accelerate", "deepspeed", "transformers", "torchvision")
 SHARED = (
     "ltdist.config",
+    "ltdist.storage",
     "ltdist.labels",
     "ltdist.data.manifest",
     "ltdist.data.benchmarks",
@@ -31,6 +32,10 @@ SHARED = (
     "ltdist.stag.prompt",
     "ltdist.stag.grammar",
     "ltdist.stag.validate",
+    "ltdist.stag.config",
+    "ltdist.stag.describe",
+    "ltdist.stag.report",
+    "ltdist.stag.publish",
 )
 
 

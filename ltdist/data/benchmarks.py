@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.data.manifest import Record, key_from_path
 from ltdist.labels import LabelSpace
 

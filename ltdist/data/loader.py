@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.data.images import to_rgb
 from ltdist.data.shards import (
     DigestingReader,

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.data.images import to_rgb
 from ltdist.data.manifest import Record
 from ltdist.data.shards import ShardSample, ShardWriter, sample_meta

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.labels import CLASSES_FILE, LabelSpace
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.labels import GROUPS
 
 TABLE_GROUPS = ("all", *GROUPS)

@@ -1,7 +1,7 @@
 """Evaluation reports: ``metrics.json``, a readable ``report.txt`` and an AP-vs-frequency plot.
 
 The plot is the long-tail picture in one glance: per-class AP against training frequency, with
-each group's mAP as a dashed line. Files go through ``ltdist.data.storage`` so ``out_dir`` may
+each group's mAP as a dashed line. Files go through ``ltdist.storage`` so ``out_dir`` may
 be a local folder or an object-store URL, and each file is written atomically. Alongside: an
 F1 summary table (from ``thresholds.f1_report``) and training-curve plots.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.eval.metrics import MapResult
 from ltdist.labels import GROUPS, HEAD_MIN, MEDIUM_MIN, LabelSpace
 

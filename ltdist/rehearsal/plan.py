@@ -122,7 +122,7 @@ def plan_config(
 def data_sizes(cfg: TrainConfig, splits_dir: str = "") -> DataSizes:
     """Training and evaluation sample counts: the shard index where the shards exist, else
     the data set's own definition (``data.dataset``: split files or the demo generator)."""
-    from ltdist.data import storage
+    from ltdist import storage
     from ltdist.data.shards import index_location, load_index
 
     loc, d = cfg.data.location, cfg.data
@@ -197,7 +197,7 @@ def tag_problems(cfg: TrainConfig) -> list[Problem]:
 
 
 def _plan_stag(path: str, shape: Shape, overrides: list[str], splits_dir: str) -> PlanResult:
-    from ltdist.stag.pipeline import StagConfig
+    from ltdist.stag.config import StagConfig
 
     cfg = load_config(StagConfig, path, overrides)
     problems: list[Problem] = []

@@ -3,7 +3,9 @@
 An LLM turns each training image's labels (tail classes marked) and caption into a 50-80 word
 scene description that describes the tail classes first and tags each as ``<tail> name </tail>``.
 ``prompt`` builds the chat messages, ``grammar`` the per-sample grammar and bad words of
-constrained decoding, ``validate`` checks (and deterministically repairs) what came back; all
-three are shared modules (no torch, vLLM, Ray or transformers at import time) and run in
-either environment.
+constrained decoding, ``validate`` checks (and deterministically repairs) what came back.
+The job (``pipeline.run_stag``) is composed of ``config``, ``describe`` (the per-row logic),
+``ray_pool`` (the only module that uses Ray), ``publish`` (shards) and ``report``. Every
+module imports in either environment: torch, vLLM, Ray and transformers are imported only
+where an engine or the actor pool starts.
 """

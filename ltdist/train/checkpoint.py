@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ltdist.data import storage
+from ltdist import storage
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Checkpointer:
                 save_file(ema_state, str(local / EMA_FILE))
         acc.wait_for_everyone()
         if self.remote and acc.is_local_main_process:
-            _upload_tree(local, storage.join(self.root, name))
+            storage.upload_tree(local, storage.join(self.root, name))
         acc.wait_for_everyone()
         location = storage.join(self.root, name)
         if acc.is_main_process:
@@ -129,7 +129,7 @@ class Checkpointer:
         local = self._local(name)
         if self.remote:
             if acc.is_local_main_process:
-                _download_tree(storage.join(self.root, name), local)
+                storage.download_tree(storage.join(self.root, name), local)
             acc.wait_for_everyone()
         acc.load_state(str(local / "state"))
         trainer_state = json.loads((local / TRAINER_STATE).read_text())
@@ -142,24 +142,3 @@ class Checkpointer:
         if self.remote and acc.is_local_main_process:
             shutil.rmtree(local, ignore_errors=True)
         return trainer_state, ema_state
-
-
-def _upload_tree(local: Path, location: str) -> None:
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        storage.put_file_atomic(str(path), storage.join(location, *path.relative_to(local).parts))
-
-
-def _download_tree(location: str, local: Path) -> None:
-    fs, root = _fs_and_path(location)
-    for remote in fs.find(root):
-        rel = remote[len(root) :].lstrip("/")
-        target = local / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get(remote, str(target))
-
-
-def _fs_and_path(location: str):
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(location)
-    return fs, path.rstrip("/")

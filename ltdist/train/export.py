@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ltdist import storage
 from ltdist.config import from_dict, to_dict
-from ltdist.data import storage
 from ltdist.labels import LabelSpace
 from ltdist.models.clip import resolved_clip_config
 from ltdist.train.config import ModelConfig, TrainConfig

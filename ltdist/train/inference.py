@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.data.loader import ClipTransform, clip_normalize
 from ltdist.eval import format_summary, group_map, write_report
 from ltdist.eval.report import format_f1_summary

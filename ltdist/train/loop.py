@@ -25,8 +25,8 @@ from datetime import timedelta
 import numpy as np
 import torch
 
+from ltdist import storage
 from ltdist.config import to_dict
-from ltdist.data import storage
 from ltdist.data.loader import ClipTransform, ShardLoader, clip_normalize
 from ltdist.data.shards import load_index, load_label_space, read_split, split_coverage
 from ltdist.eval import format_summary, group_map, write_report

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.data.loader import CLIP_MEAN, CLIP_STD, LoaderConfig, ShardLoader
 
 from .conftest import label_ids

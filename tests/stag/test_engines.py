@@ -139,7 +139,8 @@ CONSTRAINED_ROWS = [
 
 
 def constrained_describer(engine, space, **kw):
-    from ltdist.stag.pipeline import Describer, StagConfig
+    from ltdist.stag.config import StagConfig
+    from ltdist.stag.describe import Describer
     from ltdist.stag.prompt import StagPromptConfig
     from ltdist.stag.validate import ValidationConfig
 

@@ -34,15 +34,10 @@ import pytest
 from ltdist.config import ConfigError, load_config
 from ltdist.data.pack import PackConfig
 from ltdist.labels import LabelSpace
+from ltdist.stag.config import StagConfig, StagError
+from ltdist.stag.describe import Describer, derive_seed
 from ltdist.stag.engines import PROMPT_TOO_LONG, EngineConfig, Generation, TemplateEngine
-from ltdist.stag.pipeline import (
-    Describer,
-    StagConfig,
-    StagError,
-    cpu_engine_threads,
-    derive_seed,
-    plan_actors,
-)
+from ltdist.stag.ray_pool import cpu_engine_threads, plan_actors
 from ltdist.stag.validate import ValidationConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -247,13 +242,8 @@ def test_repair_before_retry_is_recorded_with_its_stage():
 def test_quality_section_and_word_percentiles_match_a_direct_computation():
     import numpy as np
 
-    from ltdist.stag.pipeline import (
-        RowResult,
-        _word_stats,
-        quality_counts,
-        quality_summary,
-        quality_table,
-    )
+    from ltdist.stag.describe import RowResult
+    from ltdist.stag.report import _word_stats, quality_counts, quality_summary, quality_table
 
     hist = collections.Counter({50: 3, 61: 1, 70: 5, 80: 2, 95: 1})
     values = np.repeat(list(hist), list(hist.values()))
@@ -362,6 +352,38 @@ def test_cli_exits_2_on_config_problems(overrides, message):
     )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.both_envs
+def test_the_run_imports_ray_only_when_it_runs():
+    code = (
+        "import sys, ltdist.stag.pipeline, ltdist.stag.ray_pool; "
+        "print(sorted({'ray', 'vllm', 'torch'} & set(sys.modules)))"
+    )
+    out = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.both_envs
+def test_pipeline_keeps_the_names_it_always_offered():
+    """The job was one module; its parts moved out, and their public names stay importable."""
+    from ltdist.stag import config, describe, pipeline, ray_pool, report
+
+    homes = {
+        "StagConfig": config,
+        "StagError": config,
+        "Describer": describe,
+        "RowResult": describe,
+        "derive_seed": describe,
+        "plan_actors": ray_pool,
+        "cpu_engine_threads": ray_pool,
+        "quality_counts": report,
+        "quality_summary": report,
+        "quality_table": report,
+    }
+    assert sorted(pipeline.__all__) == sorted([*homes, "run_stag"])
+    for name, home in homes.items():
+        assert getattr(pipeline, name) is getattr(home, name), name
 
 
 # -- the job on a local Ray cluster (gen env) -------------------------------------------------

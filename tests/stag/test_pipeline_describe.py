@@ -17,9 +17,12 @@ import pytest
 from ltdist.config import ConfigError, load_config
 from ltdist.data.pack import PackConfig, load_records
 from ltdist.data.shards import read_shard
-from ltdist.stag import pipeline
+from ltdist.stag import ray_pool
+from ltdist.stag.config import StagConfig, StagError
+from ltdist.stag.describe import Describer
 from ltdist.stag.engines import EngineConfig, Generation
-from ltdist.stag.pipeline import Describer, StagConfig, StagError, quality_table, run_stag
+from ltdist.stag.pipeline import run_stag
+from ltdist.stag.report import quality_table
 from ltdist.stag.validate import ValidationConfig
 
 NAMES = ["person", "dog", "kite", "surfboard"]
@@ -111,7 +114,7 @@ def in_process_pool(monkeypatch, engine, fail_after: int | None = None) -> None:
                 raise RuntimeError("killed")
             yield describer.describe(rows[start : start + cfg.batch_size])
 
-    monkeypatch.setattr(pipeline, "_describe_on_ray", describe_on)
+    monkeypatch.setattr(ray_pool, "describe_on_ray", describe_on)
 
 
 def samples(out: Path) -> dict:
@@ -285,7 +288,7 @@ def test_no_tail_class_starts_no_engine(tmp_path, monkeypatch):
     def no_ray(cfg):
         raise AssertionError("no engine should be started")
 
-    monkeypatch.setattr(pipeline, "_ray_init", no_ray)
+    monkeypatch.setattr(ray_pool, "_ray_init", no_ray)
     report = run_stag(config(data, tmp_path / "out"))
     assert report["counts"]["not_described"] == 45 == report["num_written"]
     q = report["quality"]

@@ -216,7 +216,8 @@ def test_real_chat_template_renders(space):
 
 def test_shared_modules_import_no_heavy_stack():
     code = (
-        "import sys, ltdist.stag.prompt, ltdist.stag.validate; "
+        "import sys, ltdist.stag.prompt, ltdist.stag.validate, ltdist.stag.grammar, "
+        "ltdist.stag.config, ltdist.stag.describe, ltdist.stag.report, ltdist.stag.publish; "
         "heavy = {'torch', 'transformers', 'vllm', 'ray', 'tokenizers'} & set(sys.modules); "
         "print(sorted(heavy))"
     )

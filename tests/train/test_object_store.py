@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from ltdist.data import storage
+from ltdist import storage
 from ltdist.train.checkpoint import complete_steps
 from ltdist.train.export import load_export
 
