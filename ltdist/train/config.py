@@ -26,7 +26,7 @@ Task = Literal["pretrain", "dpvlpa", "cprfl"]
 
 @dataclass
 class DataConfig:
-    location: str = "shards/demo"  # a shard folder (local or s3:// / gs://)
+    location: str = ""  # a shard folder (local or s3:// / gs://); required
     # The data set the shards hold (coco_lt, voc_lt, demo; "" = other): `ltdist rehearse`
     # sizes its plan from the split files before the shards exist.
     dataset: str = ""
@@ -154,6 +154,11 @@ class TrainConfig:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.data.location:
+            raise ValueError(
+                "data.location is not set: the shard folder to train on (for example "
+                "data.location=shards/demo); a run never falls back to another data set"
+            )
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("set epochs >= 1 or max_steps >= 1")
         if self.checkpoint.keep_last < 1:

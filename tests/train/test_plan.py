@@ -12,7 +12,7 @@ from ltdist.train.plan import plan_training, rescale
 
 
 def config(*overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, None, list(overrides))
+    return load_config(TrainConfig, None, ["data.location=shards/x", *overrides])
 
 
 def keys(plan) -> list[str]:

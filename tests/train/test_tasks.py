@@ -207,10 +207,18 @@ def test_a_linear_head_on_clip_tokens_takes_the_image_tower_alone(demo):
 
 def test_head_options_are_checked():
     with pytest.raises(ValueError, match="head of task=cprfl"):
-        load_config(TrainConfig, overrides=["task=dpvlpa", "model.head=linear"]).validate()
+        load_config(
+            TrainConfig, overrides=["task=dpvlpa", "model.head=linear", "data.location=x"]
+        ).validate()
     with pytest.raises(ValueError, match="linear_pool=cls"):
         load_config(
-            TrainConfig, overrides=["task=cprfl", "model.head=linear", "model.linear_pool=cls"]
+            TrainConfig,
+            overrides=[
+                "task=cprfl",
+                "model.head=linear",
+                "model.linear_pool=cls",
+                "data.location=x",
+            ],
         ).validate()
 
 

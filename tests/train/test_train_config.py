@@ -34,9 +34,11 @@ def test_training_configs_load_and_validate(path):
 
 def test_impossible_combinations_are_errors():
     with pytest.raises(ValueError, match="init_from"):
-        load_config(TrainConfig, overrides=["task=cprfl", "model.backbone.kind=qformer"]).validate()
+        load_config(
+            TrainConfig, overrides=["task=cprfl", "model.backbone.kind=qformer", "data.location=x"]
+        ).validate()
     with pytest.raises(ValueError, match="ema_decay"):
-        load_config(TrainConfig, overrides=["ema_decay=1.5"]).validate()
+        load_config(TrainConfig, overrides=["ema_decay=1.5", "data.location=x"]).validate()
     with pytest.raises(ConfigError, match="did you mean"):
         load_config(TrainConfig, overrides=["task=pretrian"])
 
@@ -70,7 +72,7 @@ def test_the_training_config_owns_the_precision(monkeypatch, launcher, config, e
     from ltdist.train.loop import _mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
-    cfg = load_config(TrainConfig, overrides=[f"mixed_precision={config}"])
+    cfg = load_config(TrainConfig, overrides=[f"mixed_precision={config}", "data.location=x"])
     assert _mixed_precision(cfg) == expected
 
 
@@ -79,7 +81,7 @@ def test_a_launcher_precision_that_disagrees_is_refused_naming_both(monkeypatch,
     from ltdist.train.loop import TrainingError, _mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
-    cfg = load_config(TrainConfig, overrides=[f"mixed_precision={config}"])
+    cfg = load_config(TrainConfig, overrides=[f"mixed_precision={config}", "data.location=x"])
     with pytest.raises(TrainingError, match=rf"asks for mixed precision '{launcher}'.*'{config}'"):
         _mixed_precision(cfg)
 
@@ -102,4 +104,9 @@ def test_accelerate_configs_leave_the_precision_to_the_training_config(path):
 )
 def test_bad_numbers_are_refused_at_load(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        load_config(TrainConfig, overrides=[override])
+        load_config(TrainConfig, overrides=[override, "data.location=x"])
+
+
+def test_a_missing_data_location_is_an_error_not_the_demo():
+    with pytest.raises(ValueError, match="data.location is not set"):
+        load_config(TrainConfig, overrides=["task=cprfl"])
