@@ -214,19 +214,40 @@ def decode_tar(stream, url: str = "") -> Iterator[ShardSample]:
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-    for raw in group_by_keys(files):
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        yield ShardSample(
-            key=raw["__key__"],
-            meta=json.loads(raw["json"]),
-            image=raw.get(ext) if ext else None,
-            image_ext=ext,
-            text=raw["txt"].decode() if "txt" in raw else None,
-        )
+    where = url or "a shard"
+    try:
+        for raw in group_by_keys(files):
+            yield _sample(raw, where)
+    except tarfile.TarError as e:  # a broken header or a truncated file
+        raise ShardIntegrityError(f"{where}: not a readable tar ({e})") from None
+
+
+def _sample(raw: dict, where: str) -> ShardSample:
+    """One grouped tar entry as a sample; a damaged member is named, not a bare decode error."""
+    key = raw.get("__key__")
+    member = "json"
+    try:
+        meta = json.loads(raw["json"])
+        member = "txt"
+        text = raw["txt"].decode() if "txt" in raw else None
+    except KeyError:
+        raise ShardIntegrityError(
+            f"{where}: sample {key!r} has no .json member (members: "
+            f"{sorted(k for k in raw if not k.startswith('__'))})"
+        ) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ShardIntegrityError(
+            f"{where}: member {key}.{member} does not decode ({type(e).__name__}: {e})"
+        ) from None
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    return ShardSample(
+        key=key, meta=meta, image=raw.get(ext) if ext else None, image_ext=ext, text=text
+    )
 
 
 class ShardIntegrityError(ValueError):
-    """A shard whose bytes or sample count are not what its index recorded."""
+    """A shard whose bytes or sample count are not what its index recorded, or that does not
+    decode: the message names the shard (and the member)."""
 
 
 class DigestingReader(io.RawIOBase):

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -294,3 +295,41 @@ def test_coverage_states_what_was_scored_against_the_split(dataset):
     cov = split_coverage(location, "train", 12)
     assert (cov["samples_scored"], cov["split_samples"], cov["rejected_at_pack"]) == (12, 12, 0)
     assert cov["text"].startswith("scored 12 of the 12 samples of train")
+
+
+def _break_json(location: str) -> None:
+    path = Path(location, "train-000001.tar")
+    data = bytearray(path.read_bytes())
+    i = data.index(b'{"caption"')
+    data[i] = 0xFF  # not UTF-8 any more
+    path.write_bytes(bytes(data))
+
+
+def _break_a_header(location: str) -> None:
+    path = Path(location, "train-000001.tar")
+    data = bytearray(path.read_bytes())
+    data[148:156] = b"XXXXXXXX"  # the first header's checksum field
+    path.write_bytes(bytes(data))
+
+
+def _truncate(location: str) -> None:
+    path = Path(location, "train-000001.tar")
+    path.write_bytes(path.read_bytes()[:700])
+
+
+@pytest.mark.parametrize(
+    "damage, what",
+    [
+        (_break_json, r"member s0000\d\.json does not decode \(UnicodeDecodeError"),
+        (_break_a_header, "not a readable tar"),
+        (_truncate, "train-000001.tar"),
+    ],
+)
+def test_a_damaged_shard_is_named_with_its_member(dataset, damage, what):
+    from ltdist.data.shards import ShardIntegrityError, read_split
+
+    location, _ = dataset(12, 4)
+    damage(location)
+    with pytest.raises(ShardIntegrityError, match=r"train-000001\.tar") as err:
+        list(read_split(location, "train"))
+    assert re.search(what, str(err.value)), str(err.value)
