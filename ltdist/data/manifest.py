@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ltdist.data.shards import key_problem
 from ltdist.labels import LabelSpace, UnknownClassError
 
 log = logging.getLogger(__name__)
 
 Policy = Literal["error", "skip"]
-
-# What a shard key may hold (the shard writer's rule): checked here, where the line is known.
-_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def key_from_path(path: str) -> str:
@@ -117,8 +116,17 @@ def read_manifest(
             raise ManifestError(f"{path}: {p} (use policy=skip to leave such records out)")
         problems.append(p)
 
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:  # one bad byte costs its line, not the file
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                problem(
+                    line_no,
+                    None,
+                    f"not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})",
+                )
+                continue
             if not text.strip():
                 continue
             try:
@@ -142,13 +150,9 @@ def read_manifest(
             if not isinstance(key, str):
                 problem(line_no, None, f"'key' must be a string, got {key!r}")
                 continue
-            if not _KEY_RE.match(key):
-                problem(
-                    line_no,
-                    key,
-                    "a key may hold only letters, digits, '_' and '-' (WebDataset splits names "
-                    "at the first dot); give the record a 'key' of those",
-                )
+            bad_key = key_problem(key)  # the shard writer's rule, checked where the line is known
+            if bad_key:
+                problem(line_no, key[:120], f"{bad_key}; give the record a 'key' that fits")
                 continue
             unknown_fields = set(obj) - {"key", "image", "labels", "caption"}
             if unknown_fields:
@@ -178,6 +182,15 @@ def read_manifest(
             caption = obj.get("caption")
             if caption is not None and not isinstance(caption, str):
                 problem(line_no, key, f"'caption' must be a string, got {type(caption).__name__}")
+                continue
+            if caption is not None and _SURROGATE.search(caption):
+                at = _SURROGATE.search(caption).start()
+                problem(
+                    line_no,
+                    key,
+                    f"'caption' holds a lone surrogate (\\u{ord(caption[at]):04x} at "
+                    f"character {at}): not text that UTF-8 can write",
+                )
                 continue
             seen[key] = line_no
             records.append(Record(key, image_path, tuple(label_ids), caption, line_no))

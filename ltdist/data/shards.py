@@ -32,6 +32,22 @@ log = logging.getLogger(__name__)
 INDEX_VERSION = 1
 IMAGE_EXTS = ("jpg", "png", "webp")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# A tar member is "<key>.<ext>" in a USTAR name field of 100 bytes; the longest ext is 4.
+MAX_KEY_LENGTH = 100 - len(".json")
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a shard key, or None: the rule every writer and reader shares."""
+    if not _KEY_RE.match(key):
+        return (
+            "a key may hold only letters, digits, '_' and '-' (WebDataset splits names at the "
+            "first dot)"
+        )
+    if len(key) > MAX_KEY_LENGTH:
+        return f"a key may be at most {MAX_KEY_LENGTH} characters (a tar name), not {len(key)}"
+    return None
+
+
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -186,11 +202,9 @@ def encode_tar(samples: list[ShardSample]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for s in samples:
-            if not _KEY_RE.match(s.key):
-                raise ValueError(
-                    f"sample key {s.key!r} may hold only letters, digits, '_' and '-' "
-                    "(WebDataset splits names at the first dot)"
-                )
+            problem = key_problem(s.key)
+            if problem:
+                raise ValueError(f"sample key {s.key[:120]!r}: {problem}")
             members: list[tuple[str, bytes]] = []
             if s.image is not None:
                 if s.image_ext not in IMAGE_EXTS:

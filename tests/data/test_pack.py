@@ -144,3 +144,38 @@ def read_split_samples(location: str):
     from ltdist.data.shards import read_split
 
     return list(read_split(location, "train"))
+
+
+def test_one_bad_record_costs_only_itself(tmp_path):
+    # a caption with a non-UTF-8 byte, one with a lone surrogate, and a 96-character key once
+    # each stopped the whole pack (rc 2) naming neither line nor key
+    cfg = write_inputs(tmp_path)
+    cfg.policy = "skip"
+    path = tmp_path / "train.jsonl"
+    lines = path.read_bytes().splitlines()
+    lines[0] = lines[0].replace(b'"k00"', b'"k00", "caption": "caf\xe9 au lait"')  # Latin-1
+    rec = json.loads(lines[1])
+    rec["caption"] = "a \ud800 surrogate"
+    lines[1] = json.dumps(rec).encode()  # JSON escapes it: \\ud800
+    rec = json.loads(lines[2])
+    rec["key"] = "k" * 96
+    lines[2] = json.dumps(rec).encode()
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    train = pack_dataset(cfg, progress=False)["train"]
+    problems = json.loads(Path(cfg.out, "manifest_problems.json").read_text())
+    reasons = {p["line"]: p["reason"] for p in problems}
+    assert "not valid UTF-8" in reasons[1]
+    assert "lone surrogate" in reasons[2] and "k01" in {p["key"] for p in problems}
+    assert "at most 95 characters" in reasons[3]
+    assert train.num_written == 6  # the 9 good ones of before, less these three
+    assert verify_split(cfg.out, "train") == []
+
+
+def test_a_bad_record_under_the_error_policy_names_its_line(tmp_path):
+    cfg = write_inputs(tmp_path)
+    path = tmp_path / "train.jsonl"
+    lines = path.read_bytes().splitlines()
+    lines[0] = lines[0] + b" \xff"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=r"train.jsonl: line 1 \(key None\): not valid UTF-8"):
+        pack_dataset(cfg, progress=False)
