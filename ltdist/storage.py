@@ -19,7 +19,6 @@ import io
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
@@ -131,14 +130,40 @@ def open_read(location: str, *, allow_pipe: bool = False) -> IO[bytes]:
 
 
 def write_bytes_atomic(location: str, data: bytes) -> None:
-    """Write ``data`` so that a reader sees the old file or the whole new one, never a part."""
-    with tempfile.NamedTemporaryFile(delete=False) as tmp:
-        tmp.write(data)
+    """Write ``data`` so that a reader sees the old file or the whole new one, never a part.
+
+    Locally the temporary is ``<dest>.tmp-<pid>`` beside the destination (a killed writer
+    leaves it where a rerun finds it, not in the system's temp folder); an object store gets
+    one PUT of the bytes.
+    """
+    if is_local(location):
+        dest = local_path(location)
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    else:
+        fs, path = _fs(location)
+        fs.pipe_file(path, data)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine is running (a temporary's writer may still be)."""
     try:
-        put_file_atomic(tmp.name, location)
-    finally:
-        if os.path.exists(tmp.name):
-            os.remove(tmp.name)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        return True
+    return True
 
 
 def put_file_atomic(local_file: str, location: str) -> None:

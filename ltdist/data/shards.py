@@ -17,10 +17,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -370,7 +368,8 @@ class ShardWriter:
                     "and settings, or write to a fresh folder."
                 )
         self.index = index
-        self._remove_orphans()
+        with self._locked():  # not while another writer publishes a shard
+            self._remove_orphans()
 
     def done(self) -> set[int]:
         return set(self.index.shards)
@@ -388,12 +387,6 @@ class ShardWriter:
             raise ValueError(f"shard id {shard_id} outside 0..{self.index.num_shards_planned - 1}")
         data = encode_tar(samples)
         name = shard_name(self.split, shard_id)
-        with tempfile.NamedTemporaryFile(prefix=f".{name}.", suffix=".tmp", delete=False) as tmp:
-            tmp.write(data)
-        try:
-            storage.put_file_atomic(tmp.name, storage.join(self.location, name))
-        finally:
-            os.remove(tmp.name)
         info = ShardInfo(
             shard_id,
             name,
@@ -403,19 +396,32 @@ class ShardWriter:
             list(rejected),
             dict(meta or {}),
         )
+        # Published and recorded under the folder's lock: another writer's orphan sweep never
+        # sees a shard between its rename and its index entry.
         with self._locked():
+            storage.write_bytes_atomic(storage.join(self.location, name), data)
             self.index = self._read_index()
             self.index.shards[shard_id] = info
             self._write_index(self.index)
         return info
 
     def _remove_orphans(self) -> None:
-        pattern = re.compile(rf"^{re.escape(self.split)}-(\d{{6}})\.tar(\.tmp-\d+)?$")
+        """Remove what killed runs left: shards the index does not list, and temporaries whose
+        writer is gone (a temporary of a live writer, another pack of this folder, is its own)."""
+        pattern = re.compile(rf"^{re.escape(self.split)}-(\d{{6}})\.tar(?:\.tmp-(\d+))?$")
+        local = storage.is_local(self.location)
         for name in storage.listdir(self.location):
             m = pattern.match(name)
-            if m and (m.group(2) or int(m.group(1)) not in self.index.shards):
-                log.info("removing %s left by an interrupted run", name)
-                storage.remove(storage.join(self.location, name))
+            if not m:
+                continue
+            writer = m.group(2)
+            if writer is not None:
+                if local and storage.process_alive(int(writer)):
+                    continue
+            elif int(m.group(1)) in self.index.shards:
+                continue
+            log.info("removing %s left by an interrupted run", name)
+            storage.remove(storage.join(self.location, name))
 
     def _read_index(self) -> ShardIndex | None:
         path = index_location(self.location, self.split)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,11 +87,38 @@ def test_rerun_removes_orphans_and_temporaries(dataset):
     # A killed run can leave a published shard the index does not list, and a temporary file.
     del index.shards[2]
     Path(location, "train.index.json").write_text(json.dumps(index.to_dict()))
-    Path(location, "train-000002.tar.tmp-999").write_bytes(b"partial")
+    dead = _a_dead_pid()
+    Path(location, f"train-000002.tar.tmp-{dead}").write_bytes(b"partial")
     writer = ShardWriter(location, "train", 10, 25)
     assert writer.index.missing() == [2]
     assert not Path(location, "train-000002.tar").exists()
-    assert not Path(location, "train-000002.tar.tmp-999").exists()
+    assert not Path(location, f"train-000002.tar.tmp-{dead}").exists()
+
+
+def _a_dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_writer_leaves_a_live_writers_temporary_alone(dataset):
+    # two packs into one folder: the second's orphan sweep once removed the first's in-flight
+    # temporary, and the first crashed on its rename
+    location, _ = dataset(25, 10)
+    live = Path(location, f"train-000001.tar.tmp-{os.getpid()}")  # this process: alive
+    live.write_bytes(b"in flight")
+    ShardWriter(location, "train", 10, 25)
+    assert live.exists()
+
+
+def test_shard_temporaries_stay_beside_the_output(dataset, tmp_path, monkeypatch):
+    # killed packs once left shard-sized files in the system's temp folder
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    location, _ = dataset(25, 10)
+    assert list(system_tmp.iterdir()) == []
+    assert not [p for p in Path(location).iterdir() if ".tmp-" in p.name]
 
 
 def test_resume_with_other_settings_is_refused(dataset):

@@ -295,9 +295,9 @@ def test_pack_to_s3_verify_and_read_back(packed):
 def test_pack_to_s3_resumes(packed, monkeypatch):
     cfg, _, _ = packed
     puts = []
-    real_put = storage.put_file_atomic
+    real_write = storage.write_bytes_atomic
     monkeypatch.setattr(
-        storage, "put_file_atomic", lambda src, dst: (puts.append(dst), real_put(src, dst))
+        storage, "write_bytes_atomic", lambda dst, data: (puts.append(dst), real_write(dst, data))
     )
     # A rerun of a finished job writes nothing at all.
     again = pack_dataset(cfg, progress=False)
