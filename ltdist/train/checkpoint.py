@@ -7,6 +7,11 @@ config it was trained with (``classes.json``, ``config.json``), and ``COMPLETE``
 last by the main process once every rank has saved: a folder without it is an interrupted save
 and is ignored (and removed on the next save). The newest ``K`` complete folders are kept.
 
+Trust: ``acc.load_state`` goes through ``torch.load`` and DeepSpeed's checkpoint engine loads
+with ``weights_only=False``, which can unpickle code. So the root records who wrote it
+(``OWNER.json``: the run's ``output_dir``), and resuming from a root another run wrote is refused
+unless ``checkpoint.trusted`` says so; never point ``checkpoint.dir`` at files from elsewhere.
+
 The root may be an object-store URL: every node saves into a local staging folder, its first
 process uploads the node's files, and resume downloads the folder the same way. The extra
 state is JSON and safetensors; only Accelerate / DeepSpeed's own resume files go through
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
+OWNER = "OWNER.json"
 TRAINER_STATE = "trainer.json"
 EMA_FILE = "ema.safetensors"
 
@@ -66,6 +72,36 @@ class Checkpointer:
     def latest(self) -> int | None:
         steps = complete_steps(self.root)
         return steps[-1] if steps else None
+
+    def check_owner(self, output_dir: str, trusted: bool = False) -> None:
+        """Refuse to resume from checkpoints this run did not write (their resume files are
+        unpickled), unless the user trusts them."""
+        path = storage.join(self.root, OWNER)
+        owner = json.loads(storage.read_bytes(path)) if storage.exists(path) else {}
+        if owner.get("output_dir") == _normal(output_dir) or trusted:
+            return
+        if not owner and _normal(self.root) == _normal(storage.join(output_dir, "checkpoints")):
+            log.warning(
+                "%s records no writer (written before OWNER.json): resuming, as it is "
+                "this run's own folder",
+                self.root,
+            )
+            return
+        wrote = f"were written by the run at {owner['output_dir']}" if owner else "record no run"
+        raise PermissionError(
+            f"the checkpoints under {self.root} {wrote}, not this one ({output_dir}). Resuming "
+            "unpickles their optimizer and DeepSpeed files (torch.load, weights_only=False), "
+            "which runs whatever code they hold: set checkpoint.trusted=true only for files you "
+            "trust, or use another checkpoint.dir"
+        )
+
+    def claim(self, output_dir: str) -> None:
+        """Record this run as the root's writer (main process, before its first save)."""
+        path = storage.join(self.root, OWNER)
+        if self.acc.is_main_process and not storage.exists(path):
+            storage.makedirs(self.root)
+            data = {"output_dir": _normal(output_dir)}
+            storage.write_bytes_atomic(path, json.dumps(data).encode())
 
     # -- save -------------------------------------------------------------------------------
 
@@ -142,3 +178,7 @@ class Checkpointer:
         if self.remote and acc.is_local_main_process:
             shutil.rmtree(local, ignore_errors=True)
         return trainer_state, ema_state
+
+
+def _normal(location: str) -> str:
+    return os.path.abspath(location) if storage.is_local(location) else location.rstrip("/")

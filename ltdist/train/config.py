@@ -90,6 +90,9 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: bool = True  # continue from the latest complete checkpoint in dir
     staging_dir: str = ""  # local scratch for object-store checkpoints; "" = a temp folder
+    # Resuming unpickles Accelerate / DeepSpeed files: only from checkpoints this run wrote,
+    # unless this says the location is trusted (ltdist.train.checkpoint).
+    trusted: bool = False
 
 
 @dataclass

@@ -328,6 +328,10 @@ def train(cfg: TrainConfig) -> dict:
     step, history = 0, []
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     if latest is not None:
+        try:
+            ckpt.check_owner(cfg.output_dir, cfg.checkpoint.trusted)
+        except PermissionError as e:
+            raise TrainingError(str(e)) from None
         state = ckpt.read_trainer_state(latest)
         _check_resumable(state, cfg, acc)
         state, ema_state = ckpt.load(latest)
@@ -359,6 +363,8 @@ def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     since = (started, step)  # the last log record's time and step
     status = "completed"
+
+    ckpt.claim(cfg.output_dir)
 
     def save() -> None:
         trainer_state = {

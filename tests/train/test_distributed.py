@@ -398,3 +398,26 @@ def test_a_non_finite_loss_stops_the_run_at_its_step(demo, tmp_path):
     assert proc.returncode != 0
     assert "non-finite loss" in proc.stderr and "step " in proc.stderr
     assert not (tmp_path / "run" / "export").exists()
+
+
+def test_resuming_from_checkpoints_another_run_wrote_is_refused_unless_trusted(demo, tmp_path):
+    # resume unpickles Accelerate / DeepSpeed files (weights_only=False): a checkpoint.dir
+    # that another run wrote is refused, naming the switch
+    first = tmp_path / "first"
+    common = ["max_steps=3", "checkpoint.every_steps=1", "data.eval_split="]
+    launch("pretrain.py", [*common, f"output_dir={first}"], demo)
+    assert json.loads((first / "checkpoints" / "OWNER.json").read_text())["output_dir"] == str(
+        first
+    )
+    foreign = [
+        *common,
+        "max_steps=4",
+        f"output_dir={tmp_path / 'second'}",
+        f"checkpoint.dir={first / 'checkpoints'}",
+    ]
+    cmd, env = launch_command("pretrain.py", foreign, demo)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "were written by the run at" in proc.stderr and "checkpoint.trusted=true" in proc.stderr
+    launch("pretrain.py", [*foreign, "checkpoint.trusted=true"], demo)
+    assert metrics(tmp_path / "second")["steps"] == 4
