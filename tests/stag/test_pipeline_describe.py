@@ -355,3 +355,12 @@ def test_tail_mode_through_a_local_ray_actor_pool(tmp_path, monkeypatch):
     got = samples(tmp_path / "out")
     assert all(got[k].meta["stag"]["engine"] == "template" for k in got)
     assert got["r03"].meta["description"] and got["r00"].text == "a photo of a person"
+
+
+def test_the_report_says_which_dtype_gives_byte_identical_reruns():
+    from ltdist.stag.report import reproducibility
+
+    assert reproducibility("float32")["byte_identical_reruns"] is True
+    for dtype in ("auto", "bfloat16", "float16"):
+        r = reproducibility(dtype)
+        assert r["byte_identical_reruns"] is False and "float32" in r["note"]
