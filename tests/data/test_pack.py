@@ -179,3 +179,16 @@ def test_a_bad_record_under_the_error_policy_names_its_line(tmp_path):
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(ValueError, match=r"train.jsonl: line 1 \(key None\): not valid UTF-8"):
         pack_dataset(cfg, progress=False)
+
+
+def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(tmp_path):
+    from ltdist.data.pack import ImageError, load_image
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (12_000, 12_000)).save(path, optimize=True)  # ~150 KB on disk
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(ImageError, match=r"12000 x 12000 = 144,000,000 pixels is over the limit"):
+        load_image(str(path))
+    small = tmp_path / "small.png"
+    Image.new("RGB", (64, 48)).save(small)
+    assert load_image(str(small))[1] == "png"
