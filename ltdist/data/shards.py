@@ -177,7 +177,16 @@ def load_index(location: str, split: str) -> ShardIndex:
         found = list_splits(location)
         hint = f"; splits here: {found}" if found else "; no shard index found there at all"
         raise FileNotFoundError(f"{path} does not exist{hint}")
-    return ShardIndex.from_dict(json.loads(storage.read_bytes(path)), where=path)
+    return _parse_index(storage.read_bytes(path), path)
+
+
+def _parse_index(data: bytes, path: str) -> ShardIndex:
+    try:
+        return ShardIndex.from_dict(json.loads(data), where=path)
+    except (ValueError, KeyError, TypeError) as e:  # truncated or edited by hand
+        if isinstance(e, ShardIntegrityError) or str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a readable shard index ({type(e).__name__}: {e})") from None
 
 
 def list_splits(location: str) -> list[str]:
@@ -427,7 +436,7 @@ class ShardWriter:
         path = index_location(self.location, self.split)
         if not storage.exists(path):
             return None
-        return ShardIndex.from_dict(json.loads(storage.read_bytes(path)), where=path)
+        return _parse_index(storage.read_bytes(path), path)
 
     def _write_index(self, index: ShardIndex) -> None:
         data = json.dumps(index.to_dict(), indent=1).encode()

@@ -361,3 +361,11 @@ def test_a_damaged_shard_is_named_with_its_member(dataset, damage, what):
     with pytest.raises(ShardIntegrityError, match=r"train-000001\.tar") as err:
         list(read_split(location, "train"))
     assert re.search(what, str(err.value)), str(err.value)
+
+
+def test_a_truncated_index_names_its_file(dataset):
+    location, _ = dataset(12, 4)
+    path = Path(location, "train.index.json")
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(ValueError, match=r"train\.index\.json: not a readable shard index"):
+        load_index(location, "train")
