@@ -214,7 +214,9 @@ def test_warmup_not_shorter_than_the_run_is_an_error(schedule):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("lr", 0.0, "lr must be > 0"),
+        ("lr", 0.0, "lr must be finite and > 0"),
+        ("lr", float("inf"), "lr must be finite and > 0"),
+        ("weight_decay", float("nan"), "must be finite"),
         ("betas", (0.9, 1.0), "betas must be two values in"),
         ("betas", (0.9,), "betas must be two values in"),
         ("warmup_ratio", 1.0, "warmup_ratio must be in"),
