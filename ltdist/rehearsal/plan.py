@@ -95,7 +95,11 @@ def own_shape(path: str, overrides: list[str] = ()) -> Shape:
     """The shape a config states (``cluster``); a config that states none runs on one process."""
     if config_kind(path) != "train":
         return Shape(1, 1)
-    cluster = load_config(TrainConfig, path, list(overrides)).cluster
+    return _stated_shape(load_config(TrainConfig, path, list(overrides)))
+
+
+def _stated_shape(cfg: TrainConfig) -> Shape:
+    cluster = cfg.cluster
     return Shape(cluster.nodes, cluster.gpus_per_node) if cluster.nodes else Shape(1, 1)
 
 
@@ -103,10 +107,10 @@ def plan_config(
     path: str, shape: Shape | None = None, overrides: list[str] = (), splits_dir: str = ""
 ) -> PlanResult:
     """The plan of one config at ``shape`` (default: its own)."""
-    shape = shape or own_shape(path, overrides)
     if config_kind(path) == "stag":
-        return _plan_stag(path, shape, list(overrides), splits_dir)
+        return _plan_stag(path, shape or Shape(1, 1), list(overrides), splits_dir)
     cfg = load_config(TrainConfig, path, list(overrides))
+    shape = shape or _stated_shape(cfg)
     sizes = data_sizes(cfg, splits_dir)
     run, plan = plan_training(
         cfg, sizes.num_train, shape.world_size, sizes.num_eval, image_tokens(cfg)
@@ -229,11 +233,16 @@ def _plan_stag(path: str, shape: Shape, overrides: list[str], splits_dir: str) -
         records = records[: cfg.limit]
     tail = sum(1 for r in records if any(space.is_tail(i) for i in r.label_ids))
     to_describe = len(records) if cfg.describe == "all" else tail
+    from ltdist.stag.config import StagError
+    from ltdist.stag.ray_pool import plan_actors  # the pool's own sizing (Ray loads lazily)
+
     tp = cfg.engine.tensor_parallel_size
-    gpus = shape.world_size if cfg.num_gpus_per_actor != 0 else 0
-    per_actor = tp if cfg.num_gpus_per_actor == -1 else cfg.num_gpus_per_actor
-    actors = cfg.num_actors or (max(1, int(gpus // per_actor)) if gpus and per_actor else 1)
-    if gpus and per_actor and shape.gpus_per_node % math.ceil(per_actor):
+    try:
+        actors, per_actor = plan_actors(cfg, {"GPU": shape.world_size})
+    except StagError as e:
+        actors, per_actor = cfg.num_actors, cfg.num_gpus_per_actor
+        problems.append(Problem("num_actors", str(e), "0"))
+    if per_actor and shape.gpus_per_node % math.ceil(per_actor):
         problems.append(
             Problem(
                 "engine.tensor_parallel_size",
@@ -255,7 +264,7 @@ def _plan_stag(path: str, shape: Shape, overrides: list[str], splits_dir: str) -
         ("training images", f"{len(records)} ({tail} with a tail label)"),
         ("to describe", f"{to_describe} (describe: {cfg.describe})"),
         ("engine", f"{cfg.engine.kind} {cfg.engine.model}"),
-        ("actors", f"{actors} x {per_actor if gpus else 0} GPUs (tensor parallel {tp})"),
+        ("actors", f"{actors} x {per_actor:g} GPUs (tensor parallel {tp})"),
         (
             "requests",
             f"{to_describe} to {to_describe * cfg.max_attempts} "

@@ -218,7 +218,9 @@ def rehearse_run(
     shutil.rmtree(out, ignore_errors=True)  # a rehearsal starts from nothing
     args = [*overrides, *(o.arg for o in shrunk), f"data.location={data.location}"]
     cmd, env = launch_command(cfg.task, path, [*args, f"output_dir={out}"])
-    result.killed_at = _run_and_kill(cmd, env, os.path.join(out, "checkpoints"), timeout_s)
+    result.killed_at = kill_after_first_checkpoint(
+        cmd, env, os.path.join(out, "checkpoints"), timeout_s
+    )
     second = _run(cmd, env, timeout_s)
     resumed = [line for line in second.stdout.splitlines() if "resumed from step" in line]
     result.resumed_from = (
@@ -359,7 +361,7 @@ def kill_when(cmd: list[str], env: dict, ready, what: str, timeout_s: int) -> No
             proc.wait()
 
 
-def _run_and_kill(cmd: list[str], env: dict, checkpoints: str, timeout_s: int) -> int:
+def kill_after_first_checkpoint(cmd: list[str], env: dict, checkpoints: str, timeout_s: int) -> int:
     """Kill the run after its first complete checkpoint; the step of the latest it left."""
     from ltdist.train.checkpoint import complete_steps
 

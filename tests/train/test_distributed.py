@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from ltdist.config import load_config
 from ltdist.data.loader import ShardLoader
 from ltdist.data.shards import load_index, read_shard
-from ltdist.rehearsal.run import kill_tree
+from ltdist.rehearsal.run import kill_after_first_checkpoint
 from ltdist.train.checkpoint import complete_steps
 from ltdist.train.config import TrainConfig
 from ltdist.train.export import load_export, read_export_config, read_export_weights
@@ -334,20 +333,10 @@ def test_a_launcher_precision_that_disagrees_with_the_config_is_refused(demo, tm
 
 
 def _sigkill_after_a_checkpoint(cmd, env, out: Path) -> None:
-    """Start a run and SIGKILL every process of its tree once a checkpoint is complete (with
-    keep_last=1 whichever step it is): torchrun starts each worker in a session of its own, so
-    a killpg of the launcher's group left the workers training on."""
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    checkpoints = str(out / "checkpoints")
-    deadline = time.time() + 400
-    while not complete_steps(checkpoints) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    kill_tree(proc.pid)
-    proc.wait()
-    assert complete_steps(checkpoints), "the run never completed a checkpoint"
-    assert not (out / "metrics.json").exists(), "the run finished before it was killed"
+    """SIGKILL every process of the run's tree once a checkpoint is complete (with keep_last=1
+    whichever step it is); the rehearsal's helper refuses a run that finished first."""
+    kill_after_first_checkpoint(cmd, env, str(out / "checkpoints"), timeout_s=400)
+    assert complete_steps(str(out / "checkpoints")), "the run never completed a checkpoint"
 
 
 def test_resume_after_sigkill_is_bitwise_with_loader_workers_and_dropout(demo, tmp_path):
