@@ -66,6 +66,32 @@ class ClipTowerConfig:
                 f"image_size {self.image_size} must be a multiple of tiny_patch_size "
                 f"{self.tiny_patch_size}"
             )
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if not self.tiny:
+            stride, what = _image_stride(self.model_name)
+            if stride and self.image_size % stride:
+                good = max(stride, round(self.image_size / stride) * stride)
+                raise ValueError(
+                    f"image_size {self.image_size} is not a multiple of {self.model_name}'s "
+                    f"{what} ({stride}): the tower would drop the image's edge; {good} is"
+                )
+
+
+def _image_stride(model_name: str) -> tuple[int, str]:
+    """A tower's patch size (ViT) or total stride (ResNet: 32) from open_clip's model table;
+    (0, '') for a model the table does not have (an hf-hub: name, a custom config)."""
+    try:
+        import open_clip
+    except ImportError:  # the generation environment reads train configs without open_clip
+        return 0, ""
+
+    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {})
+    if vision.get("patch_size"):
+        return int(vision["patch_size"]), "patch size"
+    if isinstance(vision.get("layers"), list | tuple):  # ModifiedResNet
+        return 32, "total stride"
+    return 0, ""
 
 
 def build_clip(cfg: ClipTowerConfig) -> open_clip.model.CLIP:

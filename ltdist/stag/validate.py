@@ -1,22 +1,38 @@
 """Validation of STAG descriptions, tag stripping, and the tail-mention metric.
 
-A generated description must be plain prose of ``min_words``..``max_words`` words in which every
-tail class of the image is tagged as ``<tail> name </tail>`` (optional spaces inside the tags,
-tag names case-insensitive) and no class of the label space that the image lacks is named.
-Class mentions come from ``LabelSpace.mentions`` (the one longest-match, word-boundary matcher)
-run on the text with its markup stripped, so "hot dog" is never "dog".
+A generated description must be plain English prose of ``min_words``..``max_words`` words in
+which every tail class of the image is tagged as ``<tail> name </tail>`` (optional spaces inside
+the tags, tag names case-insensitive) and no class of the label space that the image lacks is
+named. Class mentions come from ``LabelSpace.mentions`` (the one longest-match, word-boundary
+matcher) run on the text with its markup stripped, so "hot dog" is never "dog".
+
+Before anything is checked the text is put in its canonical form (:func:`canonicalize`), which is
+also the form that is written: Unicode NFKC (full-width letters and brackets become ASCII),
+bracket look-alikes (``‹tail›``, ``⟨tail⟩``, ``[tail]``) folded to ``<tail>``, control characters
+turned into spaces (a NUL never glues two words), format characters, surrogates, private-use and
+unassigned code points and stray combining marks removed, whitespace collapsed. Matching then
+reads a skeleton of that text (:func:`skeleton`: Cyrillic / Greek look-alike letters and
+diacritics folded to plain Latin, length kept) so "сat" with a Cyrillic "с" is still a cat.
 
 ``ValidationResult.reasons`` holds short machine-readable codes, each optionally followed by
 ``:detail`` (split on the first colon; names are canonical class names):
 
 ===========================  ===================================================================
 ``empty``                    nothing but whitespace (and markup)
+``encoded_markup``           HTML / numeric entities or URL-encoding (``&lt;tail&gt;``,
+                             ``%3Ctail%3E``): checked decoded, repairable
 ``unbalanced_tags``          a ``<tail>`` without its ``</tail>`` or the reverse
 ``nested_tags``              ``<tail>`` inside ``<tail>``
 ``unknown_tag:<markup>``     any other markup: ``<tial>``, ``<b>``, chat-template tokens
                              (``<|im_end|>``, ``[INST]``), a stray ``<`` or ``>``
 ``markdown``                 markdown emphasis, code, headings or list items
 ``preamble``                 a chatty lead-in ("Sure!", "Here is the description:")
+``role_word``                a chat role left by a stripped template ("assistant", "User:")
+``mixed_script:<word>``      a word mixing Latin with look-alike letters of another script
+                             (repairable: folded to Latin)
+``non_latin:<word>``         a word in another script, or with letters that have no Latin
+                             look-alike
+``garbled:<what>``           ``replacement_char`` (U+FFFD: bytes the decoder could not read)
 ``empty_tag``                ``<tail> </tail>``
 ``tag_not_tail_label:<s>``   tagged text that is not exactly one of this image's tail labels
 ``missing_tail:<name>``      a tail label never mentioned
@@ -25,15 +41,28 @@ run on the text with its markup stripped, so "hot dog" is never "dog".
                              is 'flag')
 ``too_short:<n>``            fewer than ``min_words`` words (n = the word count)
 ``too_long:<n>``             more than ``max_words`` words
+``too_many_chars:<n>``       more than ``max_chars`` characters
+``long_token:<start>``       a run of more than ``max_token_chars`` characters without a space
+``url``                      a web address
+``repetitive:<share>``       more than ``max_repetition`` of the word 4-grams repeat an earlier
+                             one (a degenerate loop, a word repeated)
+``repeated_sentence``        a sentence of 4+ words written twice
+``not_prose:<what>``         ``function_words=<share>`` (fewer English function words than
+                             ``min_function_word_share``: lorem ipsum, word lists),
+                             ``numbers=<share>`` (number salad), ``lorem_ipsum``
 ===========================  ===================================================================
 
-A tail label that is tagged once may be mentioned again untagged: coverage needs one tag.
+A tail label that is tagged once may be mentioned again untagged: coverage needs one tag. The
+prose checks (repetition, function words, numbers) apply to texts of 10 words or more.
 """
 
 from __future__ import annotations
 
+import functools
+import html
 import re
 import unicodedata
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -42,11 +71,16 @@ from ltdist.labels import LabelSpace
 
 REASON_CODES = (
     "empty",
+    "encoded_markup",
     "unbalanced_tags",
     "nested_tags",
     "unknown_tag",
     "markdown",
     "preamble",
+    "role_word",
+    "mixed_script",
+    "non_latin",
+    "garbled",
     "empty_tag",
     "tag_not_tail_label",
     "missing_tail",
@@ -54,15 +88,25 @@ REASON_CODES = (
     "hallucination",
     "too_short",
     "too_long",
+    "too_many_chars",
+    "long_token",
+    "url",
+    "repetitive",
+    "repeated_sentence",
+    "not_prose",
 )
 
+_ROLE = r"(?:assistant|system|user|model)"
 # The one markup grammar (also used to neutralise captions in prompt.py). The open tag owns
 # the spaces after it and the close tag the spaces before it ("optional spaces inside").
 _MARKUP = re.compile(
     r"(?P<open><\s*tail\s*>\s*)"
     r"|(?P<close>\s*<\s*/\s*tail\s*>)"
-    # chat-template tokens: <|im_start|>, DeepSeek's <｜end▁of▁sentence｜>, [INST], <<SYS>>
-    r"|(?P<chat>[<＜]\s*[|｜][^\n]{0,64}?[|｜]\s*[>＞]|\[\s*/?\s*INST\s*\]|<<\s*/?\s*SYS\s*>>)"
+    # chat-template tokens: <|im_start|>, DeepSeek's <｜end▁of▁sentence｜>, [INST], <<SYS>>, </s>,
+    # Gemma's <start_of_turn>, each with the role word a template puts after its start token
+    r"|(?P<chat>(?:[<＜]\s*[|｜][^\n]{0,64}?[|｜]\s*[>＞]|\[\s*/?\s*INST\s*\]|<<\s*/?\s*SYS\s*>>"
+    r"|<\s*/?\s*(?:s|eos|bos|start_of_turn|end_of_turn)\s*>)"
+    rf"(?:\s*{_ROLE}\b(?:\s*:)?)?)"
     # any other tag-like markup, e.g. <tial>, </b>, <think>, <s>
     r"|(?P<other><\s*/?\s*[^\s<>][^<>\n]{0,64}>)"
     # what is left of a bracket
@@ -74,17 +118,66 @@ _PREAMBLE = re.compile(
     r"^\W*(?:(?:sure|certainly|of course|okay|ok)\s*[,.!]|here(?:'s|’s| is)\b[^.:\n]{0,80}:)",
     re.IGNORECASE,
 )
+# a role word at the start: 'assistant' alone, or any role with a colon ('User: ...')
+_ROLE_WORD = re.compile(rf"^\W*(?:assistant\b\s*:?|{_ROLE}\s*:)\s*", re.IGNORECASE)
 _WORD = re.compile(r"\w+(?:['’-]\w+)*")
+_URL = re.compile(r"\b(?:https?://|www\.)\S", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?]+")
+_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]{1,31});?")
+_PERCENT_MARKUP = re.compile(r"%(?:3c|3e|2f)", re.IGNORECASE)  # URL-encoded '<', '>', '/'
+
+PROSE_MIN_WORDS = 10  # the prose checks' shares are noise on fewer words
+
+# Closed-class English words: prose has ~30-50 % of them, lorem ipsum and word lists ~0-5 %.
+FUNCTION_WORDS = frozenset(
+    """a an the and or but nor so yet of in on at to for with by from as into onto over under
+    near beside behind between among through across along around above below beneath against
+    toward towards upon within without while where when which who whom whose that this these
+    those it its is are was were be been being has have had do does did there their them they
+    he she his her him we our us you your i my me one some several many few each every other
+    another both all any no not than then very can could may might will would should just also
+    up down out off about""".split()
+)
+
+# Letters of other scripts that render like a Latin letter (Unicode confusables, the clear ones).
+_CONFUSABLES = {
+    # Cyrillic
+    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
+    "т": "t", "у": "y", "х": "x", "ѕ": "s", "і": "i", "ј": "j", "ԁ": "d", "һ": "h", "ԛ": "q",
+    "ԝ": "w", "ӏ": "l", "ь": "b", "ү": "y",
+    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C",
+    "Т": "T", "Х": "X", "У": "Y", "Ѕ": "S", "І": "I", "Ј": "J", "Ԛ": "Q", "Ԝ": "W", "Ӏ": "I",
+    # Greek
+    "α": "a", "ο": "o", "ν": "v", "ι": "i", "κ": "k", "ρ": "p", "τ": "t", "υ": "u", "χ": "x",
+    "ε": "e", "ϲ": "c", "ϳ": "j",
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N",
+    "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X", "Ϲ": "C",
+    # Armenian
+    "օ": "o", "ս": "u", "հ": "h", "ո": "n", "ց": "g",
+    # Latin letters outside a-z that read as one
+    "ı": "i", "ȷ": "j", "ɑ": "a", "ɡ": "g", "ʏ": "y", "ɪ": "i",
+}  # fmt: skip
+# Bracket look-alikes NFKC leaves alone, folded to ASCII so tags written with them are read.
+_BRACKETS = str.maketrans({"‹": "<", "›": ">", "⟨": "<", "⟩": ">", "〈": "<", "〉": ">"})
+_SQUARE_TAG = re.compile(r"\[\s*(/?)\s*tail\s*\]", re.IGNORECASE)
 
 
 @dataclass
 class ValidationConfig:
-    """What a description must satisfy; ``hallucination='flag'`` reports without rejecting."""
+    """What a description must satisfy; ``hallucination='flag'`` reports without rejecting.
+
+    ``max_chars`` 0 means 12 characters per allowed word (English averages ~6 with the space).
+    """
 
     min_words: int = 50
     max_words: int = 80
     hallucination: Literal["invalid", "flag"] = "invalid"
     require_tail_tags: bool = True
+    max_chars: int = 0
+    max_token_chars: int = 40
+    max_repetition: float = 0.2
+    min_function_word_share: float = 0.1
+    max_number_share: float = 0.3
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_words <= self.max_words:
@@ -97,6 +190,19 @@ class ValidationConfig:
                 f"ValidationConfig.hallucination must be 'invalid' or 'flag', "
                 f"got {self.hallucination!r}"
             )
+        if self.max_chars < 0 or self.max_token_chars < 1:
+            raise ValueError(
+                f"ValidationConfig: need max_chars >= 0 (0: 12 per word) and max_token_chars "
+                f">= 1, got {self.max_chars} and {self.max_token_chars}"
+            )
+        for name in ("max_repetition", "min_function_word_share", "max_number_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"ValidationConfig.{name} is a share in [0, 1], got {value}")
+
+    @property
+    def char_limit(self) -> int:
+        return self.max_chars or 12 * max(self.max_words, 1)
 
 
 @dataclass
@@ -122,14 +228,144 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
+def _drop(ch: str) -> bool:
+    """Format characters (zero-width, bidi overrides, tags), surrogates, private-use and
+    unassigned code points: never part of a text."""
+    return unicodedata.category(ch) in ("Cf", "Cs", "Co", "Cn")
+
+
+def _invisible(ch: str) -> bool:
+    return not ch.isspace() and (unicodedata.category(ch) == "Cc" or _drop(ch))
+
+
 def normalize_whitespace(text: str) -> str:
-    """Drop invisible control/format characters and collapse whitespace to single spaces."""
-    text = "".join(
-        " " if ch.isspace() else ch
-        for ch in text
-        if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf")
+    """Control characters become spaces (a NUL never glues two words), invisible characters
+    (:func:`_drop`) go, and whitespace collapses to single spaces."""
+    out = []
+    for ch in text:
+        if ch.isspace() or unicodedata.category(ch) == "Cc":
+            out.append(" ")
+        elif not _drop(ch):
+            out.append(ch)
+    return " ".join("".join(out).split())
+
+
+def decode_encoded(text: str) -> str:
+    """HTML named and numeric entities decoded (up to three layers: ``&amp;lt;``), and URL
+    percent-encoding where it encodes markup (``%3Ctail%3E``)."""
+    for _ in range(3):
+        if not _ENTITY.search(text):
+            break
+        decoded = html.unescape(text)
+        if decoded == text:
+            break
+        text = decoded
+    if _PERCENT_MARKUP.search(text):
+        text = urllib.parse.unquote(text)
+    return text
+
+
+def _clean(text: str) -> str:
+    """NFKC, bracket look-alikes folded, stray combining marks removed; lines kept."""
+    # lone surrogates cannot be normalised: drop them first
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cs")
+    text = unicodedata.normalize("NFKC", text).translate(_BRACKETS)
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Mn", "Me"))
+    return _SQUARE_TAG.sub(r"<\1tail>", text)
+
+
+def canonicalize(text: str) -> str:
+    """The canonical form of a text, which is what is checked and written (see the module
+    docstring); encoded markup is not decoded here (:func:`decode_encoded`)."""
+    return normalize_whitespace(_clean(text))
+
+
+@functools.lru_cache(maxsize=8192)
+def _fold(ch: str) -> str:
+    if ch in _CONFUSABLES:
+        return _CONFUSABLES[ch]
+    if ch.isalpha() and not ch.isascii():
+        base = unicodedata.normalize("NFD", ch)[0]
+        if base.isascii():
+            return base
+    return ch
+
+
+def skeleton(text: str) -> str:
+    """``text`` with look-alike letters of other scripts and Latin diacritics folded to a-z,
+    one character for one (positions are kept): what class names are matched against."""
+    return "".join(map(_fold, text))
+
+
+@functools.lru_cache(maxsize=8192)
+def _latin(ch: str) -> bool:
+    return ch not in _CONFUSABLES and unicodedata.name(ch, "").startswith("LATIN")
+
+
+_LETTERS = re.compile(r"[^\W\d_]+")
+
+
+def _script(word: str) -> str:
+    """'latin'; 'mixed' (Latin with look-alikes only: foldable); or 'foreign'."""
+    foreign = [ch for ch in word if not _latin(ch)]
+    if not foreign:
+        return "latin"
+    if len(foreign) < len(word) and all(ch in _CONFUSABLES for ch in foreign):
+        return "mixed"
+    return "foreign"
+
+
+def _fold_mixed_words(text: str) -> str:
+    return _LETTERS.sub(
+        lambda m: skeleton(m.group(0)) if _script(m.group(0)) == "mixed" else m.group(0), text
     )
-    return " ".join(text.split())
+
+
+def _script_reasons(text: str, limit: int = 3) -> list[str]:
+    found: dict[str, list[str]] = {"mixed": [], "foreign": []}
+    for m in _LETTERS.finditer(text):
+        kind = _script(m.group(0))
+        if kind != "latin" and len(found[kind]) < limit and m.group(0) not in found[kind]:
+            found[kind].append(m.group(0))
+    return [f"mixed_script:{w}" for w in found["mixed"]] + [
+        f"non_latin:{w}" for w in found["foreign"]
+    ]
+
+
+def _repeated_share(words: list[str], n: int) -> float:
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def _form_reasons(text: str, cfg: ValidationConfig) -> list[str]:
+    """Characters, tokens, addresses, repetition and prose-likeness of a plain text."""
+    reasons = []
+    if len(text) > cfg.char_limit:
+        reasons.append(f"too_many_chars:{len(text)}")
+    long = next((t for t in text.split() if len(t) > cfg.max_token_chars), None)
+    if long is not None:
+        reasons.append(f"long_token:{long[:20]}")
+    if _URL.search(text):
+        reasons.append("url")
+    words = [w.lower() for w in _WORD.findall(text)]
+    if len(words) < PROSE_MIN_WORDS:
+        return reasons
+    share = _repeated_share(words, 4)
+    if share > cfg.max_repetition:
+        reasons.append(f"repetitive:{share:.2f}")
+    sentences = [tuple(w.lower() for w in _WORD.findall(s)) for s in _SENTENCE_END.split(text)]
+    sentences = [s for s in sentences if len(s) >= 4]
+    if len(set(sentences)) < len(sentences):
+        reasons.append("repeated_sentence")
+    if "lorem ipsum" in " ".join(words):
+        reasons.append("not_prose:lorem_ipsum")
+    function = sum(w in FUNCTION_WORDS for w in words) / len(words)
+    if function < cfg.min_function_word_share:
+        reasons.append(f"not_prose:function_words={function:.2f}")
+    numbers = sum(w.isdigit() for w in words) / len(words)
+    if numbers > cfg.max_number_share:
+        reasons.append(f"not_prose:numbers={numbers:.2f}")
+    return reasons
 
 
 @dataclass
@@ -200,8 +436,9 @@ def _parse(description: str) -> _Parsed:
 
 
 def strip_markup(text: str) -> str:
-    """The text with ``<tail>`` tags and any other markup removed, whitespace normalised."""
-    return _parse(normalize_whitespace(text)).text
+    """The canonical text with ``<tail>`` tags and any other markup (also entity-encoded)
+    removed."""
+    return _parse(canonicalize(decode_encoded(text))).text
 
 
 def count_words(text: str) -> int:
@@ -218,16 +455,24 @@ def validate(
     """Check one generated description against the image's labels (see the module docstring)."""
     cfg = cfg or ValidationConfig()
     raw = text or ""
-    description = normalize_whitespace(raw)
+    decoded = decode_encoded(raw)
+    cleaned = _clean(decoded)
+    description = normalize_whitespace(cleaned)
     if not description:
         return ValidationResult(valid=False, reasons=["empty"])
 
     parsed = _parse(description)
-    reasons = list(parsed.reasons)
-    if _MARKDOWN.search(raw):
+    reasons = ["encoded_markup"] if decoded != raw else []
+    reasons += parsed.reasons
+    if _MARKDOWN.search(cleaned):
         reasons.append("markdown")
     if _PREAMBLE.search(parsed.text):
         reasons.append("preamble")
+    if _ROLE_WORD.match(parsed.text):
+        reasons.append("role_word")
+    reasons += _script_reasons(parsed.text)
+    if "\ufffd" in parsed.text:
+        reasons.append("garbled:replacement_char")
 
     labels = {int(i) for i in label_ids}
     tails = sorted(i for i in labels if space.is_tail(i))
@@ -236,7 +481,7 @@ def validate(
         if not content:
             reasons.append("empty_tag")
             continue
-        found = space.mentions(content)
+        found = space.mentions(skeleton(content))
         exact = len(found) == 1 and found[0].start == 0 and found[0].end == len(content)
         if not (exact and found[0].class_id in tails):
             reasons.append(f"tag_not_tail_label:{content}")
@@ -245,7 +490,7 @@ def validate(
     covered: set[int] = set()
     untagged: set[int] = set()
     hallucinated: list[str] = []
-    for m in space.mentions(parsed.text):
+    for m in space.mentions(skeleton(parsed.text)):
         if m.class_id in tails:
             tail_mentions += 1
             (covered if parsed.tagged[m.start] else untagged).add(m.class_id)
@@ -266,6 +511,7 @@ def validate(
         reasons.append(f"too_short:{word_count}")
     elif word_count > cfg.max_words:
         reasons.append(f"too_long:{word_count}")
+    reasons += _form_reasons(parsed.text, cfg)
 
     reasons = list(dict.fromkeys(reasons))
     fatal = [
@@ -287,9 +533,7 @@ def validate(
 def repetition(text: str | None, n: int = 4) -> float:
     """Share of a text's word n-grams that repeat an earlier one (0: none; degenerate loops such
     as "the person is sitting on a towel. The person is sitting on a towel" score high)."""
-    words = [w.lower() for w in _WORD.findall(strip_markup(text or ""))]
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+    return _repeated_share([w.lower() for w in _WORD.findall(strip_markup(text or ""))], n)
 
 
 def tail_mention_rate(
@@ -311,7 +555,8 @@ def tail_mention_rate(
         tails = {int(i) for i in ids if space.is_tail(int(i))}
         instances += len(tails)
         if text and tails:
-            mentions += sum(m.class_id in tails for m in space.mentions(strip_markup(text)))
+            found = space.mentions(skeleton(strip_markup(text)))
+            mentions += sum(m.class_id in tails for m in found)
     return mentions / instances if instances else 0.0
 
 
@@ -325,10 +570,13 @@ _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;!?])")  # left where a removed tag st
 class Repair:
     """A repaired text and what was done to it (empty ``repairs``: nothing to repair).
 
-    Codes: ``strip_control_chars``, ``strip_chat_tokens``, ``strip_markdown`` (emphasis and
-    code marks only), ``fix_tags`` (stray, unbalanced, nested or misspelled ``<tail>`` tags
-    removed), ``untag:<content>`` (tags around text that is not one of the image's tail labels
-    removed), ``tag:<name>`` (the first mention of an untagged tail label tagged).
+    Codes: ``decode_entities`` (HTML entities, URL-encoded markup), ``strip_control_chars``,
+    ``fold_confusables`` (look-alike letters of other scripts inside Latin words),
+    ``strip_markdown`` (emphasis and code marks only), ``strip_role_word`` (a leading
+    "assistant"), ``strip_chat_tokens``, ``fix_tags`` (stray, unbalanced, nested or misspelled
+    ``<tail>`` tags removed), ``untag:<content>`` (tags around text that is not one of the
+    image's tail labels removed: a tail name split by a tag is then tagged whole),
+    ``tag:<name>`` (the first mention of an untagged tail label tagged).
     """
 
     text: str
@@ -366,28 +614,46 @@ def _join(parts: list[str]) -> str:
     return _SPACE_BEFORE_PUNCT.sub(r"\1", normalize_whitespace(out))
 
 
+def _glue(a: str, b: str) -> str:
+    """Two text pieces that a removed tag separated: a space where two words would touch."""
+    return a + " " + b if a and b and a[-1].isalnum() and b[0].isalnum() else a + b
+
+
 def repair(text: str | None, label_ids: Sequence[int], space: LabelSpace) -> Repair:
     """Fix what can be fixed without a model, deterministically; ``validate`` decides after.
 
-    Chat-template tokens, control characters and markdown emphasis are removed; a ``<tail>``
-    pair is kept only when it is well formed, not nested, and holds exactly one of the image's
-    tail labels (case, plural and synonyms as ``LabelSpace.mentions`` reads them); every other
-    tail tag (and a misspelled one) is removed, keeping its words; each tail label left
-    without a tag gets one around its first mention. Other markup, missing labels, named
-    classes the image lacks, and lengths are not touched: those stay invalid.
+    Entities and URL-encoded markup are decoded; control characters, chat-template tokens, a
+    leading role word and markdown emphasis are removed; look-alike letters inside Latin words
+    are folded to Latin; a ``<tail>`` pair is kept only when it is well formed, not nested, and
+    holds exactly one of the image's tail labels (case, plural and synonyms as
+    ``LabelSpace.mentions`` reads them); every other tail tag (and a misspelled one) is removed,
+    keeping its words; each tail label left without a tag gets one around its first mention
+    (also when a removed tag had split its name). Other markup, missing labels, named classes
+    the image lacks, other scripts, repetition and lengths are not touched: those stay invalid.
     """
     raw = text or ""
     repairs: list[str] = []
-    if any(not ch.isspace() and unicodedata.category(ch) in ("Cc", "Cf") for ch in raw):
+    decoded = decode_encoded(raw)
+    if decoded != raw:
+        repairs.append("decode_entities")
+    if any(map(_invisible, decoded)):
         repairs.append("strip_control_chars")
-    s = normalize_whitespace(raw)
+    s = canonicalize(decoded)
+    folded = _fold_mixed_words(s)
+    if folded != s:
+        s = folded
+        repairs.append("fold_confusables")
     if _EMPHASIS.search(s):
         s = normalize_whitespace(_EMPHASIS.sub("", s))
         repairs.append("strip_markdown")
+    role = _ROLE_WORD.match(s)
+    if role and role.end():
+        s = s[role.end() :]
+        repairs.append("strip_role_word")
     tails = {int(i) for i in label_ids if space.is_tail(int(i))}
 
     def tail_label(content: str) -> int | None:
-        found = space.mentions(content)
+        found = space.mentions(skeleton(content))
         exact = len(found) == 1 and found[0].start == 0 and found[0].end == len(content)
         return found[0].class_id if exact and found[0].class_id in tails else None
 
@@ -435,17 +701,27 @@ def repair(text: str | None, label_ids: Sequence[int], space: LabelSpace) -> Rep
     if fixed:
         repairs.append("fix_tags")
 
+    # text that removed tags left in pieces is one text again, so a split name reads whole
+    merged: list[tuple] = []
+    for piece in pieces:
+        if piece[0] == "text" and merged and merged[-1][0] == "text":
+            merged[-1] = ("text", _glue(merged[-1][1], piece[1]))
+        else:
+            merged.append(piece)
+    pieces = merged
+
     covered = {p[1] for p in pieces if p[0] == "tag"}
     for class_id in sorted(tails - covered):
         for k, piece in enumerate(pieces):
             if piece[0] != "text":
                 continue
-            hit = next((m for m in space.mentions(piece[1]) if m.class_id == class_id), None)
+            words = piece[1]
+            found = space.mentions(skeleton(words))
+            hit = next((m for m in found if m.class_id == class_id), None)
             if hit is not None:
-                words = piece[1]
                 pieces[k : k + 1] = [
                     ("text", words[: hit.start]),
-                    ("tag", class_id, hit.text),
+                    ("tag", class_id, words[hit.start : hit.end]),
                     ("text", words[hit.end :]),
                 ]
                 repairs.append(f"tag:{space.names[class_id]}")

@@ -118,8 +118,9 @@ class TrainConfig:
     preempt_file: str = ""
     audit_batches: bool = False  # each rank logs its batches' keys to <output_dir>/batches/
     collective_timeout_s: int = 1800
-    # A non-finite loss stops the run at its step, naming the value; up to this many such
-    # steps are skipped first (their update is dropped), e.g. a rare fp16 overflow.
+    # A non-finite loss or gradient norm stops the run at its step, naming the value; up to
+    # this many such steps are skipped first (their update is dropped). fp16's loss scaler
+    # skips its own overflowed steps; they do not count here.
     max_nonfinite_steps: int = 0
     seed: int = 0
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
@@ -155,6 +156,10 @@ class TrainConfig:
                 f"{clip.image_size}: the CLIP tower's position embeddings are built for the "
                 "latter; set both to the same size"
             )
+        if builds_clip_tower:
+            clip.validate()
+        if self.task == "cprfl" and self.model.backbone.kind == "clip":
+            self.model.backbone.clip.validate()
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.data.location:

@@ -408,8 +408,15 @@ def train(cfg: TrainConfig) -> dict:
                         optimizer.zero_grad(set_to_none=True)  # this update is dropped
                         continue
                     acc.backward(out["loss"])
-                    if acc.sync_gradients and cfg.optim.grad_clip and not _is_deepspeed(acc):
-                        acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    if acc.sync_gradients and not _is_deepspeed(acc):
+                        norm = _grad_norm(acc, model, cfg.optim.grad_clip)
+                        # fp16's loss scaler skips an overflowed step itself
+                        if acc.scaler is None and _agree(acc, not math.isfinite(norm)):
+                            nonfinite += 1
+                            grads = {**out, "grad_norm": torch.tensor(norm)}
+                            _nonfinite(acc, cfg, grads, step + 1, nonfinite, "gradient norm")
+                            optimizer.zero_grad(set_to_none=True)
+                            continue
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in out.items():
@@ -457,11 +464,23 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def _nonfinite(acc, cfg: TrainConfig, out: dict, step: int, count: int) -> None:
-    """A loss that is NaN or infinite on some rank: stop naming the step and the values, or,
-    within ``max_nonfinite_steps``, drop this update and say so."""
+def _grad_norm(acc, model, clip: float) -> float:
+    """The global gradient norm of this update (clipped to ``clip`` when set): DDP has reduced
+    the gradients, so every rank reads the same value."""
+    if clip:
+        return float(acc.clip_grad_norm_(model.parameters(), clip))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _nonfinite(
+    acc, cfg: TrainConfig, out: dict, step: int, count: int, what: str = "loss"
+) -> None:
+    """A loss or gradient norm that is NaN or infinite on some rank: stop naming the step and
+    the values, or, within ``max_nonfinite_steps``, drop this update and say so. (DeepSpeed
+    checks its own gradients; a non-finite update there shows as the next step's loss.)"""
     values = {k: float(v.detach()) for k, v in out.items()}
-    what = f"step {step}: non-finite loss on rank {acc.process_index}: {values}"
+    what = f"step {step}: non-finite {what} on rank {acc.process_index}: {values}"
     if count > cfg.max_nonfinite_steps:
         raise TrainingError(
             f"{what} (or on another rank). Nothing after it is trained on; the last checkpoint "

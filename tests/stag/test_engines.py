@@ -146,7 +146,9 @@ def constrained_describer(engine, space, **kw):
 
     cfg = StagConfig(
         prompt=StagPromptConfig(min_words=20, max_words=30),
-        validation=ValidationConfig(min_words=20, max_words=35),
+        # a grammar bounds markup, tags and length, not repetition: SmolLM2-135M loops on a row
+        # (repeated 4-grams 0.53), which a run's retry redraws; here the grammar alone is judged
+        validation=ValidationConfig(min_words=20, max_words=35, max_repetition=1.0),
         max_attempts=1,
         repair=False,  # the grammar and the bad words alone
         **kw,

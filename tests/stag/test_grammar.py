@@ -23,9 +23,13 @@ MIN, MAX, GAP, LAST = 10, 20, 3, 8
 TAIL_IDS = {"surfboard": SURFBOARD, "hair drier": DRIER, "teddy bear": TEDDY, "bear": BEAR}
 # Prose words that name no class (the validator would call them hallucinations otherwise),
 # with the hyphen, apostrophe and punctuation forms the grammar allows.
+# Long enough that no 4-gram repeats in a text (the validator rejects loops).
 FILLER = (
     "the well-lit beach is calm; it's warm and quiet under a pale sky, with soft waves "
-    "rolling toward shore slowly"
+    "rolling toward shore slowly while gulls circle above the dunes and a light breeze moves "
+    "through tall grass near an old wooden fence, where shells lie scattered in small heaps "
+    "beside faded towels, and distant boats drift past the rocky point as evening light turns "
+    "gold over the water's edge before the tide comes back in again tonight"
 ).split()
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ltdist.stag.validate import (
     REASON_CODES,
     ValidationConfig,
+    canonicalize,
     normalize_whitespace,
     reason_code,
     repair,
@@ -145,7 +148,14 @@ def test_runaway_length(space):
     r = check(space, text)
     assert not r.valid
     assert r.word_count == len(VALID_PLAIN.split()) + 400
-    assert r.reasons == [f"too_long:{r.word_count}"]
+    # a runaway is a loop: too long in words and characters, and repetitive
+    assert r.reasons == [
+        f"too_long:{r.word_count}",
+        f"too_many_chars:{len(r.text)}",
+        f"repetitive:{repetition(text):.2f}",
+        "repeated_sentence",
+    ]
+    assert len(r.text) > 12 * 80
 
 
 def test_too_short(space):
@@ -371,7 +381,11 @@ UNREPAIRABLE = {
     "hallucinated_dog": (f"A person and a dog carry {TAGS} on the sand.", "hallucination"),
     "hallucinated_car": (f"A person loads {TAGS} into the cars.", "hallucination"),
     "too_short": ("<tail> surfboard </tail>, <tail> hair drier </tail>.", "too_short"),
-    "too_long": (GOOD + " The waves keep rolling in." * 5, "too_long"),
+    "too_long": (
+        GOOD + " Gulls wheel overhead while distant boats drift toward the harbour, and "
+        "children build sandcastles near the dunes as the tide slowly turns.",
+        "too_long",
+    ),
     "unknown_tag": ("A <b>surfboard</b> lies past a <tail> hair drier </tail>.", "unknown_tag"),
     "markdown_list_item": (f"- {TAGS} lie on the sand.", "markdown"),
     "numbered_list_item": (f"1. {TAGS} lie on the sand.", "markdown"),
@@ -444,3 +458,155 @@ def test_repetition(text, expected):
 def test_repetition_other_n():
     assert repetition("a b a b", n=2) == pytest.approx(1 / 3)
     assert repetition("a b a b", n=5) == 0.0
+
+
+# -- adversarial outputs: the verdict on each -------------------------------------------------
+
+TAGGED = "<tail> surfboard </tail>"
+DRIER_TAG = "<tail> hair drier </tail>"
+LOOP = "A person carries a <tail> surfboard </tail> past a <tail> hair drier </tail>. "
+LOREM = (
+    "Lorem ipsum dolor sit amet <tail> surfboard </tail> consectetur adipiscing elit "
+    "<tail> hair drier </tail> sed eiusmod tempor incididunt labore."
+)
+
+
+def cyr(word: str) -> str:
+    """``word`` with its Latin a, c, e, o, p written in Cyrillic look-alikes."""
+    return word.translate(str.maketrans("aceop", "асеор"))
+
+
+# id: (output, verdict): 'valid' (as written, in canonical form), ('repaired', the repairs),
+# or ('invalid', the reason codes left after repair)
+ADVERSARIAL = {
+    # encodings: decoded before parsing, never left in the text
+    "html_entities": (GOOD.replace("<", "&lt;").replace(">", "&gt;"),
+                      ("repaired", ["decode_entities"])),
+    "numeric_entities": (GOOD.replace("<", "&#60;").replace(">", "&#62;"),
+                         ("repaired", ["decode_entities"])),
+    "hex_entities": (GOOD.replace("<", "&#x3C;").replace(">", "&#x3e;"),
+                     ("repaired", ["decode_entities"])),
+    "double_encoded": (GOOD.replace("<", "&amp;lt;").replace(">", "&amp;gt;"),
+                       ("repaired", ["decode_entities"])),
+    "url_encoded": (GOOD.replace("<", "%3C").replace(">", "%3E").replace("/", "%2F"),
+                    ("repaired", ["decode_entities"])),
+    "entity_in_prose": (GOOD.replace("the sand", "salt &amp; sand"),
+                        ("repaired", ["decode_entities"])),
+    "entity_spelled_class": (GOOD.replace("the sand", "a c&#97;r"), ("invalid", {"hallucination"})),
+    "plain_ampersand_and_percent": (GOOD.replace("the sand", "salt & sand, 50% wet"), "valid"),
+    # degenerate loops and filler
+    "sentence_repeated": (LOOP * 2, ("invalid", {"repetitive", "repeated_sentence"})),
+    "word_repeated": (GOOD + " very" * 12, ("invalid", {"repetitive"})),
+    "lorem_ipsum": (LOREM, ("invalid", {"not_prose"})),
+    "number_salad": (f"{TAGGED} <tail> hair drier </tail> 12 48 7 300 5 91 23 64 8 15 77 2",
+                     ("invalid", {"not_prose"})),
+    "word_list": (f"person {TAGGED} <tail> hair drier </tail> sand sea sky towel sun wave shell",
+                  ("invalid", {"not_prose"})),
+    # characters
+    "no_spaces": (GOOD + " waves.roll.in.slowly.from.the.far.blue.sea.today",
+                  ("invalid", {"long_token"})),
+    "one_huge_token": (GOOD + " " + "a" * 60, ("invalid", {"long_token"})),
+    "lone_surrogate": (GOOD.replace("sand", "sa\ud800nd"), "valid"),
+    "nul_between_words": (GOOD.replace("person carries", "person\x00carries"), "valid"),
+    "replacement_char": (GOOD.replace("sand", "sa\ufffdnd"), ("invalid", {"garbled"})),
+    "bidi_override": (GOOD.replace("past", "\u202epast\u202c"), "valid"),
+    "unicode_tag_chars": (GOOD + "\U000e0041\U000e0042", "valid"),
+    "private_use": (GOOD.replace("sand", "sand\ue000"), "valid"),
+    "non_breaking_spaces": (GOOD.replace(" ", "\u00a0"), "valid"),
+    "url": (GOOD + " See www.example.com for more.", ("invalid", {"url"})),
+    # chat templates
+    "role_word": ("assistant\n" + GOOD, ("repaired", ["strip_role_word"])),
+    "role_word_colon": ("Assistant: " + GOOD, ("repaired", ["strip_role_word"])),
+    "chat_start_with_role": ("<|im_start|>assistant\n" + GOOD, ("repaired", ["strip_chat_tokens"])),
+    "gemma_turn": ("<start_of_turn>model\n" + GOOD + "<end_of_turn>",
+                   ("repaired", ["strip_chat_tokens"])),
+    "eos_token": (GOOD + "</s>", ("repaired", ["strip_chat_tokens"])),
+    # look-alikes: folded before matching, so a class the image lacks is still found
+    "cyrillic_in_absent_class": (GOOD.replace("the sand", "a " + cyr("car")),
+                                 ("invalid", {"hallucination"})),
+    "greek_in_absent_class": (GOOD.replace("the sand", "a dοg"), ("invalid", {"hallucination"})),
+    "cyrillic_in_tail_name": (GOOD.replace("surfboard", cyr("surfboard")),
+                              ("repaired", ["fold_confusables"])),
+    "full_width_class": (GOOD.replace("the sand", "a ｃａｒ"), ("invalid", {"hallucination"})),
+    "math_bold_class": (GOOD.replace("the sand", "a 𝐜𝐚𝐫"), ("invalid", {"hallucination"})),
+    "diacritic_class": (GOOD.replace("the sand", "a cár"), ("invalid", {"hallucination"})),
+    "zero_width_in_class": (GOOD.replace("the sand", "a c\u200bar"),
+                            ("invalid", {"hallucination"})),
+    "zalgo_class": (GOOD.replace("the sand", "a c\u0336a\u0336r\u0336"),
+                    ("invalid", {"hallucination"})),
+    "other_script_word": (GOOD.replace("sand", "сосна"), ("invalid", {"non_latin"})),
+    "cjk_text": (GOOD + " 海滩上有人", ("invalid", {"non_latin"})),
+    # bracket forms and split names
+    "full_width_brackets": (GOOD.replace("<", "＜").replace(">", "＞").replace("/", "／"), "valid"),
+    "angle_quotes": (GOOD.replace("<", "‹").replace(">", "›"), "valid"),
+    "square_brackets": (GOOD.replace("<", "[").replace(">", "]"), "valid"),
+    "tail_name_split_after": (GOOD.replace(DRIER_TAG, "<tail> hair </tail> drier"),
+                              ("repaired", ["untag:hair", "tag:hair drier"])),
+    "tail_name_split_before": (GOOD.replace(DRIER_TAG, "hair <tail> drier </tail>"),
+                               ("repaired", ["untag:drier", "tag:hair drier"])),
+    "tail_name_in_two_tags": (GOOD.replace(DRIER_TAG, "<tail> hair </tail> <tail> drier </tail>"),
+                              ("repaired", ["untag:hair", "untag:drier", "tag:hair drier"])),
+    # good text that must stay good
+    "curly_quotes_dash_accent": (GOOD.replace("the sand", "the café’s sand — warm"), "valid"),
+    "fi_ligature": (GOOD.replace("the sand", "a ﬁeld"), "valid"),
+}  # fmt: skip
+
+
+def verdict(text, space):
+    """'valid', ('repaired', repairs) or ('invalid', codes after repair), and the final text."""
+    first = validate(text, REPAIR_LABELS, space, REPAIR_CFG)
+    if first.valid:
+        return "valid", first
+    fixed = repair(text, REPAIR_LABELS, space)
+    again = validate(fixed.text, REPAIR_LABELS, space, REPAIR_CFG)
+    if again.valid:
+        return ("repaired", fixed.repairs), again
+    return ("invalid", {reason_code(r) for r in again.reasons}), again
+
+
+@pytest.mark.parametrize("text, expected", list(ADVERSARIAL.values()), ids=list(ADVERSARIAL))
+def test_adversarial_verdicts(space, text, expected):
+    got, result = verdict(text, space)
+    assert got == expected, result.reasons
+    # whatever the verdict, what would be written is clean, canonical text
+    result.text.encode("utf-8")  # no surrogate
+    assert not any(ch in result.text for ch in "\x00\ufeff\u200b\u202e<>＜")
+    assert not re.search(r"&(?:amp|lt|gt|#)|%3C", result.text, re.IGNORECASE)
+    assert result.description == canonicalize(result.description)
+
+
+def test_nul_and_look_alikes_in_the_written_text(space):
+    _, r = verdict(GOOD.replace("person carries", "person\x00carries"), space)
+    assert "person carries" in r.text
+    _, r = verdict(GOOD.replace("surfboard", cyr("surfboard")), space)
+    assert "surfboard" in r.text and r.tail_mentions == 2
+    _, r = verdict(GOOD.replace("<", "＜").replace(">", "＞").replace("/", "／"), space)
+    assert r.description == GOOD
+    _, r = verdict(GOOD.replace("<tail> hair drier </tail>", "<tail> hair </tail> drier"), space)
+    assert r.description == GOOD
+    first = validate(cyr("surfboard") + " " + GOOD, REPAIR_LABELS, space, REPAIR_CFG)
+    assert f"mixed_script:{cyr('surfboard')}" in first.reasons
+
+
+def test_character_limits(space):
+    cfg = ValidationConfig(min_words=5, max_words=30, max_chars=40)
+    r = validate(GOOD, REPAIR_LABELS, space, cfg)
+    assert r.reasons == [f"too_many_chars:{len(r.text)}"]
+    assert ValidationConfig(max_words=80).char_limit == 960  # 0: 12 characters a word
+
+
+def test_prose_checks_need_ten_words(space):
+    # too few words for a share to mean anything: only the length is reported
+    r = validate("<tail> surfboard </tail>, <tail> hair drier </tail>.", REPAIR_LABELS, space)
+    assert {reason_code(x) for x in r.reasons} == {"too_short"}
+
+
+def test_prose_thresholds_are_settings(space):
+    cfg = ValidationConfig(min_words=5, max_words=40, max_repetition=1.0)
+    assert validate(GOOD + " very" * 12, REPAIR_LABELS, space, cfg).valid
+    cfg = ValidationConfig(min_words=5, max_words=40, min_function_word_share=0.0)
+    assert validate(LOREM.replace("Lorem ipsum", "Lorem"), REPAIR_LABELS, space, cfg).valid
+    with pytest.raises(ValueError, match="max_repetition"):
+        ValidationConfig(max_repetition=1.5)
+    with pytest.raises(ValueError, match="max_token_chars"):
+        ValidationConfig(max_token_chars=0)

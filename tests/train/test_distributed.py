@@ -16,6 +16,7 @@ from ltdist.config import load_config
 from ltdist.data.loader import ShardLoader
 from ltdist.data.shards import load_index, read_shard
 from ltdist.rehearsal.run import kill_after_first_checkpoint
+from ltdist.train import loop
 from ltdist.train.checkpoint import complete_steps
 from ltdist.train.config import TrainConfig
 from ltdist.train.export import load_export, read_export_config, read_export_weights
@@ -387,6 +388,43 @@ def test_a_non_finite_loss_stops_the_run_at_its_step(demo, tmp_path):
     assert proc.returncode != 0
     assert "non-finite loss" in proc.stderr and "step " in proc.stderr
     assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_non_finite_gradient_stops_the_run_at_its_step(demo, tmp_path, monkeypatch, grad_clip):
+    """A finite loss with a NaN gradient (a hook on one weight poisons the 3rd backward pass),
+    one process: the run stops at step 3 naming the gradient norm; with max_nonfinite_steps=1
+    that update is dropped, not taken, and the run ends with finite weights."""
+
+    real, backwards = loop.build_task, []
+
+    def poisoned(*args, **kwargs):
+        task = real(*args, **kwargs)
+        weight = next(p for p in task.parameters() if p.requires_grad)
+        backwards.clear()
+
+        def hook(grad):
+            backwards.append(1)
+            return grad * float("nan") if len(backwards) == 3 else grad
+
+        weight.register_hook(hook)
+        return task
+
+    monkeypatch.setattr(loop, "build_task", poisoned)
+
+    def config(name: str, *extra: str) -> TrainConfig:
+        overrides = [f"data.location={demo}", f"output_dir={tmp_path / name}", "max_steps=5"]
+        overrides += ["data.eval_split=", f"optim.grad_clip={grad_clip}", *extra]
+        return load_config(TrainConfig, TINY, overrides)
+
+    with pytest.raises(loop.TrainingError, match=r"step 3: non-finite gradient norm .*nan"):
+        loop.train(config("stops"))
+    assert not (tmp_path / "stops" / "export").exists()
+
+    result = loop.train(config("skips", "max_nonfinite_steps=1"))
+    assert result["status"] == "completed" and len(backwards) == 6  # 5 steps + the dropped one
+    weights = read_export_weights(str(tmp_path / "skips" / "export"))
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
 
 
 def test_resuming_from_checkpoints_another_run_wrote_is_refused_unless_trusted(demo, tmp_path):

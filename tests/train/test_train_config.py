@@ -100,11 +100,26 @@ def test_accelerate_configs_leave_the_precision_to_the_training_config(path):
         ("checkpoint.every_steps=-1", "checkpoint.every_steps=-1"),
         ("collective_timeout_s=0", "collective_timeout_s=0"),
         ("loader.image_size=448", "model.clip.image_size=224"),
+        # the tower's own patch size / stride, read from open_clip's model table
+        ("loader.image_size=225 model.clip.image_size=225", "ViT-B-16's patch size (16)"),
+        ("loader.image_size=230 model.clip.image_size=230 model.clip.model_name=ViT-B-32",
+         "ViT-B-32's patch size (32): the tower would drop the image's edge; 224 is"),
+        ("loader.image_size=450 model.clip.image_size=450 model.clip.model_name=RN50",
+         "RN50's total stride (32)"),
+        ("task=cprfl model.head=cprfl model.backbone.kind=clip model.backbone.clip.image_size=200",
+         "image_size 200 is not a multiple of ViT-B-16's patch size (16)"),
     ],
-)
+)  # fmt: skip
 def test_bad_numbers_are_refused_at_load(override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        load_config(TrainConfig, overrides=[override, "data.location=x"])
+        load_config(TrainConfig, overrides=[*override.split(), "data.location=x"])
+
+
+def test_sizes_the_tower_takes_are_accepted():
+    for size, name in ((448, "ViT-B-16"), (384, "ViT-B-32"), (448, "RN50")):
+        sizes = [f"loader.image_size={size}", f"model.clip.image_size={size}"]
+        overrides = [*sizes, f"model.clip.model_name={name}", "data.location=x"]
+        assert load_config(TrainConfig, overrides=overrides).model.clip.image_size == size
 
 
 def test_a_missing_data_location_is_an_error_not_the_demo():
