@@ -473,9 +473,7 @@ def _grad_norm(acc, model, clip: float) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def _nonfinite(
-    acc, cfg: TrainConfig, out: dict, step: int, count: int, what: str = "loss"
-) -> None:
+def _nonfinite(acc, cfg: TrainConfig, out: dict, step: int, count: int, what: str = "loss") -> None:
     """A loss or gradient norm that is NaN or infinite on some rank: stop naming the step and
     the values, or, within ``max_nonfinite_steps``, drop this update and say so. (DeepSpeed
     checks its own gradients; a non-finite update there shows as the next step's loss.)"""
