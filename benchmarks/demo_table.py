@@ -23,18 +23,16 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ltdist.eval.compare import Method, RunMetrics, format_table, plot_per_class_ap
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_BIN = ROOT / ".venvs/train/bin"
 GEN_BIN = ROOT / ".venvs/gen/bin"
-sys.path.insert(0, str(ROOT))
-
-from ltdist.eval.compare import Method, RunMetrics, format_table, plot_per_class_ap  # noqa: E402
 
 PRETRAIN = "configs/pretrain/demo.yaml"
 DPVLPA = "configs/finetune/demo_dpvlpa.yaml"

@@ -6,18 +6,12 @@ Run ``python benchmarks/eval_speed.py``; the default matrix (5,000 x 80) is COCO
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-try:
-    from ltdist.eval.metrics import average_precision
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ltdist.eval.metrics import average_precision
+from ltdist.eval.metrics import average_precision
 
 
 def map_speed(n: int = 5000, c: int = 80, repeats: int = 10, seed: int = 0) -> dict[str, float]:

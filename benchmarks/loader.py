@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import tarfile
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval_speed import map_speed  # the sibling script (a script's folder is on its path)
 
-from benchmarks.eval_speed import map_speed  # noqa: E402
-from ltdist.data.loader import ClipTransform, LoaderConfig, ShardLoader, clip_normalize  # noqa: E402
-from ltdist.data.shards import load_index  # noqa: E402
+from ltdist.data.loader import ClipTransform, LoaderConfig, ShardLoader, clip_normalize
+from ltdist.data.shards import load_index
 
 
 def raw_pass(location: str, split: str, transform: ClipTransform) -> int:

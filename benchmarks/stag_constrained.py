@@ -26,12 +26,10 @@ import argparse
 import collections
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",

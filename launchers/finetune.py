@@ -6,7 +6,7 @@ pretraining export (model.init_from) or a plain backbone.
 
 import sys
 
-from ltdist.train.cli import main
+from ltdist.train.commands import train_main
 
 if __name__ == "__main__":
-    sys.exit(main(("dpvlpa", "cprfl"), description=__doc__))
+    sys.exit(train_main(("dpvlpa", "cprfl"), description=__doc__))

@@ -5,7 +5,7 @@ accelerate launch launchers/pretrain.py --config configs/pretrain/demo.yaml [key
 
 import sys
 
-from ltdist.train.cli import main
+from ltdist.train.commands import train_main
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain", description=__doc__))
+    sys.exit(train_main("pretrain", description=__doc__))

@@ -86,7 +86,7 @@ def evaluate(model, location: str, split: str, image_size: int, batch_size: int 
     model.eval()
     scores, targets = [], []
     with torch.no_grad():
-        for x, y, _ in eval_batches(location, split, batch_size, image_size):
+        for x, y, *_ in eval_batches(location, split, batch_size, image_size):
             scores.append(torch.sigmoid(model(x)))
             targets.append(y)
     return group_map(torch.cat(scores), torch.cat(targets), load_label_space(location))

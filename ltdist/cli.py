@@ -15,16 +15,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from ltdist.config import ConfigError, load_config
+from ltdist import entry
+from ltdist.config import dump_yaml, load_config
+
+
+def _load(cls, args: argparse.Namespace):
+    """The command's config; with --print-config it is printed and None returned."""
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return None
+    return cfg
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--print-config", action="store_true", help="print the config and exit")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from ltdist.data.demo import DemoConfig, build_demo
 
-    cfg = load_config(DemoConfig, args.config, args.overrides)
+    cfg = _load(DemoConfig, args)
+    if cfg is None:
+        return 0
     summary = build_demo(args.out, cfg)
     print(json.dumps(summary, indent=1))
     return 0
@@ -33,7 +50,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from ltdist.data.pack import PackConfig, pack_dataset
 
-    cfg = load_config(PackConfig, args.config, args.overrides)
+    cfg = _load(PackConfig, args)
+    if cfg is None:
+        return 0
     results = pack_dataset(cfg)
     for split, r in results.items():
         print(
@@ -83,7 +102,9 @@ def _fetch_splits(args: argparse.Namespace) -> int:
 def _baseline(args: argparse.Namespace) -> int:
     from ltdist.baseline import BaselineConfig, train_baseline
 
-    cfg = load_config(BaselineConfig, args.config, args.overrides)
+    cfg = _load(BaselineConfig, args)
+    if cfg is None:
+        return 0
     summary = train_baseline(cfg)
     print(f"{summary['title']}: {summary['train_seconds']} s of training\n{summary['table']}")
     print(f"report: {summary['report']['report']}\nplot:   {summary['report']['plot']}")
@@ -151,13 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = data.add_parser("demo", help="build the bundled demo data set")
     p.add_argument("--out", default="data/demo")
-    p.add_argument("--config", default=None)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _config_arguments(p)
     p.set_defaults(func=_demo)
 
     p = data.add_parser("pack", help="pack a manifest or a benchmark split into shards")
-    p.add_argument("--config", default=None)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _config_arguments(p)
     p.set_defaults(func=_pack)
 
     p = data.add_parser("stats", help="class table and shard checksums of a data set")
@@ -172,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_fetch_splits)
 
     p = sub.add_parser("baseline", help="train and evaluate the small CNN baseline")
-    p.add_argument("--config", default=None)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _config_arguments(p)
     p.set_defaults(func=_baseline)
 
     p = sub.add_parser("compare", help="group-mAP table (mean ± std over seeds) of finished runs")
@@ -198,15 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"ltdist: error: {e}", file=sys.stderr)
-        return 2
+    entry.setup_logging(args.verbose)
+    return entry.run("ltdist", lambda: args.func(args))
 
 
 if __name__ == "__main__":

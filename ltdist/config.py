@@ -16,11 +16,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ltdist.entry import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config's dataclass."""
+class ConfigError(UserError, ValueError):
+    """A config file or override that does not fit the config's dataclass, or a value its
+    checks refuse."""
 
 
 class _Override(str):
@@ -75,11 +78,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         kwargs[key] = _coerce(hints[key], value, f"{where}: {key}")
     try:
         obj = cls(**kwargs)
-    except TypeError as e:
+        check = getattr(obj, "validate", None)
+        if callable(check):
+            check()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a field's own check: a config mistake, said where
         raise ConfigError(f"{where}: {e}") from None
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        check()
     return obj
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ltdist import storage
+from ltdist.entry import InputError, UserError
 
 CLASSES_FILE = "classes.json"
 FORMAT_VERSION = 1
@@ -64,8 +65,11 @@ def group_of(frequency: int) -> str:
     return "tail"
 
 
-class UnknownClassError(KeyError):
+class UnknownClassError(UserError, KeyError):
     """A class name that the label space does not know; the message names the closest one."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -225,13 +229,13 @@ class LabelSpace:
     @classmethod
     def from_dict(cls, data: dict) -> LabelSpace:
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"classes.json format_version {data.get('format_version')!r}, "
                 f"this ltdist reads {FORMAT_VERSION}"
             )
         classes = data["classes"]
         if [c["id"] for c in classes] != list(range(len(classes))):
-            raise ValueError("classes.json: class ids must be 0..C-1 in order")
+            raise InputError("classes.json: class ids must be 0..C-1 in order")
         return cls(
             names=[c["name"] for c in classes],
             frequency=np.array([c["frequency"] for c in classes]),
@@ -257,7 +261,7 @@ class LabelSpace:
         try:
             return cls.from_json(storage.read_bytes(path).decode())
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{path}: not a valid classes.json ({e})") from e
+            raise InputError(f"{path}: not a valid classes.json ({e})") from e
 
     def table(self) -> str:
         """The class table that `ltdist data stats` prints: id, name, frequency, group."""

@@ -5,17 +5,18 @@ training split on a Ray cluster, written as resumable shards plus ``stag_report.
 directly (joins RAY_ADDRESS or starts a local Ray) or through
 ``ray job submit --address http://<head>:8265 -- python -m ltdist.stag_gen --config ...``.
 
-Exit status: 0 done, 2 a config or input problem (the message says which), 1 anything else.
+Exit status (ltdist.entry): 0 done, 2 a config or input problem (the message says which), 1
+anything else, with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from ltdist.config import ConfigError, dump_yaml, load_config
+from ltdist import entry
+from ltdist.config import dump_yaml, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,37 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from ltdist.data.benchmarks import BenchmarkFileError
-    from ltdist.data.manifest import ManifestError
-    from ltdist.data.pack import PackError
-    from ltdist.stag.config import StagConfig, StagError
+    entry.setup_logging(args.verbose)
+    return entry.run("stag_gen", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ltdist.stag.config import StagConfig
     from ltdist.stag.pipeline import run_stag
     from ltdist.stag.report import quality_table
 
-    try:
-        cfg = load_config(StagConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"stag_gen: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(StagConfig, args.config, args.overrides)
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    try:
-        report = run_stag(cfg)
-    except (
-        StagError,
-        PackError,
-        ManifestError,
-        BenchmarkFileError,
-        FileNotFoundError,
-        ConfigError,
-    ) as e:
-        print(f"stag_gen: error: {e}", file=sys.stderr)
-        return 2
+    report = run_stag(cfg)
     print(quality_table(report))
     summary = {k: report[k] for k in ("dataset", "counts", "num_written", "complete")}
     summary["run"] = {

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
 
+from ltdist.entry import UserError
 
-class UntrustedLocationError(ValueError):
+
+class UntrustedLocationError(UserError, ValueError):
     """A location that would run a program, met where only data may come from."""
 
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 from ltdist import storage
 from ltdist.data.manifest import Record, key_from_path
+from ltdist.entry import MissingInputError, UserError
 from ltdist.labels import LabelSpace
 
 logger = logging.getLogger(__name__)
@@ -113,15 +114,15 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 
 
-class BenchmarkFileError(ValueError):
+class BenchmarkFileError(UserError, ValueError):
     """A split file that cannot be read as the benchmark format; the message names file and line."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UserError, ValueError):
     """A downloaded or copied file whose SHA-256 is not the pinned one."""
 
 
-class FetchError(OSError):
+class FetchError(UserError, OSError):
     """A split file that could not be downloaded or found; the message names the URL or path."""
 
 
@@ -148,7 +149,7 @@ def _locate(spec: BenchmarkSpec, splits_dir: str | os.PathLike, file: str) -> st
     for location in candidates:
         if storage.exists(location):
             return location
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{spec.name}: {file} not found (looked for {candidates[0]} and {candidates[1]}); "
         f"run fetch_splits({spec.name!r}, {base!r}) to download the split files"
     )

@@ -5,7 +5,7 @@ any shard is opened:
 
 - The sample stream S is the concatenation of passes; pass p lists the shards in an order
   shuffled with (seed, p) and each shard's samples in stored order.
-- Steps per epoch = floor(N / global batch), the same on every rank (DESIGN.md); epoch e is
+- Steps per epoch = floor(N / global batch), the same on every rank (docs/design.md); epoch e is
   the stretch S[e*spe*G, (e+1)*spe*G), so the remainder rolls into the next epoch.
 - Rank r reads a contiguous 1/world of that stretch (split by node) and its DataLoader
   workers read contiguous parts of the rank's stretch (split by worker). A shard boundary
@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,12 +42,14 @@ from ltdist import storage
 from ltdist.data.images import to_rgb
 from ltdist.data.shards import (
     DigestingReader,
+    ShardIntegrityError,
     ShardSample,
     decode_tar,
     load_index,
     load_label_space,
     read_split,
 )
+from ltdist.entry import InputError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class SamplePlan:
         epoch_samples = cfg.samples_per_epoch if cfg.resampled else self.num_samples
         self.steps_per_epoch = epoch_samples // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise InputError(
                 f"{epoch_samples} samples per epoch is less than one global batch "
                 f"({cfg.batch_size} x {world_size} processes): lower the batch size"
             )
@@ -201,7 +204,7 @@ def read_range(
             if seg.sha256:
                 f.verify()
         if seen < seg.stop:
-            raise ValueError(
+            raise ShardIntegrityError(
                 f"{seg.url} holds {seen} samples, fewer than its index says: "
                 "run `ltdist data stats` on the data set to verify it"
             )
@@ -346,7 +349,7 @@ class ShardLoader:
         self.label_space = load_label_space(location)
         index = load_index(location, split)
         if not index.complete:
-            raise ValueError(
+            raise InputError(
                 f"{location}: split {split!r} is incomplete "
                 f"(missing shards {index.missing()[:10]}); "
                 "finish writing it (rerun the pack or generation job) before training"
@@ -381,19 +384,10 @@ class ShardLoader:
 
     def prepare(self, sample: ShardSample, epoch: int) -> dict:
         """Decode and transform one sample (runs in the loader workers)."""
-        from PIL import Image
-
         item = {"key": sample.key, "label_ids": sample.label_ids, "text": sample.text or ""}
         if self.decode_images:
-            if sample.image is None:
-                raise ValueError(f"sample {sample.key} has no image (a text-only data set?)")
-            try:
-                img = Image.open(io.BytesIO(sample.image))
-                img.load()
-            except Exception as e:
-                raise ValueError(f"sample {sample.key}: image does not decode ({e})") from e
             rng = _rng(self.cfg.seed, "augment", epoch, sample.key) if self.cfg.augment else None
-            item["image"] = self.transform(img, rng)
+            item["image"] = self.transform(decode_image(sample), rng)
         return item
 
     def collate(self, items: list[dict]) -> dict:
@@ -455,7 +449,7 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError(
+            raise InputError(
                 "the saved data position belongs to other shards (index fingerprint differs)"
             )
         same = all(
@@ -467,7 +461,7 @@ class ShardLoader:
             )
         )
         if not same and not self.cfg.resampled:
-            raise ValueError(
+            raise InputError(
                 f"cannot resume exactly: saved with world_size={state['world_size']}, "
                 f"num_workers={state['num_workers']}, batch_size={state['batch_size']}; now "
                 f"{self.world_size}, {self.cfg.num_workers}, {self.cfg.batch_size}. Resume with "
@@ -476,30 +470,77 @@ class ShardLoader:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"]) if same else 0
         if self.step > self.steps_per_epoch:
-            raise ValueError(
+            raise InputError(
                 f"saved step {self.step} beyond {self.steps_per_epoch} steps per epoch"
             )
 
 
-def eval_batches(location: str, split: str, batch_size: int, image_size: int):
-    """Every sample of a split exactly once, in stored order, as (images, labels, keys).
-
-    For evaluation, where nothing may be dropped (the training loader keeps steps equal
-    across ranks instead); the last batch may be short.
-    """
+def decode_image(sample: ShardSample):
+    """A sample's image as a loaded PIL image; a sample without one, or whose bytes do not
+    decode, is an error naming its key."""
     from PIL import Image
 
+    if sample.image is None:
+        raise InputError(f"sample {sample.key} has no image (a text-only data set?)")
+    try:
+        img = Image.open(io.BytesIO(sample.image))
+        img.load()
+    except Exception as e:
+        raise ShardIntegrityError(f"sample {sample.key}: image does not decode ({e})") from e
+    return img
+
+
+class EvalBatch(NamedTuple):
+    """One evaluation batch of one rank: ``index`` gives each row's position in the split's
+    stored order; a ``padded`` batch is a stand-in that keeps the ranks in lockstep (score it,
+    drop the scores)."""
+
+    images: torch.Tensor  # (B, 3, S, S), CLIP-normalised
+    targets: torch.Tensor  # (B, C) multi-hot
+    keys: list[str]
+    index: list[int]
+    padded: bool = False
+
+
+def eval_batches(
+    location: str,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int = 0,
+) -> Iterator[EvalBatch]:
+    """The one reader of a split for evaluation: every sample exactly once (the first ``limit``
+    with ``limit``), in stored order, from a complete split whose shards are verified.
+
+    Batches go to the ranks round-robin and every rank gets the same number of them (the last
+    ones padded), so the forward passes stay in lockstep as ZeRO-3 needs; one rank
+    (``world_size=1``) gets them all. The last real batch may be short.
+    """
     space = load_label_space(location)
     transform = ClipTransform(image_size)
-    images, labels, keys = [], [], []
-    for s in read_split(location, split):
-        images.append(transform(Image.open(io.BytesIO(s.image))))
-        row = torch.zeros(space.num_classes)
-        row[s.label_ids] = 1.0
-        labels.append(row)
-        keys.append(s.key)
-        if len(images) == batch_size:
-            yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
-            images, labels, keys = [], [], []
-    if images:
-        yield clip_normalize(torch.stack(images)), torch.stack(labels), keys
+    total = load_index(location, split).num_samples
+    total = min(total, limit) if limit else total
+    per_round = batch_size * world_size
+    rounds = math.ceil(math.ceil(total / batch_size) / world_size)
+    samples = read_split(location, split)
+    for r in range(rounds):
+        images, targets, keys, index = [], [], [], []
+        for n in range(r * per_round, min(total, (r + 1) * per_round)):
+            sample = next(samples)
+            if (n // batch_size) % world_size != rank:
+                continue
+            images.append(transform(decode_image(sample)))
+            row = torch.zeros(space.num_classes)
+            row[sample.label_ids] = 1.0
+            targets.append(row)
+            keys.append(sample.key)
+            index.append(n)
+        if images:
+            yield EvalBatch(clip_normalize(torch.stack(images)), torch.stack(targets), keys, index)
+        else:  # this rank has no batch in the last round
+            blank = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
+            yield EvalBatch(
+                clip_normalize(blank), torch.zeros(1, space.num_classes), [], [], padded=True
+            )

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from ltdist.data.shards import key_problem
+from ltdist.entry import UserError
 from ltdist.labels import LabelSpace, UnknownClassError
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Manifest:
     problems: list[Problem] = field(default_factory=list)
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest problem under the ``error`` policy."""
 
 

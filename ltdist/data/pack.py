@@ -19,6 +19,7 @@ from ltdist import storage
 from ltdist.data.images import to_rgb
 from ltdist.data.manifest import Record
 from ltdist.data.shards import ShardSample, ShardWriter, sample_meta
+from ltdist.entry import UserError
 from ltdist.labels import CLASSES_FILE, LabelSpace
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,11 @@ log = logging.getLogger(__name__)
 _PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that is missing or does not decode."""
 
 
-class PackError(ValueError):
+class PackError(UserError, ValueError):
     """A record that stops the run under the ``error`` policy."""
 
 

@@ -1,4 +1,4 @@
-"""Writer and reader of the shard contract (DESIGN.md): WebDataset tars plus an index.
+"""Writer and reader of the shard contract (docs/design.md): WebDataset tars plus an index.
 
 A data set folder holds ``classes.json``, ``<split>-NNNNNN.tar`` and ``<split>.index.json``.
 Shard k holds rows [k*S, (k+1)*S) of the key-sorted input, so a rerun knows from the index
@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from ltdist import storage
+from ltdist.entry import InputError, MissingInputError
 from ltdist.labels import CLASSES_FILE, LabelSpace
 
 log = logging.getLogger(__name__)
@@ -142,19 +143,19 @@ class ShardIndex:
     @classmethod
     def from_dict(cls, data: dict, where: str = "index") -> ShardIndex:
         if data.get("format_version") != INDEX_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{where}: index format_version {data.get('format_version')!r} unsupported"
             )
         split = data["split"]
         if not isinstance(split, str) or not _SPLIT_RE.match(split):
-            raise ValueError(f"{where}: split name {split!r} is not a plain name")
+            raise InputError(f"{where}: split name {split!r} is not a plain name")
         index = cls(split, int(data["samples_per_shard"]), int(data["num_input"]))
         for s in data["shards"]:
             info = ShardInfo(**s)
             # Names are joined to the data folder: only the contract's own plain names, never
             # an absolute path, a '../' or a URL that would read from elsewhere.
             if info.name != shard_name(split, int(info.id)):
-                raise ValueError(
+                raise InputError(
                     f"{where}: shard {info.id} is named {info.name!r}; a shard of split "
                     f"{split!r} must be named {shard_name(split, int(info.id))!r} inside the "
                     "data folder"
@@ -176,7 +177,7 @@ def load_index(location: str, split: str) -> ShardIndex:
     if not storage.exists(path):
         found = list_splits(location)
         hint = f"; splits here: {found}" if found else "; no shard index found there at all"
-        raise FileNotFoundError(f"{path} does not exist{hint}")
+        raise MissingInputError(f"{path} does not exist{hint}")
     return _parse_index(storage.read_bytes(path), path)
 
 
@@ -186,7 +187,7 @@ def _parse_index(data: bytes, path: str) -> ShardIndex:
     except (ValueError, KeyError, TypeError) as e:  # truncated or edited by hand
         if isinstance(e, ShardIntegrityError) or str(e).startswith(path):
             raise
-        raise ValueError(f"{path}: not a readable shard index ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable shard index ({type(e).__name__}: {e})") from None
 
 
 def list_splits(location: str) -> list[str]:
@@ -198,7 +199,7 @@ def list_splits(location: str) -> list[str]:
 def load_label_space(location: str) -> LabelSpace:
     path = storage.join(location, CLASSES_FILE)
     if not storage.exists(path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} does not exist: not a shard folder (run `ltdist data pack`)"
         )
     return LabelSpace.load(path)
@@ -266,7 +267,7 @@ def _sample(raw: dict, where: str) -> ShardSample:
     )
 
 
-class ShardIntegrityError(ValueError):
+class ShardIntegrityError(InputError):
     """A shard whose bytes or sample count are not what its index recorded, or that does not
     decode: the message names the shard (and the member)."""
 
@@ -326,7 +327,7 @@ def read_split(location: str, split: str) -> Iterator[ShardSample]:
     the index: what evaluation scores is what was written, all of it."""
     index = load_index(location, split)
     if not index.complete:
-        raise ValueError(
+        raise InputError(
             f"{location}: split {split!r} is incomplete (missing shards "
             f"{index.missing()[:10]} of {index.num_shards_planned}): it would be scored on "
             "the samples left; finish writing it (rerun the pack or generation job)"
@@ -370,7 +371,7 @@ class ShardWriter:
                 index = ShardIndex(split, samples_per_shard, num_input)
                 self._write_index(index)
             elif (index.samples_per_shard, index.num_input) != (samples_per_shard, num_input):
-                raise ValueError(
+                raise InputError(
                     f"{index_location(location, split)} was written with "
                     f"samples_per_shard={index.samples_per_shard}, num_input={index.num_input}; "
                     f"this run has {samples_per_shard}, {num_input}. Resume with the same input "

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ltdist import storage
+from ltdist.entry import InputError, MissingInputError
 from ltdist.labels import GROUPS
 
 TABLE_GROUPS = ("all", *GROUPS)
@@ -41,15 +42,15 @@ class RunMetrics:
         path = str(path).rstrip("/")
         file = path if path.endswith(".json") else f"{path}/{METRICS_FILE}"
         if not storage.exists(file):
-            raise FileNotFoundError(f"{file}: no metrics (did the run finish?)")
+            raise MissingInputError(f"{file}: no metrics (did the run finish?)")
         data = json.loads(storage.read_bytes(file))
         if "map" not in data:
-            raise ValueError(f"{file}: no 'map' entry; not a training or evaluation run's metrics")
+            raise InputError(f"{file}: no 'map' entry; not a training or evaluation run's metrics")
         classes = data.get("classes")
         if classes is None:  # the trainer's metrics.json names its report's
             report = (data.get("report") or {}).get("metrics")
             if not report:
-                raise ValueError(f"{file}: neither per-class rows nor a report to read them from")
+                raise InputError(f"{file}: neither per-class rows nor a report to read them from")
             classes = json.loads(storage.read_bytes(report))["classes"]
         return cls(path=path, map=dict(data["map"]), classes=list(classes))
 
@@ -131,7 +132,7 @@ def plot_per_class_ap(methods: Sequence[Method], title: str = "") -> bytes:
     for m in methods:
         for r in m.runs:
             if [c["name"] for c in r.classes] != [c["name"] for c in classes]:
-                raise ValueError(f"{r.path}: other classes than {methods[0].runs[0].path}")
+                raise InputError(f"{r.path}: other classes than {methods[0].runs[0].path}")
     order = np.argsort([-c["frequency"] for c in classes], kind="stable")
     groups = [classes[i]["group"] for i in order]
     x = np.arange(len(order))

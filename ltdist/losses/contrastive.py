@@ -75,6 +75,8 @@ class LogitScale(nn.Module):
                 f"temperature {init_temperature} outside [1/{max_scale}, 1/{min_scale}]"
             )
         value = torch.tensor([math.log(1.0 / init_temperature)])
+        self.init_temperature = init_temperature
+        self.loaded_from_weights = False  # set when a state dict brings its value
         if learnable:
             self.log_scale = nn.Parameter(value)
         else:
@@ -83,6 +85,11 @@ class LogitScale(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.clamp(self.min_log_scale, self.max_log_scale).exp().squeeze(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "log_scale" in state_dict:
+            self.loaded_from_weights = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def temperature(self) -> float:

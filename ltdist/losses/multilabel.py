@@ -25,11 +25,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ltdist.entry import InputError
 
 __all__ = [
     "DB_OFFICIAL_SETTINGS",
@@ -39,6 +43,8 @@ __all__ = [
     "ClassBalancedFocalLoss",
     "DistributionBalancedLoss",
     "FocalLoss",
+    "LossConfig",
+    "build_loss",
 ]
 
 REDUCTIONS = ("mean", "sum", "batch", "none")
@@ -331,3 +337,55 @@ class AsymmetricLoss(_MultiLabelLoss):
             f"eps={self.eps}, focal_weight_grad={self.focal_weight_grad}, "
             f"{super().extra_repr()}"
         )
+
+
+# -- the configured classification loss ---------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    """The classification loss (the ``cprfl`` task's head, DP-VLPA's L_CLS).
+
+    ``cbfocal`` (class-balanced focal) and ``dbfocal`` (distribution-balanced focal) weight
+    classes by their training frequencies, taken from the data's label space
+    (``classes.json``: per-class frequency and the number of training images).
+    """
+
+    kind: Literal["bce", "focal", "asl", "cbfocal", "dbfocal"] = "asl"
+    gamma: float = 2.0  # focal, cbfocal, dbfocal
+    gamma_neg: float = 4.0  # asl (CPRFL's settings)
+    gamma_pos: float = 0.0
+    clip: float = 0.05
+    cb_beta: float = 0.9999  # cbfocal: class weight (1 - beta) / (1 - beta^n_c)
+    # dbfocal: "default" = DistributionBalancedLoss's defaults; "coco-lt" / "voc-lt" = DB's
+    # official per-dataset settings (ltdist.losses.multilabel.DB_OFFICIAL_SETTINGS).
+    db_settings: Literal["default", "coco-lt", "voc-lt"] = "default"
+
+
+def build_loss(cfg: LossConfig, label_space) -> nn.Module:
+    """The classification loss; ``cbfocal`` / ``dbfocal`` take the class frequencies and the
+    number of training images from ``label_space`` (the training split's statistics)."""
+    if cfg.kind == "bce":
+        return BCELoss()
+    if cfg.kind == "focal":
+        return FocalLoss(cfg.gamma)
+    if cfg.kind == "asl":
+        return AsymmetricLoss(cfg.gamma_neg, cfg.gamma_pos, cfg.clip)
+    if cfg.kind == "cbfocal":
+        return ClassBalancedFocalLoss(label_space.frequency, beta=cfg.cb_beta, gamma=cfg.gamma)
+    if cfg.kind == "dbfocal":
+        if not label_space.num_train_images:
+            raise InputError(
+                "model.loss.kind=dbfocal needs the number of training images, and the label "
+                "space (classes.json) does not record it (num_train_images is 0): re-pack the "
+                "shards (the packer records it), or use another loss kind"
+            )
+        settings = DB_OFFICIAL_SETTINGS.get(cfg.db_settings, {})
+        return DistributionBalancedLoss(
+            label_space.frequency,
+            label_space.num_train_images,
+            focal=True,
+            gamma=cfg.gamma,
+            **settings,
+        )
+    raise ValueError(f"unknown loss kind {cfg.kind!r}")

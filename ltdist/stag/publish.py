@@ -1,6 +1,6 @@
 """Publishing STAG results as shards: a shard is written, atomically and in key order, as soon
 as its last row is back, so a killed run keeps every complete shard and a rerun redoes only
-the missing ones (the shard contract in DESIGN.md).
+the missing ones (the shard contract in docs/design.md).
 """
 
 from __future__ import annotations

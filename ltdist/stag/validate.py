@@ -6,13 +6,8 @@ the tags, tag names case-insensitive) and no class of the label space that the i
 named. Class mentions come from ``LabelSpace.mentions`` (the one longest-match, word-boundary
 matcher) run on the text with its markup stripped, so "hot dog" is never "dog".
 
-Before anything is checked the text is put in its canonical form (:func:`canonicalize`), which is
-also the form that is written: Unicode NFKC (full-width letters and brackets become ASCII),
-bracket look-alikes (``‹tail›``, ``⟨tail⟩``, ``[tail]``) folded to ``<tail>``, control characters
-turned into spaces (a NUL never glues two words), format characters, surrogates, private-use and
-unassigned code points and stray combining marks removed, whitespace collapsed. Matching then
-reads a skeleton of that text (:func:`skeleton`: Cyrillic / Greek look-alike letters and
-diacritics folded to plain Latin, length kept) so "сat" with a Cyrillic "с" is still a cat.
+Before anything is checked the text is put in its canonical form (``ltdist.stag.text``), which
+is also the form that is written, and class names are matched on its look-alike skeleton.
 
 ``ValidationResult.reasons`` holds short machine-readable codes, each optionally followed by
 ``:detail`` (split on the first colon; names are canonical class names):
@@ -58,16 +53,22 @@ prose checks (repetition, function words, numbers) apply to texts of 10 words or
 
 from __future__ import annotations
 
-import functools
-import html
 import re
-import unicodedata
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ltdist.labels import LabelSpace
+from ltdist.stag.text import (
+    canonicalize,
+    clean,
+    decode_encoded,
+    fold_mixed_words,
+    invisible,
+    normalize_whitespace,
+    script_reasons,
+    skeleton,
+)
 
 REASON_CODES = (
     "empty",
@@ -123,8 +124,6 @@ _ROLE_WORD = re.compile(rf"^\W*(?:assistant\b\s*:?|{_ROLE}\s*:)\s*", re.IGNORECA
 _WORD = re.compile(r"\w+(?:['’-]\w+)*")
 _URL = re.compile(r"\b(?:https?://|www\.)\S", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?]+")
-_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]{1,31});?")
-_PERCENT_MARKUP = re.compile(r"%(?:3c|3e|2f)", re.IGNORECASE)  # URL-encoded '<', '>', '/'
 
 PROSE_MIN_WORDS = 10  # the prose checks' shares are noise on fewer words
 
@@ -138,28 +137,6 @@ FUNCTION_WORDS = frozenset(
     another both all any no not than then very can could may might will would should just also
     up down out off about""".split()
 )
-
-# Letters of other scripts that render like a Latin letter (Unicode confusables, the clear ones).
-_CONFUSABLES = {
-    # Cyrillic
-    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
-    "т": "t", "у": "y", "х": "x", "ѕ": "s", "і": "i", "ј": "j", "ԁ": "d", "һ": "h", "ԛ": "q",
-    "ԝ": "w", "ӏ": "l", "ь": "b", "ү": "y",
-    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C",
-    "Т": "T", "Х": "X", "У": "Y", "Ѕ": "S", "І": "I", "Ј": "J", "Ԛ": "Q", "Ԝ": "W", "Ӏ": "I",
-    # Greek
-    "α": "a", "ο": "o", "ν": "v", "ι": "i", "κ": "k", "ρ": "p", "τ": "t", "υ": "u", "χ": "x",
-    "ε": "e", "ϲ": "c", "ϳ": "j",
-    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N",
-    "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X", "Ϲ": "C",
-    # Armenian
-    "օ": "o", "ս": "u", "հ": "h", "ո": "n", "ց": "g",
-    # Latin letters outside a-z that read as one
-    "ı": "i", "ȷ": "j", "ɑ": "a", "ɡ": "g", "ʏ": "y", "ɪ": "i",
-}  # fmt: skip
-# Bracket look-alikes NFKC leaves alone, folded to ASCII so tags written with them are read.
-_BRACKETS = str.maketrans({"‹": "<", "›": ">", "⟨": "<", "⟩": ">", "〈": "<", "〉": ">"})
-_SQUARE_TAG = re.compile(r"\[\s*(/?)\s*tail\s*\]", re.IGNORECASE)
 
 
 @dataclass
@@ -226,110 +203,6 @@ class ValidationResult:
 def reason_code(reason: str) -> str:
     """'missing_tail:surfboard' -> 'missing_tail' (for counting rejects by cause)."""
     return reason.split(":", 1)[0]
-
-
-def _drop(ch: str) -> bool:
-    """Format characters (zero-width, bidi overrides, tags), surrogates, private-use and
-    unassigned code points: never part of a text."""
-    return unicodedata.category(ch) in ("Cf", "Cs", "Co", "Cn")
-
-
-def _invisible(ch: str) -> bool:
-    return not ch.isspace() and (unicodedata.category(ch) == "Cc" or _drop(ch))
-
-
-def normalize_whitespace(text: str) -> str:
-    """Control characters become spaces (a NUL never glues two words), invisible characters
-    (:func:`_drop`) go, and whitespace collapses to single spaces."""
-    out = []
-    for ch in text:
-        if ch.isspace() or unicodedata.category(ch) == "Cc":
-            out.append(" ")
-        elif not _drop(ch):
-            out.append(ch)
-    return " ".join("".join(out).split())
-
-
-def decode_encoded(text: str) -> str:
-    """HTML named and numeric entities decoded (up to three layers: ``&amp;lt;``), and URL
-    percent-encoding where it encodes markup (``%3Ctail%3E``)."""
-    for _ in range(3):
-        if not _ENTITY.search(text):
-            break
-        decoded = html.unescape(text)
-        if decoded == text:
-            break
-        text = decoded
-    if _PERCENT_MARKUP.search(text):
-        text = urllib.parse.unquote(text)
-    return text
-
-
-def _clean(text: str) -> str:
-    """NFKC, bracket look-alikes folded, stray combining marks removed; lines kept."""
-    # lone surrogates cannot be normalised: drop them first
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cs")
-    text = unicodedata.normalize("NFKC", text).translate(_BRACKETS)
-    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Mn", "Me"))
-    return _SQUARE_TAG.sub(r"<\1tail>", text)
-
-
-def canonicalize(text: str) -> str:
-    """The canonical form of a text, which is what is checked and written (see the module
-    docstring); encoded markup is not decoded here (:func:`decode_encoded`)."""
-    return normalize_whitespace(_clean(text))
-
-
-@functools.lru_cache(maxsize=8192)
-def _fold(ch: str) -> str:
-    if ch in _CONFUSABLES:
-        return _CONFUSABLES[ch]
-    if ch.isalpha() and not ch.isascii():
-        base = unicodedata.normalize("NFD", ch)[0]
-        if base.isascii():
-            return base
-    return ch
-
-
-def skeleton(text: str) -> str:
-    """``text`` with look-alike letters of other scripts and Latin diacritics folded to a-z,
-    one character for one (positions are kept): what class names are matched against."""
-    return "".join(map(_fold, text))
-
-
-@functools.lru_cache(maxsize=8192)
-def _latin(ch: str) -> bool:
-    return ch not in _CONFUSABLES and unicodedata.name(ch, "").startswith("LATIN")
-
-
-_LETTERS = re.compile(r"[^\W\d_]+")
-
-
-def _script(word: str) -> str:
-    """'latin'; 'mixed' (Latin with look-alikes only: foldable); or 'foreign'."""
-    foreign = [ch for ch in word if not _latin(ch)]
-    if not foreign:
-        return "latin"
-    if len(foreign) < len(word) and all(ch in _CONFUSABLES for ch in foreign):
-        return "mixed"
-    return "foreign"
-
-
-def _fold_mixed_words(text: str) -> str:
-    return _LETTERS.sub(
-        lambda m: skeleton(m.group(0)) if _script(m.group(0)) == "mixed" else m.group(0), text
-    )
-
-
-def _script_reasons(text: str, limit: int = 3) -> list[str]:
-    found: dict[str, list[str]] = {"mixed": [], "foreign": []}
-    for m in _LETTERS.finditer(text):
-        kind = _script(m.group(0))
-        if kind != "latin" and len(found[kind]) < limit and m.group(0) not in found[kind]:
-            found[kind].append(m.group(0))
-    return [f"mixed_script:{w}" for w in found["mixed"]] + [
-        f"non_latin:{w}" for w in found["foreign"]
-    ]
 
 
 def _repeated_share(words: list[str], n: int) -> float:
@@ -456,7 +329,7 @@ def validate(
     cfg = cfg or ValidationConfig()
     raw = text or ""
     decoded = decode_encoded(raw)
-    cleaned = _clean(decoded)
+    cleaned = clean(decoded)
     description = normalize_whitespace(cleaned)
     if not description:
         return ValidationResult(valid=False, reasons=["empty"])
@@ -470,7 +343,7 @@ def validate(
         reasons.append("preamble")
     if _ROLE_WORD.match(parsed.text):
         reasons.append("role_word")
-    reasons += _script_reasons(parsed.text)
+    reasons += script_reasons(parsed.text)
     if "\ufffd" in parsed.text:
         reasons.append("garbled:replacement_char")
 
@@ -636,10 +509,10 @@ def repair(text: str | None, label_ids: Sequence[int], space: LabelSpace) -> Rep
     decoded = decode_encoded(raw)
     if decoded != raw:
         repairs.append("decode_entities")
-    if any(map(_invisible, decoded)):
+    if any(map(invisible, decoded)):
         repairs.append("strip_control_chars")
     s = canonicalize(decoded)
-    folded = _fold_mixed_words(s)
+    folded = fold_mixed_words(s)
     if folded != s:
         s = folded
         repairs.append("fold_confusables")

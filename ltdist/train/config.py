@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ltdist.data.loader import LoaderConfig
+from ltdist.losses.multilabel import LossConfig
 from ltdist.models.backbones import BackboneConfig
 from ltdist.models.clip import ClipTowerConfig
 from ltdist.models.cprfl import CPRFLConfig
@@ -37,26 +38,6 @@ class DataConfig:
     eval_limit: int = 0  # evaluate on the first N samples only (periodic checks); 0 = all
     # The learnability control: each batch's label rows permuted across its images.
     shuffle_labels: bool = False
-
-
-@dataclass
-class LossConfig:
-    """The classification loss (the ``cprfl`` task's head, DP-VLPA's L_CLS).
-
-    ``cbfocal`` (class-balanced focal) and ``dbfocal`` (distribution-balanced focal) weight
-    classes by their training frequencies, taken from the data's label space
-    (``classes.json``: per-class frequency and the number of training images).
-    """
-
-    kind: Literal["bce", "focal", "asl", "cbfocal", "dbfocal"] = "asl"
-    gamma: float = 2.0  # focal, cbfocal, dbfocal
-    gamma_neg: float = 4.0  # asl (CPRFL's settings)
-    gamma_pos: float = 0.0
-    clip: float = 0.05
-    cb_beta: float = 0.9999  # cbfocal: class weight (1 - beta) / (1 - beta^n_c)
-    # dbfocal: "default" = DistributionBalancedLoss's defaults; "coco-lt" / "voc-lt" = DB's
-    # official per-dataset settings (ltdist.losses.multilabel.DB_OFFICIAL_SETTINGS).
-    db_settings: Literal["default", "coco-lt", "voc-lt"] = "default"
 
 
 @dataclass

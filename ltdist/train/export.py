@@ -23,6 +23,7 @@ from torch import nn
 
 from ltdist import storage
 from ltdist.config import from_dict, to_dict
+from ltdist.entry import InputError, MissingInputError
 from ltdist.labels import LabelSpace
 from ltdist.models.clip import resolved_clip_config
 from ltdist.train.config import ModelConfig, TrainConfig
@@ -100,20 +101,20 @@ def load_export(location: str, device: str | torch.device = "cpu") -> Exported:
     location = _folder(location)
     meta_path = storage.join(location, META)
     if not storage.exists(meta_path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{location} is not a complete export (no {META}); exports are written by "
             "training runs under <output_dir>/export"
         )
     meta = json.loads(storage.read_bytes(meta_path))
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{location}: export format {meta.get('format_version')} unsupported")
+        raise InputError(f"{location}: export format {meta.get('format_version')} unsupported")
     config = read_export_config(location)
     label_space = LabelSpace.from_json(storage.read_bytes(storage.join(location, CLASSES)).decode())
     module = build_task(config.task, config.model, label_space, load_weights=False)
     state = read_export_weights(location)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{location}: weights do not fit the {config.task} model "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )

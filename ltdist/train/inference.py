@@ -10,7 +10,6 @@ global threshold: there is no validation data for names nobody trained on).
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ltdist import storage
 from ltdist.data.loader import ClipTransform, clip_normalize
-from ltdist.eval import format_summary, group_map, write_report
-from ltdist.eval.report import format_f1_summary
-from ltdist.eval.thresholds import best_f1_thresholds, f1_report
+from ltdist.entry import InputError
+from ltdist.train.evaluation import evaluate_and_report, write_evaluation
 from ltdist.train.export import load_export
 
 log = logging.getLogger(__name__)
@@ -46,49 +43,36 @@ def evaluate_export(
     """
     from accelerate import Accelerator
 
-    from ltdist.train.loop import evaluate_split
+    from ltdist.data.shards import load_label_space
 
     acc = Accelerator(mixed_precision=mixed_precision)
     exported = load_export(export, device=acc.device)
     module, space = exported.module, exported.label_space
-    from ltdist.data.shards import load_label_space, split_coverage
-
     data_space = load_label_space(location)
     if data_space.names != space.names:
-        raise ValueError(
+        raise InputError(
             f"{location} has other classes than the export ({data_space.num_classes} vs "
             f"{space.num_classes}; first difference: "
             f"{next((a, b) for a, b in zip(data_space.names, space.names) if a != b)})"
         )
-    image_size = exported.config.loader.image_size
-    scores, targets = evaluate_split(acc, module, location, split, batch_size, image_size)
-    thresholds, source = np.asarray(exported.thresholds), exported.meta.get("threshold_split")
-    if val_split:
-        vs, vt = evaluate_split(acc, module, location, val_split, batch_size, image_size)
-        thresholds, _ = best_f1_thresholds(vs, vt, fallback=0.5)
-        source = val_split
+    evaluation = evaluate_and_report(
+        acc,
+        module,
+        space,
+        location,
+        split,
+        out,
+        f"{exported.config.task} export ({export}) on {location}/{split}",
+        batch_size,
+        exported.config.loader.image_size,
+        val_split=val_split,
+        thresholds=exported.thresholds,
+        thresholds_from=exported.meta.get("threshold_split") or "",
+    )
     result = {}
     if acc.is_main_process:
-        maps = group_map(scores, targets, space)
-        f1 = f1_report(scores, targets, thresholds, space)
-        title = f"{exported.config.task} export ({export}) on {location}/{split}"
-        report = write_report(maps, space, out, title=title, scores=scores)
-        result = {
-            "export": export,
-            "data": location,
-            "split": split,
-            "map": maps.summary(),
-            "coverage": split_coverage(location, split, len(scores)),
-            "table": format_summary(maps),
-            "f1": {k: v for k, v in f1.items() if k != "classes"},
-            "f1_table": format_f1_summary(f1),
-            "thresholds_from": source or "global 0.5",
-            "thresholds": [float(t) for t in thresholds],
-            "report": report,
-        }
-        storage.write_bytes_atomic(
-            storage.join(out, "evaluation.json"), json.dumps(result, indent=1).encode()
-        )
+        result = {"export": export, "data": location, "split": split, **evaluation}
+        write_evaluation(out, result)
     acc.wait_for_everyone()
     return result
 

@@ -15,30 +15,39 @@ import logging
 import math
 import os
 import signal
-import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import replace
-from datetime import timedelta
 
 import numpy as np
 import torch
 
 from ltdist import storage
 from ltdist.config import to_dict
-from ltdist.data.loader import ClipTransform, ShardLoader, clip_normalize
-from ltdist.data.shards import load_index, load_label_space, read_split, split_coverage
-from ltdist.eval import format_summary, group_map, write_report
+from ltdist.data.loader import ShardLoader
+from ltdist.data.shards import load_label_space
+from ltdist.eval import format_summary, group_map
 from ltdist.eval.report import plot_curves
-from ltdist.eval.thresholds import best_f1_thresholds, f1_report
+from ltdist.losses.contrastive import LogitScale
 from ltdist.provenance import git_commit, package_versions
+from ltdist.train.accel import (
+    TrainingError,
+    agree,
+    configure_deepspeed,
+    input_dtype,
+    is_deepspeed,
+    make_accelerator,
+    sync_buffers,
+    to_device,
+    write_rank_info,
+    zero_stage,
+)
 from ltdist.train.checkpoint import Checkpointer
 from ltdist.train.config import TrainConfig
 from ltdist.train.ema import EMA
-from ltdist.train.export import read_export_config, read_export_weights, save_export
+from ltdist.train.evaluation import evaluate_and_report, evaluate_split
+from ltdist.train.export import read_export_weights, save_export
 from ltdist.train.optim import build_optimizer, build_scheduler
-from ltdist.train.plan import plan_training
+from ltdist.train.resolve import resolve_config
 from ltdist.train.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -53,124 +62,7 @@ PACKAGES = {
 }
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot start or continue as configured (the message says why)."""
-
-
 # -- set-up -----------------------------------------------------------------------------------
-
-
-def make_accelerator(cfg: TrainConfig, logging_dir: str):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # CPU processes talk over gloo; a lone process (no launcher) needs no process group
-    launched = (
-        int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_USE_DEEPSPEED" in os.environ
-    )
-    backend = "gloo" if launched and not torch.cuda.is_available() else None
-    pg = InitProcessGroupKwargs(
-        timeout=timedelta(seconds=cfg.collective_timeout_s), backend=backend
-    )
-    return Accelerator(
-        mixed_precision=_mixed_precision(cfg),
-        gradient_accumulation_steps=cfg.optim.grad_accum,
-        log_with="tensorboard" if cfg.tracker == "tensorboard" else None,
-        project_dir=logging_dir,
-        kwargs_handlers=[pg],
-        step_scheduler_with_optimizer=False,  # stepped here once per optimizer step
-    )
-
-
-def _mixed_precision(cfg: TrainConfig) -> str:
-    """The training config owns the precision; a launcher that asks for another is an error.
-
-    ``accelerate launch`` passes its ``--mixed_precision`` (or its config file's) to the process
-    as ``ACCELERATE_MIXED_PRECISION``, and "no" both when asked and when not given at all: so
-    "no" defers to the config, and any other value must agree with it.
-    """
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher not in ("", "no") and launcher != cfg.mixed_precision:
-        raise TrainingError(
-            f"accelerate launch asks for mixed precision {launcher!r} (its --mixed_precision or "
-            f"its config file), the training config for {cfg.mixed_precision!r}: make them agree "
-            f"(the training config owns it: override mixed_precision={launcher}, or drop the "
-            "launcher's setting)"
-        )
-    return cfg.mixed_precision
-
-
-def _is_deepspeed(acc) -> bool:
-    from accelerate.utils import DistributedType
-
-    return acc.distributed_type == DistributedType.DEEPSPEED
-
-
-def _zero_stage(acc) -> int:
-    if not _is_deepspeed(acc):
-        return 0
-    return int(
-        acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
-    )
-
-
-def _configure_deepspeed(acc, cfg: TrainConfig) -> None:
-    """Batch size and clipping come from the training config (the JSON says "auto")."""
-    ds = acc.state.deepspeed_plugin.deepspeed_config
-    if "optimizer" in ds:
-        raise TrainingError(
-            "the DeepSpeed config has an 'optimizer' block: remove it, the trainer passes torch's "
-            "AdamW with its parameter groups (and DeepSpeed's compiled optimizers may not build)"
-        )
-    ds["train_micro_batch_size_per_gpu"] = cfg.loader.batch_size
-    ds["train_batch_size"] = cfg.loader.batch_size * cfg.optim.grad_accum * acc.num_processes
-    ds["gradient_accumulation_steps"] = cfg.optim.grad_accum
-    ds["gradient_clipping"] = cfg.optim.grad_clip
-    if _zero_stage(acc) == 3:  # the export gathers the partitioned weights
-        ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-
-
-def _write_rank_info(cfg: TrainConfig, acc) -> None:
-    """Who this process is: one small file per rank (multi-node launches are checked by it)."""
-    if not storage.is_local(cfg.output_dir):
-        return
-    info = {
-        "rank": acc.process_index,
-        "local_rank": acc.local_process_index,
-        "world_size": acc.num_processes,
-        "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0))),
-        "master_addr": os.environ.get("MASTER_ADDR"),
-        "master_port": os.environ.get("MASTER_PORT"),
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "distributed_type": str(acc.distributed_type),
-        "zero_stage": _zero_stage(acc),
-        "mixed_precision": acc.mixed_precision,
-    }
-    folder = os.path.join(cfg.output_dir, "ranks")
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"rank{acc.process_index}.json"), "w") as f:
-        json.dump(info, f)
-
-
-def _to_device(batch: Mapping, device, float_dtype=None) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if float_dtype is not None and v.is_floating_point():
-                v = v.to(float_dtype)
-        elif isinstance(v, Mapping):
-            v = _to_device(v, device, float_dtype)
-        out[k] = v
-    return out
-
-
-def _input_dtype(acc) -> torch.dtype | None:
-    """DeepSpeed bf16/fp16 casts the module itself, so its float inputs must be cast too."""
-    if _is_deepspeed(acc) and acc.mixed_precision in ("bf16", "fp16"):
-        return torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16
-    return None
 
 
 class _StopRequest:
@@ -198,72 +90,6 @@ class _StopRequest:
         return self.signalled or bool(self.preempt_file and os.path.exists(self.preempt_file))
 
 
-# -- evaluation -------------------------------------------------------------------------------
-
-
-def _eval_items(location: str, split: str, limit: int) -> Iterator[tuple[int, object]]:
-    for n, sample in enumerate(read_split(location, split)):  # complete, shards verified
-        if limit and n >= limit:
-            return
-        yield n, sample
-
-
-def evaluate_split(
-    acc, module, location: str, split: str, batch_size: int, image_size: int, limit: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N, C) and targets (N, C) of a split, every sample once, in stored order.
-
-    Ranks take batches round-robin and run the same number of forward passes (the last one
-    padded), as ZeRO-3 requires; the main process gathers everything.
-    """
-    import io
-
-    from PIL import Image
-
-    rank, world = acc.process_index, acc.num_processes
-    space = load_label_space(location)
-    transform = ClipTransform(image_size)
-    total = sum(info.count for info in load_index(location, split).ordered())  # from the index
-    total = min(total, limit) if limit else total
-    n_batches = math.ceil(total / batch_size)
-    rounds = math.ceil(n_batches / world)
-    dtype = _input_dtype(acc)
-    mine: list[tuple[int, np.ndarray, np.ndarray]] = []
-    items = _eval_items(location, split, limit)
-    was_training = module.training
-    module.eval()
-    with torch.no_grad(), acc.autocast():
-        for r in range(rounds):
-            batch_ids = range(r * world * batch_size, min(total, (r + 1) * world * batch_size))
-            images, idx, targets = [], [], []
-            for i in batch_ids:
-                n, sample = next(items)
-                if (i // batch_size) % world != rank:
-                    continue
-                images.append(transform(Image.open(io.BytesIO(sample.image))))
-                row = np.zeros(space.num_classes, dtype=np.float32)
-                row[sample.label_ids] = 1.0
-                idx.append(n)
-                targets.append(row)
-            padded = not images
-            if padded:  # this rank has no batch in the last round: a dummy keeps the lockstep
-                images = [torch.zeros(3, image_size, image_size, dtype=torch.uint8)]
-            x = clip_normalize(torch.stack(images)).to(acc.device)
-            if dtype is not None:
-                x = x.to(dtype)
-            scores = torch.sigmoid(module.logits(x).float()).cpu().numpy()
-            if not padded:
-                mine.extend(zip(idx, scores, targets))
-    module.train(was_training)
-    from accelerate.utils import gather_object
-
-    everything = gather_object([mine]) if world > 1 else [mine]
-    rows = sorted((t for part in everything for t in part), key=lambda t: t[0])
-    if len(rows) != total:
-        raise RuntimeError(f"evaluation gathered {len(rows)} of {total} samples of {split}")
-    return np.stack([r[1] for r in rows]), np.stack([r[2] for r in rows])
-
-
 # -- the loop ---------------------------------------------------------------------------------
 
 
@@ -275,28 +101,31 @@ def train(cfg: TrainConfig) -> dict:
     local_out = storage.is_local(cfg.output_dir)
     logging_dir = cfg.output_dir if local_out else tempfile.mkdtemp(prefix="ltdist-tb-")
     acc = make_accelerator(cfg, logging_dir)
-    cfg, plan = _plan(cfg, acc)
-    if _is_deepspeed(acc):
-        _configure_deepspeed(acc, cfg)
-    if cfg.ema_decay and _zero_stage(acc) == 3:
+    cfg, plan = _resolve(cfg, acc)
+    if is_deepspeed(acc):
+        configure_deepspeed(acc, cfg)
+    if cfg.ema_decay and zero_stage(acc) == 3:
         raise TrainingError(
             "EMA with ZeRO-3 is not supported: ZeRO-3 partitions the weights the average reads; "
             "use ZeRO-1/2 or ema_decay=0"
         )
-    _write_rank_info(cfg, acc)
+    write_rank_info(cfg, acc)
 
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)  # the same initial weights on every rank
     space = load_label_space(cfg.data.location)
-    # the effective model settings (an init_from export's towers and tokenizer) are the ones
-    # the export, metrics.json and the checkpoints record: evaluate / predict rebuild from them
-    cfg = replace(cfg, model=_resolve_init(cfg))
     model_cfg = cfg.model
     task = build_task(cfg.task, model_cfg, space)
     if model_cfg.init_from:
         unused = task.load_pretrained(read_export_weights(model_cfg.init_from))
         acc.print(f"initialised from {model_cfg.init_from} ({len(unused)} export tensors unused)")
+        for name, module in task.named_modules():
+            if isinstance(module, LogitScale) and module.loaded_from_weights:
+                acc.print(
+                    f"{name}: temperature {module.temperature:.4g} from the export (the "
+                    f"config's initial {module.init_temperature} is not used)"
+                )
     set_seed(cfg.seed, device_specific=True)  # dropout differs per rank
 
     loader = ShardLoader(
@@ -351,7 +180,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.tracker != "none":
         acc.init_trackers("tb", config=_hparams(cfg))
     audit = _batch_audit(cfg, acc)
-    dtype = _input_dtype(acc)
+    dtype = input_dtype(acc)
     global_batch = cfg.loader.batch_size * acc.num_processes * cfg.optim.grad_accum
     from tqdm import tqdm
 
@@ -373,7 +202,7 @@ def train(cfg: TrainConfig) -> dict:
             "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
             "history": history,
             "world_size": acc.num_processes,
-            "zero_stage": _zero_stage(acc),
+            "zero_stage": zero_stage(acc),
             "task": cfg.task,
         }
         files = {
@@ -399,19 +228,19 @@ def train(cfg: TrainConfig) -> dict:
                     )
                 if cfg.data.shuffle_labels:
                     batch["labels"] = _shuffled(batch["labels"], cfg.seed, loader, acc)
-                batch = _to_device(batch, acc.device, dtype)
+                batch = to_device(batch, acc.device, dtype)
                 with acc.accumulate(model):
                     out = model(batch)
-                    if _agree(acc, not bool(torch.isfinite(out["loss"].detach()))):
+                    if agree(acc, not bool(torch.isfinite(out["loss"].detach()))):
                         nonfinite += 1
                         _nonfinite(acc, cfg, out, step + 1, nonfinite)
                         optimizer.zero_grad(set_to_none=True)  # this update is dropped
                         continue
                     acc.backward(out["loss"])
-                    if acc.sync_gradients and not _is_deepspeed(acc):
+                    if acc.sync_gradients and not is_deepspeed(acc):
                         norm = _grad_norm(acc, model, cfg.optim.grad_clip)
                         # fp16's loss scaler skips an overflowed step itself
-                        if acc.scaler is None and _agree(acc, not math.isfinite(norm)):
+                        if acc.scaler is None and agree(acc, not math.isfinite(norm)):
                             nonfinite += 1
                             grads = {**out, "grad_norm": torch.tensor(norm)}
                             _nonfinite(acc, cfg, grads, step + 1, nonfinite, "gradient norm")
@@ -441,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
                     model.train()
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     save()
-                if _agree(acc, stop.requested()):
+                if agree(acc, stop.requested()):
                     status = "preempted"
                     break
                 if step >= total:
@@ -488,16 +317,14 @@ def _nonfinite(acc, cfg: TrainConfig, out: dict, step: int, count: int, what: st
     log.warning("%s: update dropped (%d of %d allowed)", what, count, cfg.max_nonfinite_steps)
 
 
-def _plan(cfg: TrainConfig, acc) -> tuple[TrainConfig, object]:
-    """The config as it runs at this world size (rescaled from its stated cluster shape) and
-    its plan; a plan that cannot finish is refused before any model is built."""
-    num_train = load_index(cfg.data.location, cfg.data.train_split).num_samples
-    cfg, plan = plan_training(cfg, num_train, acc.num_processes)
-    for change in plan.changes:
-        acc.print(
-            f"rescaled from {cfg.cluster.nodes} x {cfg.cluster.gpus_per_node} to "
-            f"{acc.num_processes} processes: {change}"
-        )
+def _resolve(cfg: TrainConfig, acc) -> tuple[TrainConfig, object]:
+    """The config as it runs (:func:`ltdist.train.resolve.resolve_config`: at this world size,
+    with an init_from export's settings), every change printed, and its plan; a plan that
+    cannot finish is refused before any model is built."""
+    resolved = resolve_config(cfg, acc.num_processes)
+    for change in resolved.changes:
+        acc.print(change)
+    cfg, plan = resolved.config, resolved.plan
     fatal = [p for p in plan.problems if p.fatal]
     if fatal:
         raise TrainingError("this run cannot finish as configured: " + "; ".join(map(str, fatal)))
@@ -514,22 +341,6 @@ def _shuffled(labels: torch.Tensor, seed: int, loader: ShardLoader, acc) -> torc
     return labels[torch.randperm(len(labels), generator=gen)]
 
 
-def _resolve_init(cfg: TrainConfig):
-    """With ``init_from``, the CLIP / Q-Former / text settings come from the export's config."""
-    m = cfg.model
-    if not m.init_from:
-        return m
-    src = read_export_config(m.init_from).model
-    return replace(
-        m,
-        clip=src.clip,
-        qformer=replace(src.qformer, bert_init=""),
-        text_tokenizer=src.text_tokenizer,
-        max_text_tokens=src.max_text_tokens,
-        dpvlpa=replace(m.dpvlpa, embed_dim=src.dpvlpa.embed_dim, text_pool=src.dpvlpa.text_pool),
-    )
-
-
 def _check_resumable(state: dict, cfg: TrainConfig, acc) -> None:
     if state["task"] != cfg.task:
         raise TrainingError(
@@ -538,7 +349,7 @@ def _check_resumable(state: dict, cfg: TrainConfig, acc) -> None:
         )
     if state["world_size"] == acc.num_processes:
         return
-    if _zero_stage(acc) or state.get("zero_stage"):
+    if zero_stage(acc) or state.get("zero_stage"):
         raise TrainingError(
             f"checkpoint saved by {state['world_size']} processes with DeepSpeed ZeRO, now "
             f"{acc.num_processes}: ZeRO partitions the optimizer state per rank; resume with "
@@ -550,14 +361,6 @@ def _check_resumable(state: dict, cfg: TrainConfig, acc) -> None:
             "exact data position needs the same layout. Resume with the same number of "
             "processes, or train in resampled mode (loader.resampled=true)"
         )
-
-
-def _agree(acc, flag: bool) -> bool:
-    """True on every rank when any rank asks (a stop must be taken at the same step)."""
-    if acc.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
-    return bool(acc.reduce(t, reduction="sum").item() > 0)
 
 
 def _log_step(acc, parts, step, scheduler, since: tuple[float, int], global_batch) -> dict:
@@ -574,21 +377,11 @@ def _log_step(acc, parts, step, scheduler, since: tuple[float, int], global_batc
     return record
 
 
-def _sync_buffers(acc, module) -> None:
-    """Give every rank rank 0's buffers before an evaluation. DDP broadcasts them only at the
-    start of a training forward, so after the last step each rank holds its own BatchNorm
-    statistics (and its own EMA of them): ranks would score their share of the evaluation with
-    other weights than the export's."""
-    if acc.num_processes > 1 and torch.distributed.is_initialized():
-        for buffer in module.buffers():
-            torch.distributed.broadcast(buffer, src=0)
-
-
 def _periodic_eval(acc, cfg: TrainConfig, module, ema, step: int) -> dict:
     if not cfg.data.eval_split:
         return {"step": step}
     with ema.swapped(module) if ema is not None else contextlib.nullcontext():
-        _sync_buffers(acc, module)
+        sync_buffers(acc, module)
         scores, targets = evaluate_split(
             acc,
             module,
@@ -633,45 +426,42 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
     out = cfg.output_dir
     metrics: dict = {"status": "completed", "task": cfg.task, "steps": step}
     with ema.swapped(module) if ema is not None else contextlib.nullcontext():
-        state = acc.get_state_dict(model) if _zero_stage(acc) == 3 else None
+        state = acc.get_state_dict(model) if zero_stage(acc) == 3 else None
         if state is None and acc.is_main_process:
             state = module.state_dict()
             if ema is not None:  # the float32 averages, not their bf16 copies in the module
                 state.update({k: v for k, v in ema.state_dict().items() if k in state})
+        evaluation = {}
         if cfg.data.eval_split:
-            _sync_buffers(acc, module)
-            ev = dict(batch_size=cfg.data.eval_batch_size, image_size=cfg.loader.image_size)
-            scores, targets = evaluate_split(
-                acc, module, cfg.data.location, cfg.data.eval_split, **ev
+            sync_buffers(acc, module)
+            title = f"{cfg.task} ({'EMA' if ema is not None else 'final'} weights, step {step})"
+            evaluation = evaluate_and_report(
+                acc,
+                module,
+                space,
+                cfg.data.location,
+                cfg.data.eval_split,
+                storage.join(out, "report"),
+                title,
+                cfg.data.eval_batch_size,
+                cfg.loader.image_size,
+                val_split=cfg.data.val_split,
             )
-            thresholds = None
-            if cfg.data.val_split:
-                vs, vt = evaluate_split(acc, module, cfg.data.location, cfg.data.val_split, **ev)
-                thresholds, _ = best_f1_thresholds(vs, vt, fallback=0.5)
     if acc.is_main_process:
         meta = {
             "step": step,
             "weights": "ema" if ema is not None else "raw",
             "global_threshold": 0.5,
         }
-        if cfg.data.eval_split:
-            result = group_map(scores, targets, space)
-            chosen = thresholds if thresholds is not None else 0.5
-            f1 = f1_report(scores, targets, chosen, space)
-            title = f"{cfg.task} ({'EMA' if ema is not None else 'final'} weights, step {step})"
-            metrics["map"] = result.summary()
-            metrics["coverage"] = split_coverage(
-                cfg.data.location, cfg.data.eval_split, len(scores)
-            )
-            history.append({"step": step, "eval_map": result.summary()})
-            metrics["table"] = format_summary(result)
-            metrics["f1"] = {k: v for k, v in f1.items() if k != "classes"}
-            metrics["report"] = write_report(
-                result, space, storage.join(out, "report"), title=title, scores=scores
-            )
-            meta["map"] = result.summary()
-            if thresholds is not None:
-                meta["thresholds"] = [float(t) for t in thresholds]
+        if evaluation:
+            metrics["map"] = meta["map"] = evaluation["map"]
+            metrics["coverage"] = evaluation["coverage"]
+            metrics["table"] = evaluation["table"]
+            metrics["f1"] = evaluation["f1"]
+            metrics["report"] = evaluation["report"]
+            history.append({"step": step, "eval_map": evaluation["map"]})
+            if evaluation["picked_thresholds"]:
+                meta["thresholds"] = evaluation["thresholds"]
                 meta["threshold_split"] = cfg.data.val_split
         save_export(storage.join(out, "export"), state, space, cfg, meta)
         series: dict[str, list[tuple[int, float]]] = {}
@@ -690,7 +480,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
             train_seconds=round(seconds, 1),
             world_size=acc.num_processes,
             distributed_type=str(acc.distributed_type),
-            zero_stage=_zero_stage(acc),
+            zero_stage=zero_stage(acc),
             mixed_precision=acc.mixed_precision,
             history=history,
             export=storage.join(out, "export"),

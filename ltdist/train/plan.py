@@ -222,7 +222,7 @@ def plan_training(
     """The config as it runs on ``world_size`` processes and its plan (with its problems).
 
     Steps per epoch follow the loader: floor(N / (batch x processes)) micro-batches, of which
-    every ``grad_accum`` make an optimizer step (DESIGN.md, "equal steps on every rank").
+    every ``grad_accum`` make an optimizer step (docs/design.md, "equal steps on every rank").
     """
     run, changes, problems = rescale(cfg, world_size)
     if num_eval is not None and run.data.eval_limit:

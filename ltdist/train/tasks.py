@@ -24,15 +24,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ltdist.config import resolve_path
-from ltdist.losses.multilabel import (
-    DB_OFFICIAL_SETTINGS,
-    AsymmetricLoss,
-    BCELoss,
-    ClassBalancedFocalLoss,
-    DistributionBalancedLoss,
-    FocalLoss,
-)
+from ltdist.config import ConfigError, resolve_path
+from ltdist.entry import InputError
+from ltdist.losses.multilabel import build_loss
 from ltdist.models.backbones import QFormerTokens, TokenBackbone, build_backbone
 from ltdist.models.clip import (
     ImageTower,
@@ -46,7 +40,7 @@ from ltdist.models.dpvlpa import DPVLPA
 from ltdist.models.heads import LinearHead
 from ltdist.models.qformer import QFormer
 from ltdist.models.word_vectors import glove_class_embeddings
-from ltdist.train.config import LossConfig, ModelConfig
+from ltdist.train.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,35 +75,6 @@ class TextTokenizer:
             return_tensors="pt",
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def build_loss(cfg: LossConfig, label_space) -> nn.Module:
-    """The classification loss; ``cbfocal`` / ``dbfocal`` take the class frequencies and the
-    number of training images from ``label_space`` (the training split's statistics)."""
-    if cfg.kind == "bce":
-        return BCELoss()
-    if cfg.kind == "focal":
-        return FocalLoss(cfg.gamma)
-    if cfg.kind == "asl":
-        return AsymmetricLoss(cfg.gamma_neg, cfg.gamma_pos, cfg.clip)
-    if cfg.kind == "cbfocal":
-        return ClassBalancedFocalLoss(label_space.frequency, beta=cfg.cb_beta, gamma=cfg.gamma)
-    if cfg.kind == "dbfocal":
-        if not label_space.num_train_images:
-            raise ValueError(
-                "model.loss.kind=dbfocal needs the number of training images, and the label "
-                "space (classes.json) does not record it (num_train_images is 0): re-pack the "
-                "shards (the packer records it), or use another loss kind"
-            )
-        settings = DB_OFFICIAL_SETTINGS.get(cfg.db_settings, {})
-        return DistributionBalancedLoss(
-            label_space.frequency,
-            label_space.num_train_images,
-            focal=True,
-            gamma=cfg.gamma,
-            **settings,
-        )
-    raise ValueError(f"unknown loss kind {cfg.kind!r}")
 
 
 def class_prompts(names: Sequence[str], template: str) -> list[str]:
@@ -260,20 +225,20 @@ class CPRFLTask(nn.Module):
 
     def logits_for(self, images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         if self.cfg.head == "linear":
-            raise ValueError(
+            raise InputError(
                 "a linear head knows only its training classes (one output per class, no text "
                 "side): score other class names with a CPRFL head (prompt_init clip or glove) "
                 "or a DP-VLPA export"
             )
         if self.cfg.cprfl.prompt_init == "random":
-            raise ValueError("a CPRFL head with random prompts knows only its training classes")
+            raise InputError("a CPRFL head with random prompts knows only its training classes")
         emb = self._embed(names)
         return self.head(self.backbone(images), emb.to(self.head.class_embeddings.device))
 
     def load_pretrained(self, state: Mapping[str, torch.Tensor]) -> list[str]:
         """Take the image tower and Q-Former of a pretraining export (backbone kind qformer)."""
         if self.cfg.backbone.kind != "qformer":
-            raise ValueError(
+            raise ConfigError(
                 "model.init_from with the cprfl task needs model.backbone.kind=qformer "
                 f"(got {self.cfg.backbone.kind!r})"
             )
@@ -323,7 +288,7 @@ def _load_subset(
             unused.append(key)
             continue
         if own[target].shape != value.shape:
-            raise ValueError(
+            raise InputError(
                 f"pretrained {key} has shape {tuple(value.shape)}, the model's {target} "
                 f"{tuple(own[target].shape)}: the export was made with other model sizes"
             )
@@ -331,7 +296,7 @@ def _load_subset(
     wanted = [k for k in own if any(k.startswith(t) for t in prefixes.values())]
     missing = [k for k in wanted if k not in mapped]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"the pretrained export lacks {len(missing)} tensors the model needs, e.g. {missing[0]}"
         )
     module.load_state_dict(mapped, strict=False)

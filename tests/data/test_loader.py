@@ -215,16 +215,45 @@ def test_eval_batches_yield_every_sample_once_in_stored_order(dataset):
 
     location, keys = dataset(23, 10)
     batches = list(eval_batches(location, "train", batch_size=8, image_size=8))
-    assert [len(k) for _, _, k in batches] == [8, 8, 7]  # nothing dropped
-    assert [k for _, _, ks in batches for k in ks] == keys
-    labels = torch.cat([y for _, y, _ in batches])
+    assert [len(b.keys) for b in batches] == [8, 8, 7]  # nothing dropped
+    assert [k for b in batches for k in b.keys] == keys
+    assert [i for b in batches for i in b.index] == list(range(23))
+    assert not any(b.padded for b in batches)
+    labels = torch.cat([b.targets for b in batches])
     expected = torch.zeros(23, 5)
     for i in range(23):
         expected[i, label_ids(i)] = 1.0
     assert torch.equal(labels, expected)
-    images = torch.cat([x for x, _, _ in batches])
+    images = torch.cat([b.images for b in batches])
     pixel = (22 / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
     np.testing.assert_allclose(images[22, :, 3, 3].numpy(), pixel, atol=1e-5)
+
+
+@pytest.mark.parametrize("world, limit", [(2, 0), (3, 0), (4, 0), (2, 13)])  # 4: two ranks pad
+def test_eval_batches_split_over_ranks_equal_one_rank(dataset, world, limit):
+    """Ranks take batches round-robin, each as many (the last padded), and together they hold
+    exactly the one-rank batches' rows, bitwise."""
+    from ltdist.data.loader import eval_batches
+
+    location, _ = dataset(23, 10)
+    one = list(eval_batches(location, "train", 4, 8, limit=limit))
+    rows = {i: (x, y) for b in one for i, x, y in zip(b.index, b.images, b.targets)}
+    assert sorted(rows) == list(range(limit or 23))
+    per_rank = [list(eval_batches(location, "train", 4, 8, r, world, limit)) for r in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1  # lockstep
+    seen = []
+    for r, batches in enumerate(per_rank):
+        for b in batches:
+            if b.padded:
+                assert b.index == [] and b.keys == [] and b.images.shape[0] == 1
+                continue
+            assert b.index[0] // 4 % world == r  # batch n goes to rank n mod world
+            for i, x, y in zip(b.index, b.images, b.targets):
+                assert torch.equal(x, rows[i][0]) and torch.equal(y, rows[i][1])
+            seen += b.index
+    assert sorted(seen) == list(range(limit or 23))
+    padded = sum(b.padded for batches in per_rank for b in batches)
+    assert padded == (2 if world == 4 else 0)  # 6 batches over 4 ranks: 2 stand-ins
 
 
 @pytest.mark.parametrize("mode_bits", [("I;16", 16), ("I", 16), ("L", 8), ("F", 1)])

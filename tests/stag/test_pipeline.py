@@ -338,7 +338,7 @@ def test_config_errors():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["fallback=capton"], "config error"),
+        (["fallback=capton"], "fallback: 'capton' is not one of"),
         (["engine.model=./no/such/model"], "model folder ./no/such/model does not exist"),
     ],
 )

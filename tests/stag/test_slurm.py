@@ -5,33 +5,20 @@ teardown for a 2-node allocation."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.fake_slurm import install_fakes, option, read_calls
 
 pytestmark = pytest.mark.both_envs
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launchers" / "slurm" / "stag_gen.sbatch"
 NODES = {"gpu-a": "10.0.0.11", "gpu-b": "10.0.0.12"}
-
-LOGGER = r"""
-log() {  # one JSON line: the command, its argv, and the environment it saw
-    python3 - "$@" <<'PY' >> "$FAKE_LOG"
-import json, os, sys
-env = {k: v for k, v in os.environ.items() if k.startswith(("SLURM_", "RAY_", "LTDIST_"))}
-# one write() of the whole line: O_APPEND keeps concurrent writers' lines apart (print's
-# two writes, flushed at exit, once left a record without its newline when TERM came)
-os.write(1, (json.dumps({"cmd": os.environ["FAKE_CMD"], "argv": sys.argv[1:], "env": env,
-                         "cwd": os.getcwd()}) + "\n").encode())
-PY
-}
-"""
 
 FAKES = {
     # sbatch: set what SLURM would for a 2-node, 4-GPU-per-node allocation and run the
@@ -90,11 +77,7 @@ exit 0
 @pytest.fixture
 def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in FAKES.items():
-        path = bin_dir / name
-        path.write_text("#!/bin/bash\n" + LOGGER + body)
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    install_fakes(bin_dir, FAKES, ("SLURM_", "RAY_", "LTDIST_"))
     log = tmp_path / "calls.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RAY_"))}
     env.update(
@@ -119,17 +102,11 @@ def run_sbatch(env, log, *args, rc_env=None):
         text=True,
         timeout=120,
     )
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    return proc, calls
+    return proc, read_calls(log)
 
 
 def srun_ray_starts(calls):
     return [c for c in calls if c["cmd"] == "srun" and "start" in c["argv"]]
-
-
-def option(argv, name):
-    """The value of --name=value in argv (or None)."""
-    return next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
 
 
 def test_two_node_cluster_job_submit_and_teardown(fake_slurm):

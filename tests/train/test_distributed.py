@@ -74,7 +74,13 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
     if task == "cprfl":
         overrides += ["model.backbone.kind=qformer", "model.cprfl.prompt_init=clip"]
     proc = launch("finetune.py", overrides, demo)
-    assert "initialised from" in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "initialised from" in log
+    # every setting the export overrides is said: its fields, and its learned temperatures
+    source_model = read_export_config(str(pretrained / "export")).model
+    assert f"model.text_tokenizer: 'bert-base-uncased' -> {source_model.text_tokenizer!r}" in log
+    if task == "dpvlpa":
+        assert "model.gcl.logit_scale: temperature " in log and "from the export" in log
     assert_world(out, 2, "MULTI_CPU")
     m = metrics(out)
     assert (m["status"], m["steps"]) == ("completed", 3)

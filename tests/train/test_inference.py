@@ -38,7 +38,7 @@ def test_evaluate_matches_a_direct_computation_in_one_and_two_processes(pretrain
     exported = load_export(str(export))
     scores, targets = [], []
     with torch.no_grad():
-        for x, y, _ in eval_batches(str(demo), "test", 64, exported.config.loader.image_size):
+        for x, y, *_ in eval_batches(str(demo), "test", 64, exported.config.loader.image_size):
             scores.append(torch.sigmoid(exported.module.logits(x)))
             targets.append(y)
     direct = group_map(torch.cat(scores), torch.cat(targets), exported.label_space).summary()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.fake_slurm import install_fakes, option, read_calls
 
 pytestmark = [pytest.mark.slow]
 
@@ -26,17 +27,6 @@ VENV_BIN = Path(sys.executable).parent  # .venvs/train/bin: its accelerate and p
 LAUNCHER = "launchers/pretrain.py"
 CONFIG = "tests/train/configs/tiny_pretrain.yaml"
 JOB_ID = 4242
-
-LOGGER = r"""
-log() {  # one JSON line: the command, its argv, and the environment it saw
-    python3 - "$@" <<'PY' >> "$FAKE_LOG"
-import json, os, sys
-env = {k: v for k, v in os.environ.items() if k.startswith(("SLURM", "LTDIST_", "ACCELERATE_"))}
-os.write(1, (json.dumps({"cmd": os.environ["FAKE_CMD"], "argv": sys.argv[1:], "env": env})
-             + "\n").encode())  # one write(): O_APPEND keeps concurrent lines apart
-PY
-}
-"""
 
 FAKES = {
     # sbatch: what SLURM sets for a 2-node allocation, then the script in the foreground (its
@@ -95,11 +85,7 @@ exec "$REAL_ACCELERATE" "$@"
 @pytest.fixture
 def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in FAKES.items():
-        path = bin_dir / name
-        path.write_text("#!/bin/bash\n" + LOGGER + body)
-        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    install_fakes(bin_dir, FAKES, ("SLURM", "LTDIST_", "ACCELERATE_"))
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "ACCELERATE_", "LTDIST_"))
     }
@@ -175,12 +161,7 @@ def overrides(tmp_path, demo, *more):
 
 
 def calls(tmp_path, cmd):
-    lines = (tmp_path / "calls.jsonl").read_text().splitlines()
-    return [c for c in map(json.loads, lines) if c["cmd"] == cmd]
-
-
-def option(argv, name):
-    return argv[argv.index(name) + 1]
+    return read_calls(tmp_path / "calls.jsonl", cmd)
 
 
 def test_two_nodes_make_one_world_of_four(fake_slurm, submit, demo):

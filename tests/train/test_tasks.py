@@ -1,5 +1,6 @@
-"""ltdist.train.tasks: the loss kinds of ``build_loss`` and the cprfl task's linear head (the ERM
-baseline), from unit checks to a 2-process run whose export is evaluated and labels images."""
+"""The loss kinds of ``ltdist.losses.multilabel.build_loss`` and the cprfl task's linear head
+(the ERM baseline), from unit checks to a 2-process run whose export is evaluated and labels
+images."""
 
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ from ltdist.losses.multilabel import (
     BCELoss,
     ClassBalancedFocalLoss,
     DistributionBalancedLoss,
+    LossConfig,
+    build_loss,
 )
 from ltdist.models.backbones import ResNetTokens
 from ltdist.models.clip import ImageTower
 from ltdist.models.cprfl import CPRFLHead
 from ltdist.models.heads import LinearHead
 from ltdist.train import tasks
-from ltdist.train.config import LossConfig, ModelConfig, TrainConfig
+from ltdist.train.config import ModelConfig, TrainConfig
 from ltdist.train.export import load_export
-from ltdist.train.tasks import build_loss, build_task
+from ltdist.train.tasks import build_task
 
 from .conftest import TINY, launch, metrics
 

@@ -69,21 +69,21 @@ def test_deepspeed_configs_leave_batch_precision_and_optimizer_to_the_trainer(st
     [("", "bf16", "bf16"), ("no", "bf16", "bf16"), ("bf16", "bf16", "bf16"), ("no", "no", "no")],
 )
 def test_the_training_config_owns_the_precision(monkeypatch, launcher, config, expected):
-    from ltdist.train.loop import _mixed_precision
+    from ltdist.train.accel import mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
     cfg = load_config(TrainConfig, overrides=[f"mixed_precision={config}", "data.location=x"])
-    assert _mixed_precision(cfg) == expected
+    assert mixed_precision(cfg) == expected
 
 
 @pytest.mark.parametrize("launcher, config", [("bf16", "no"), ("fp16", "bf16")])
 def test_a_launcher_precision_that_disagrees_is_refused_naming_both(monkeypatch, launcher, config):
-    from ltdist.train.loop import TrainingError, _mixed_precision
+    from ltdist.train.accel import TrainingError, mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
     cfg = load_config(TrainConfig, overrides=[f"mixed_precision={config}", "data.location=x"])
     with pytest.raises(TrainingError, match=rf"asks for mixed precision '{launcher}'.*'{config}'"):
-        _mixed_precision(cfg)
+        mixed_precision(cfg)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")))

@@ -1,0 +1,100 @@
+"""The one evaluation path, used by the training loop's final evaluation and by
+``launchers/evaluate.py``: scores of a split read by the one rank-aware reader
+(:func:`ltdist.data.loader.eval_batches`), gathered in stored order; decision thresholds picked
+on a validation split; group mAP, F1 and the report written once, on the main process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ltdist import storage
+from ltdist.data.loader import eval_batches
+from ltdist.data.shards import load_index, split_coverage
+from ltdist.eval import format_summary, group_map, write_report
+from ltdist.eval.report import format_f1_summary
+from ltdist.eval.thresholds import best_f1_thresholds, f1_report
+from ltdist.train.accel import input_dtype
+
+
+def evaluate_split(
+    acc, module, location: str, split: str, batch_size: int, image_size: int, limit: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, C) and targets (N, C) of a split, every sample once, in stored order, on
+    every rank (each rank scores its batches, then all are gathered)."""
+    rank, world = acc.process_index, acc.num_processes
+    dtype = input_dtype(acc)
+    mine: list[tuple[int, np.ndarray, np.ndarray]] = []
+    was_training = module.training
+    module.eval()
+    batches = eval_batches(location, split, batch_size, image_size, rank, world, limit)
+    with torch.no_grad(), acc.autocast():
+        for batch in batches:
+            x = batch.images.to(acc.device)
+            if dtype is not None:
+                x = x.to(dtype)
+            scores = torch.sigmoid(module.logits(x).float()).cpu().numpy()
+            if not batch.padded:
+                mine.extend(zip(batch.index, scores, batch.targets.numpy()))
+    module.train(was_training)
+    from accelerate.utils import gather_object
+
+    everything = gather_object([mine]) if world > 1 else [mine]
+    rows = sorted((t for part in everything for t in part), key=lambda t: t[0])
+    total = load_index(location, split).num_samples
+    total = min(total, limit) if limit else total
+    if [r[0] for r in rows] != list(range(total)):
+        raise RuntimeError(f"evaluation gathered {len(rows)} of {total} samples of {split}")
+    return np.stack([r[1] for r in rows]), np.stack([r[2] for r in rows])
+
+
+def evaluate_and_report(
+    acc,
+    module,
+    space,
+    location: str,
+    split: str,
+    out_dir: str,
+    title: str,
+    batch_size: int,
+    image_size: int,
+    val_split: str = "",
+    thresholds: float | Sequence[float] = 0.5,
+    thresholds_from: str = "",
+) -> dict:
+    """Score ``split`` (and ``val_split``, whose per-class F1-best thresholds then replace
+    ``thresholds``), and on the main process write the report under ``out_dir`` and return
+    the result: map, coverage, the tables, f1, thresholds and where they came from. Other
+    ranks take part in the scoring and return {}."""
+    scores, targets = evaluate_split(acc, module, location, split, batch_size, image_size)
+    picked = None
+    if val_split:
+        vs, vt = evaluate_split(acc, module, location, val_split, batch_size, image_size)
+        picked, _ = best_f1_thresholds(vs, vt, fallback=0.5)
+        thresholds, thresholds_from = picked, val_split
+    if not acc.is_main_process:
+        return {}
+    maps = group_map(scores, targets, space)
+    f1 = f1_report(scores, targets, thresholds, space)
+    per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (space.num_classes,))
+    return {
+        "map": maps.summary(),
+        "coverage": split_coverage(location, split, len(scores)),
+        "table": format_summary(maps),
+        "f1": {k: v for k, v in f1.items() if k != "classes"},
+        "f1_table": format_f1_summary(f1),
+        "thresholds_from": thresholds_from or "global 0.5",
+        "thresholds": [float(t) for t in per_class],
+        "picked_thresholds": picked is not None,
+        "report": write_report(maps, space, out_dir, title=title, scores=scores),
+    }
+
+
+def write_evaluation(out_dir: str, result: dict) -> None:
+    storage.write_bytes_atomic(
+        storage.join(out_dir, "evaluation.json"), json.dumps(result, indent=1).encode()
+    )
