@@ -48,7 +48,7 @@ rehearse: setup
 	    --shapes 1x8,2x8,8x8 --splits-dir $(SPLITS) --work runs/rehearsal
 
 bench: setup
-	$(TRAIN)/python benchmarks/loader.py
+	$(TRAIN)/python benchmarks/loader_throughput.py
 
 clean-demo:
 	rm -rf data/demo data/demo_tiny shards/demo shards/demo_stag shards/demo_stag_tiny runs/demo runs/demo_tiny

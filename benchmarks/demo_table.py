@@ -156,8 +156,8 @@ ROWS = [
     Row(
         "small CNN trained end to end (ERM, BCE)",
         "references",
-        "baseline",
-        "configs/baseline/demo.yaml",
+        "reference-cnn",
+        "configs/reference_cnn/demo.yaml",
         init="",
         key="cnn",
     ),
@@ -231,10 +231,10 @@ def run_row(
         return out
     data = shards[row.shards]
     log = work / "logs" / f"seed{seed}_{row.key}.log"
-    if row.launcher == "baseline":
+    if row.launcher == "reference-cnn":
         cmd = [
             str(TRAIN_BIN / "ltdist"),
-            "baseline",
+            "reference-cnn",
             "--config",
             row.config,
             f"data={data}",

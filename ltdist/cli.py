@@ -1,10 +1,10 @@
-"""The ``ltdist`` command: data preparation, inspection and the baseline.
+"""The ``ltdist`` command: data preparation, inspection, the reference CNN and rehearsals.
 
 ltdist data demo     [--out DIR] [key=value ...]        build the bundled demo data set
 ltdist data pack     --config FILE [key=value ...]      manifest / benchmark -> shards
 ltdist data stats    LOCATION [--no-verify]             class table, counts, checksums
 ltdist data fetch-splits {coco_lt,voc_lt} [--dest DIR] [--source URL|DIR]
-ltdist baseline      --config FILE [key=value ...]      small CNN, group-mAP report
+ltdist reference-cnn --config FILE [key=value ...]      small CNN, group-mAP report
 ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs (mean ± std)
 ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
                      [--shapes 1x8,8x8] [--splits-dir DIR]   a config's plan at a cluster shape,
@@ -92,20 +92,20 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _fetch_splits(args: argparse.Namespace) -> int:
-    from ltdist.data.benchmarks import fetch_splits
+    from ltdist.data.splits import fetch_splits
 
     for path in fetch_splits(args.benchmark, args.dest, args.source):
         print(path)
     return 0
 
 
-def _baseline(args: argparse.Namespace) -> int:
-    from ltdist.baseline import BaselineConfig, train_baseline
+def _reference_cnn(args: argparse.Namespace) -> int:
+    from ltdist.reference_cnn import ReferenceCNNConfig, train_reference_cnn
 
-    cfg = _load(BaselineConfig, args)
+    cfg = _load(ReferenceCNNConfig, args)
     if cfg is None:
         return 0
-    summary = train_baseline(cfg)
+    summary = train_reference_cnn(cfg)
     print(f"{summary['title']}: {summary['train_seconds']} s of training\n{summary['table']}")
     print(f"report: {summary['report']['report']}\nplot:   {summary['report']['plot']}")
     return 0
@@ -190,9 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="base URL or local folder (default: public)")
     p.set_defaults(func=_fetch_splits)
 
-    p = sub.add_parser("baseline", help="train and evaluate the small CNN baseline")
+    p = sub.add_parser(
+        "reference-cnn",
+        aliases=["baseline"],  # its name until 2026-12
+        help="train and evaluate the small CNN reference (end to end, from the shards)",
+    )
     _config_arguments(p)
-    p.set_defaults(func=_baseline)
+    p.set_defaults(func=_reference_cnn)
 
     p = sub.add_parser("compare", help="group-mAP table (mean ± std over seeds) of finished runs")
     p.add_argument(

@@ -52,10 +52,10 @@ def test_status_passes_through():
 
 
 def test_errors_users_fix_are_user_errors():
-    from ltdist.data.benchmarks import BenchmarkFileError, ChecksumError, FetchError
     from ltdist.data.manifest import ManifestError
     from ltdist.data.pack import ImageError, PackError
     from ltdist.data.shards import ShardIntegrityError
+    from ltdist.data.splits import BenchmarkFileError, ChecksumError, FetchError
     from ltdist.labels import UnknownClassError
     from ltdist.stag.config import StagError
     from ltdist.stag.grammar import GrammarError

@@ -18,7 +18,7 @@ FLOORS = [
     {"labels"},
     {"data", "eval", "losses"},
     {"models", "stag"},
-    {"train", "baseline"},
+    {"train", "reference_cnn"},
     {"rehearsal"},
     {"cli", "stag_gen"},  # the commands
 ]

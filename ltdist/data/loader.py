@@ -71,7 +71,7 @@ class LoaderConfig:
     seed: int = 0
     prefetch_factor: int = 2
     # Check every shard's SHA-256 against the index as it streams (a swapped, edited or damaged
-    # shard stops the run naming it); see benchmarks/loader.py for what it costs.
+    # shard stops the run naming it); see benchmarks/loader_throughput.py for what it costs.
     verify: bool = True
 
     def validate(self) -> None:

@@ -253,15 +253,16 @@ class PackConfig:
 
 def load_records(cfg: PackConfig) -> tuple[LabelSpace, dict[str, list[Record]], list]:
     """Label space (from the training split) and the records of every split."""
-    from ltdist.data import benchmarks, manifest
+    from ltdist.data import manifest
+    from ltdist.data import splits as benchmark_splits
 
     problems = []
     if cfg.source == "benchmark":
         root = cfg.image_root or None
-        space = benchmarks.label_space(cfg.benchmark, cfg.splits_dir)
+        space = benchmark_splits.label_space(cfg.benchmark, cfg.splits_dir)
         splits = {
-            s: benchmarks.load_split_records(cfg.benchmark, cfg.splits_dir, s, root)
-            for s in benchmarks.SPLITS
+            s: benchmark_splits.load_split_records(cfg.benchmark, cfg.splits_dir, s, root)
+            for s in benchmark_splits.SPLITS
         }
         return space, splits, problems
     names = manifest.read_class_names(cfg.classes)

@@ -3,7 +3,7 @@
 A run is the folder of one training or evaluation run: its ``metrics.json`` carries the group
 mAP (``map``) and, directly or through the report it names (``report.metrics``), the per-class
 AP rows that :func:`ltdist.eval.report.metrics_dict` writes. The trainer, ``launchers/evaluate.py``
-and ``ltdist baseline`` all write one. A method is a name and the runs of its seeds; the table
+and ``ltdist reference-cnn`` all write one. A method is a name and the runs of its seeds; the table
 shows mean ± sample standard deviation over them, so a difference smaller than the spread
 reads as one.
 """

@@ -141,7 +141,7 @@ def data_sizes(cfg: TrainConfig, splits_dir: str = "") -> DataSizes:
         demo = DemoConfig()
         return DataSizes(demo.num_train, demo.num_test, "the demo generator's defaults")
     if d.dataset in ("coco_lt", "voc_lt"):
-        from ltdist.data.benchmarks import load_split_records
+        from ltdist.data.splits import load_split_records
 
         where = splits_dir or "data/splits"
         n_train = len(load_split_records(d.dataset, where, "train"))
@@ -207,7 +207,7 @@ def _plan_stag(path: str, shape: Shape, overrides: list[str], splits_dir: str) -
     problems: list[Problem] = []
     d = cfg.data
     if d.source == "benchmark":
-        from ltdist.data.benchmarks import label_space, load_split_records
+        from ltdist.data.splits import label_space, load_split_records
 
         where = splits_dir or d.splits_dir
         records = load_split_records(d.benchmark, where, "train")

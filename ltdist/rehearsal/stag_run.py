@@ -144,7 +144,7 @@ def _standin_inputs(cfg, work: str, splits_dir: str) -> list[Override]:
     """Stand-in inputs for the records the run reads, as the overrides that point at them."""
     d = cfg.data
     if d.source == "benchmark":
-        from ltdist.data.benchmarks import load_split_records
+        from ltdist.data.splits import load_split_records
 
         image_root = os.path.join(work, "images")
         for split, count in (("train", LIMIT), ("test", TEST_IMAGES)):

@@ -63,8 +63,8 @@ def build_standin(
             f"data.dataset={dataset!r}: a rehearsal run makes stand-in data for coco_lt, voc_lt "
             "or demo; set data.dataset to the benchmark the config trains on"
         )
-    from ltdist.data.benchmarks import label_space, load_split_records
     from ltdist.data.pack import pack_split, write_classes
+    from ltdist.data.splits import label_space, load_split_records
 
     root = os.path.join(work, "images")
     space = label_space(dataset, splits_dir)

@@ -42,7 +42,12 @@ def train_main(
         if cfg.task not in tasks:
             raise ConfigError(f"{args.config}: task {cfg.task!r}; this launcher runs {tasks}")
         if args.print_config:
-            resolved = resolve_config(cfg, launch_world_size())
+            try:
+                resolved = resolve_config(cfg, launch_world_size())
+            except entry.MissingInputError as e:  # no shards (or export) yet: as loaded
+                print(f"# as loaded, not resolved: {e}")
+                print(dump_yaml(cfg), end="")
+                return 0
             for change in resolved.changes:
                 print(f"# {change}")
             print(dump_yaml(resolved.config), end="")

@@ -115,17 +115,7 @@ def train(cfg: TrainConfig) -> dict:
 
     set_seed(cfg.seed)  # the same initial weights on every rank
     space = load_label_space(cfg.data.location)
-    model_cfg = cfg.model
-    task = build_task(cfg.task, model_cfg, space)
-    if model_cfg.init_from:
-        unused = task.load_pretrained(read_export_weights(model_cfg.init_from))
-        acc.print(f"initialised from {model_cfg.init_from} ({len(unused)} export tensors unused)")
-        for name, module in task.named_modules():
-            if isinstance(module, LogitScale) and module.loaded_from_weights:
-                acc.print(
-                    f"{name}: temperature {module.temperature:.4g} from the export (the "
-                    f"config's initial {module.init_temperature} is not used)"
-                )
+    task = _build_task(cfg, space, acc)
     set_seed(cfg.seed, device_specific=True)  # dropout differs per rank
 
     loader = ShardLoader(
@@ -154,28 +144,7 @@ def train(cfg: TrainConfig) -> dict:
         cfg.checkpoint.keep_last,
         cfg.checkpoint.staging_dir,
     )
-    step, history = 0, []
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
-        try:
-            ckpt.check_owner(cfg.output_dir, cfg.checkpoint.trusted)
-        except PermissionError as e:
-            raise TrainingError(str(e)) from None
-        state = ckpt.read_trainer_state(latest)
-        _check_resumable(state, cfg, acc)
-        state, ema_state = ckpt.load(latest)
-        loader.load_state_dict(state["loader"])
-        scheduler.load_state_dict(
-            {**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)}
-        )
-        if ema is not None:
-            if ema_state is None:
-                raise TrainingError(
-                    f"checkpoint step {latest} has no EMA state but ema_decay is set"
-                )
-            ema.load_state_dict(ema_state)
-        step, history = int(state["step"]), state["history"]
-        acc.print(f"resumed from step {latest} (epoch {loader.epoch}, batch {loader.step})")
+    step, history = _resume(cfg, acc, ckpt, loader, optimizer, scheduler, ema)
 
     if cfg.tracker != "none":
         acc.init_trackers("tb", config=_hparams(cfg))
@@ -300,6 +269,46 @@ def _grad_norm(acc, model, clip: float) -> float:
         return float(acc.clip_grad_norm_(model.parameters(), clip))
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _build_task(cfg: TrainConfig, space, acc):
+    """The task module, with an ``init_from`` export's weights; each temperature the export
+    brings (replacing the config's initial value) is said."""
+    task = build_task(cfg.task, cfg.model, space)
+    if cfg.model.init_from:
+        unused = task.load_pretrained(read_export_weights(cfg.model.init_from))
+        acc.print(f"initialised from {cfg.model.init_from} ({len(unused)} export tensors unused)")
+        for name, module in task.named_modules():
+            if isinstance(module, LogitScale) and module.loaded_from_weights:
+                acc.print(
+                    f"{name}: temperature {module.temperature:.4g} from the export (the "
+                    f"config's initial {module.init_temperature} is not used)"
+                )
+    return task
+
+
+def _resume(cfg: TrainConfig, acc, ckpt, loader, optimizer, scheduler, ema) -> tuple[int, list]:
+    """(step, history) of the latest complete checkpoint, with the model, optimizer, loader,
+    schedule and EMA restored from it; (0, []) for a fresh run."""
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest is None:
+        return 0, []
+    try:
+        ckpt.check_owner(cfg.output_dir, cfg.checkpoint.trusted)
+    except PermissionError as e:
+        raise TrainingError(str(e)) from None
+    _check_resumable(ckpt.read_trainer_state(latest), cfg, acc)
+    state, ema_state = ckpt.load(latest)
+    loader.load_state_dict(state["loader"])
+    scheduler.load_state_dict(
+        {**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)}
+    )
+    if ema is not None:
+        if ema_state is None:
+            raise TrainingError(f"checkpoint step {latest} has no EMA state but ema_decay is set")
+        ema.load_state_dict(ema_state)
+    acc.print(f"resumed from step {latest} (epoch {loader.epoch}, batch {loader.step})")
+    return int(state["step"]), state["history"]
 
 
 def _nonfinite(acc, cfg: TrainConfig, out: dict, step: int, count: int, what: str = "loss") -> None:

@@ -41,7 +41,7 @@ def _map(aps):
 
 
 def _eval_run(path, aps):
-    """An evaluation report folder (launchers/evaluate.py, ltdist baseline): rows inline."""
+    """An evaluation report folder (launchers/evaluate.py, ltdist reference-cnn): rows inline."""
     path.mkdir(parents=True)
     (path / "metrics.json").write_text(json.dumps({"map": _map(aps), "classes": _classes(aps)}))
     return path

@@ -87,11 +87,20 @@ def test_print_config_shows_the_config_as_it_runs(pretrained, demo, tmp_path):
     assert shown["task"] == "dpvlpa" and not (tmp_path / "export").exists()
 
 
+def test_print_config_before_the_data_exists(tmp_path):
+    args = [PYTHON, "launchers/pretrain.py", "--config", "configs/pretrain/coco_lt.yaml"]
+    proc = _run([*args, f"data.location={tmp_path / 'not-yet'}", "--print-config"])
+    assert proc.returncode == 0, proc.stderr
+    first, *rest = proc.stdout.splitlines()
+    assert first.startswith("# as loaded, not resolved: ") and "not-yet" in first
+    assert yaml.safe_load("\n".join(rest))["data"]["location"] == str(tmp_path / "not-yet")
+
+
 @pytest.mark.parametrize(
     "command",
     [
         ["-m", "ltdist.cli", "data", "pack", "--config", "configs/data/demo.yaml"],
-        ["-m", "ltdist.cli", "baseline", "--config", "configs/baseline/demo.yaml"],
+        ["-m", "ltdist.cli", "reference-cnn", "--config", "configs/reference_cnn/demo.yaml"],
     ],
 )
 def test_every_config_command_prints_its_config(command):

@@ -1,4 +1,5 @@
-"""A small CNN classifier trained from shards: the quick-start baseline and a learnability check.
+"""A small CNN trained end to end from shards: the reference the demo table compares with (is
+the visual side the bottleneck?) and a learnability check (its shuffled-label control).
 
 It answers "can a model learn this data set at all, and how far above chance?": the same
 network trained with the labels shuffled across images (``shuffle_labels``) is the control.
@@ -25,11 +26,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BaselineConfig:
+class ReferenceCNNConfig:
     data: str = "shards/demo"
     train_split: str = "train"
     test_split: str = "test"
-    out: str = "runs/demo/baseline"
+    out: str = "runs/demo/reference_cnn"
     epochs: int = 6
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -92,7 +93,7 @@ def evaluate(model, location: str, split: str, image_size: int, batch_size: int 
     return group_map(torch.cat(scores), torch.cat(targets), load_label_space(location))
 
 
-def train_baseline(cfg: BaselineConfig, progress: bool = True) -> dict:
+def train_reference_cnn(cfg: ReferenceCNNConfig, progress: bool = True) -> dict:
     """Train, evaluate on the test split, write the report; return the metrics summary."""
     import torch
     from tqdm import tqdm
@@ -112,7 +113,7 @@ def train_baseline(cfg: BaselineConfig, progress: bool = True) -> dict:
     start = time.perf_counter()
     bar = tqdm(
         total=total,
-        desc="baseline" + (" (shuffled labels)" if cfg.shuffle_labels else ""),
+        desc="reference CNN" + (" (shuffled labels)" if cfg.shuffle_labels else ""),
         disable=not progress,
     )
     losses = []
@@ -135,7 +136,7 @@ def train_baseline(cfg: BaselineConfig, progress: bool = True) -> dict:
     bar.close()
     train_seconds = time.perf_counter() - start
     result = evaluate(model, cfg.data, cfg.test_split, cfg.loader.image_size)
-    title = "small CNN baseline" + (" (shuffled-label control)" if cfg.shuffle_labels else "")
+    title = "small CNN reference" + (" (shuffled-label control)" if cfg.shuffle_labels else "")
     paths = write_report(result, space, cfg.out, title=title)
     summary = {
         "title": title,

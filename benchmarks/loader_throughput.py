@@ -1,6 +1,6 @@
 """Loader throughput vs. raw tar iteration + decode on the same shards, and mAP speed.
 
-    python benchmarks/loader.py [--shards shards/demo] [--image-size 64] [--epochs 3]
+    python benchmarks/loader_throughput.py [--shards shards/demo] [--image-size 64] [--epochs 3]
 
 The raw baseline reads every shard with the standard library's tarfile, decodes each image
 with PIL and applies the same CLIP transform and normalisation in one process: what any

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ltdist.data.benchmarks import (
+from ltdist.data.manifest import key_from_path
+from ltdist.data.splits import (
     BENCHMARKS,
     DEFAULT_SOURCE,
     LMPT_COMMIT,
@@ -25,7 +26,6 @@ from ltdist.data.benchmarks import (
     load_split_records,
     sha256_of,
 )
-from ltdist.data.manifest import key_from_path
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "benchmarks"
 
@@ -135,7 +135,7 @@ def test_image_root_is_joined(shared_dir: Path, tmp_path: Path) -> None:
 
 
 def test_unlabeled_count_is_logged(shared_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="ltdist.data.benchmarks"):
+    with caplog.at_level("INFO", logger="ltdist.data.splits"):
         load_split_records("coco_lt", shared_dir, "test")
     assert any("48 of 5000 images have no label" in r.getMessage() for r in caplog.records)
 
