@@ -522,13 +522,19 @@ def eval_batches(
     transform = ClipTransform(image_size)
     total = load_index(location, split).num_samples
     total = min(total, limit) if limit else total
+    if total == 0:
+        raise InputError(f"{location}: split {split!r} has no samples to evaluate")
     per_round = batch_size * world_size
     rounds = math.ceil(math.ceil(total / batch_size) / world_size)
     samples = read_split(location, split)
     for r in range(rounds):
         images, targets, keys, index = [], [], [], []
         for n in range(r * per_round, min(total, (r + 1) * per_round)):
-            sample = next(samples)
+            sample = next(samples, None)
+            if sample is None:  # read_split verifies each shard; this is a belt and braces
+                raise ShardIntegrityError(
+                    f"{location}: split {split!r} holds {n} samples, its index {total}"
+                )
             if (n // batch_size) % world_size != rank:
                 continue
             images.append(transform(decode_image(sample)))

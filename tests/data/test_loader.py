@@ -229,6 +229,17 @@ def test_eval_batches_yield_every_sample_once_in_stored_order(dataset):
     np.testing.assert_allclose(images[22, :, 3, 3].numpy(), pixel, atol=1e-5)
 
 
+def test_eval_batches_of_an_empty_split_is_an_error_naming_it(dataset):
+    from ltdist.data.loader import eval_batches
+    from ltdist.data.shards import ShardWriter
+    from ltdist.entry import InputError
+
+    location, _ = dataset(4, 2)
+    ShardWriter(location, "val", 10, 0)  # a complete split of nothing
+    with pytest.raises(InputError, match="split 'val' has no samples to evaluate"):
+        next(eval_batches(location, "val", 4, 8))
+
+
 @pytest.mark.parametrize("world, limit", [(2, 0), (3, 0), (4, 0), (2, 13)])  # 4: two ranks pad
 def test_eval_batches_split_over_ranks_equal_one_rank(dataset, world, limit):
     """Ranks take batches round-robin, each as many (the last padded), and together they hold
