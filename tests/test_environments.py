@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENVS = {"train": ROOT / ".venvs" / "train", "gen": ROOT / ".venvs" / "gen"}
 HEAVY = ("vllm", "ray", "open_clip", "accelerate", "deepspeed", "transformers", "torchvision")
 SHARED = (
+    "ltdist.entry",
     "ltdist.config",
     "ltdist.storage",
     "ltdist.labels",
@@ -31,6 +32,7 @@ SHARED = (
     "ltdist.reference_cnn",
     "ltdist.stag.prompt",
     "ltdist.stag.grammar",
+    "ltdist.stag.text",
     "ltdist.stag.validate",
     "ltdist.stag.config",
     "ltdist.stag.describe",
