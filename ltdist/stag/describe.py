@@ -26,7 +26,7 @@ from ltdist.stag.engines import (
 )
 from ltdist.stag.grammar import GrammarCache, banned_words
 from ltdist.stag.prompt import build_messages, chat_prompt
-from ltdist.stag.validate import repair, repetition, validate
+from ltdist.stag.validate import repair, validate
 
 TRUNCATED = "truncated"  # the reason given to a text that hit engine.max_tokens
 
@@ -163,7 +163,7 @@ class Describer:
                 ids = rows[i]["label_ids"]
                 verdict = validate(gen.text, ids, self.space, self.cfg.validation)
                 res.words.append(verdict.word_count)
-                res.repetition.append(round(repetition(verdict.text), 4))
+                res.repetition.append(round(verdict.repetition, 4))
                 res.hallucinated += bool(verdict.hallucinated)
                 res.reasons = list(verdict.reasons)
                 truncated = gen.finish_reason == "length" and self.cfg.reject_truncated

@@ -188,7 +188,8 @@ class ValidationResult:
 
     ``description`` keeps the tags (whitespace-normalised); ``text`` has all markup stripped and
     is what training reads; ``hallucinated`` holds canonical names of classes mentioned that
-    the image lacks; ``tail_mentions`` counts mentions of the image's own tail classes.
+    the image lacks; ``tail_mentions`` counts mentions of the image's own tail classes;
+    ``repetition`` is :func:`repetition` of ``text``.
     """
 
     valid: bool
@@ -198,6 +199,7 @@ class ValidationResult:
     word_count: int = 0
     tail_mentions: int = 0
     hallucinated: list[str] = field(default_factory=list)
+    repetition: float = 0.0
 
 
 def reason_code(reason: str) -> str:
@@ -210,8 +212,9 @@ def _repeated_share(words: list[str], n: int) -> float:
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
-def _form_reasons(text: str, cfg: ValidationConfig) -> list[str]:
-    """Characters, tokens, addresses, repetition and prose-likeness of a plain text."""
+def _form_reasons(text: str, words: list[str], share: float, cfg: ValidationConfig) -> list[str]:
+    """Characters, tokens, addresses, repetition and prose-likeness of a plain text, given its
+    lower-cased words and their repeated 4-gram share."""
     reasons = []
     if len(text) > cfg.char_limit:
         reasons.append(f"too_many_chars:{len(text)}")
@@ -220,10 +223,8 @@ def _form_reasons(text: str, cfg: ValidationConfig) -> list[str]:
         reasons.append(f"long_token:{long[:20]}")
     if _URL.search(text):
         reasons.append("url")
-    words = [w.lower() for w in _WORD.findall(text)]
     if len(words) < PROSE_MIN_WORDS:
         return reasons
-    share = _repeated_share(words, 4)
     if share > cfg.max_repetition:
         reasons.append(f"repetitive:{share:.2f}")
     sentences = [tuple(w.lower() for w in _WORD.findall(s)) for s in _SENTENCE_END.split(text)]
@@ -377,14 +378,16 @@ def validate(
         reasons.append(f"{code}:{space.names[t]}")
     reasons.extend(f"hallucination:{name}" for name in hallucinated)
 
-    word_count = count_words(parsed.text)
+    words = [w.lower() for w in _WORD.findall(parsed.text)]
+    share = _repeated_share(words, 4)
+    word_count = len(words)
     if word_count == 0:
         reasons.append("empty")
     elif word_count < cfg.min_words:
         reasons.append(f"too_short:{word_count}")
     elif word_count > cfg.max_words:
         reasons.append(f"too_long:{word_count}")
-    reasons += _form_reasons(parsed.text, cfg)
+    reasons += _form_reasons(parsed.text, words, share, cfg)
 
     reasons = list(dict.fromkeys(reasons))
     fatal = [
@@ -400,6 +403,7 @@ def validate(
         word_count=word_count,
         tail_mentions=tail_mentions,
         hallucinated=hallucinated,
+        repetition=share,
     )
 
 

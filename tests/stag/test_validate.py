@@ -449,10 +449,11 @@ def repeated_share(words: list[str], n: int = 4) -> float:
         ("it's well-lit, it's well-lit, it's well-lit", 1 / 3),  # 6 words
     ],
 )
-def test_repetition(text, expected):
+def test_repetition(space, text, expected):
     assert repetition(text) == pytest.approx(expected)
     words = strip_markup(text or "").replace(",", " ").replace(".", " ").split()
     assert repetition(text) == pytest.approx(repeated_share(words))
+    assert check(space, text).repetition == pytest.approx(expected)  # what the report counts
 
 
 def test_repetition_other_n():
