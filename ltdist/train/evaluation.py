@@ -71,11 +71,10 @@ def evaluate_and_report(
     the result: map, coverage, the tables, f1, thresholds and where they came from. Other
     ranks take part in the scoring and return {}."""
     scores, targets = evaluate_split(acc, module, location, split, batch_size, image_size)
-    picked = None
     if val_split:
         vs, vt = evaluate_split(acc, module, location, val_split, batch_size, image_size)
-        picked, _ = best_f1_thresholds(vs, vt, fallback=0.5)
-        thresholds, thresholds_from = picked, val_split
+        thresholds, _ = best_f1_thresholds(vs, vt, fallback=0.5)
+        thresholds_from = val_split
     if not acc.is_main_process:
         return {}
     maps = group_map(scores, targets, space)
@@ -89,7 +88,6 @@ def evaluate_and_report(
         "f1_table": format_f1_summary(f1),
         "thresholds_from": thresholds_from or "global 0.5",
         "thresholds": [float(t) for t in per_class],
-        "picked_thresholds": picked is not None,
         "report": write_report(maps, space, out_dir, title=title, scores=scores),
     }
 

@@ -469,7 +469,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
             metrics["f1"] = evaluation["f1"]
             metrics["report"] = evaluation["report"]
             history.append({"step": step, "eval_map": evaluation["map"]})
-            if evaluation["picked_thresholds"]:
+            if cfg.data.val_split:  # per-class thresholds picked on it
                 meta["thresholds"] = evaluation["thresholds"]
                 meta["threshold_split"] = cfg.data.val_split
         save_export(storage.join(out, "export"), state, space, cfg, meta)
