@@ -62,9 +62,14 @@ class DPVLPAConfig:
 
     # Phase 1 (QCL, Eq. 2-3)
     qcl_weight: float = 1.0
-    qcl_weight_temperature: float = 0.07  # softmax over queries in Eq. 2
-    qcl_weighting: Literal["softmax", "linear"] = "softmax"
-    qcl_negatives: Literal["global", "image"] = "global"
+    qcl_weight_temperature: float = 0.07  # softmax over queries in Eq. 2 ("softmax" only)
+    # Eq. 2 weights: SPARC's min-max normalised, sparsified (< 1/K dropped) and renormalised
+    # similarities; or softmax(cos / qcl_weight_temperature), or relu(cos) normalised
+    qcl_weighting: Literal["sparc", "softmax", "linear"] = "sparc"
+    # Eq. 3 negatives: the other words of the same caption, loss averaged per caption then over
+    # captions (SPARC); or every word of the global batch, or the same caption's words, both
+    # averaged over all words (the earlier form: qcl_weighting="softmax", qcl_negatives="global")
+    qcl_negatives: Literal["caption", "global", "image"] = "caption"
     # Tokens that are not words in QCL: BERT's [CLS] and [SEP] (padding is masked anyway).
     # The text feature of GCL and of the class embeddings: BERT's [CLS] output ("cls", BLIP-2
     # and the paper) or the mean of the attended token outputs ("mean"), for a Q-Former

@@ -100,8 +100,16 @@ def _assert_tower_frozen(model: DPVLPA) -> None:
         assert not p.requires_grad and p.grad is None
 
 
-def test_pretrain_loss_forward_backward():
-    model = _model().train()
+@pytest.mark.parametrize(
+    "qcl_form",
+    [("sparc", "caption"), ("softmax", "global"), ("linear", "image")],
+)
+def test_pretrain_loss_forward_backward(qcl_form):
+    weighting, negatives = qcl_form
+    assert (DPVLPAConfig.qcl_weighting, DPVLPAConfig.qcl_negatives) == ("sparc", "caption")
+    cfg = DPVLPAConfig(embed_dim=8, qcl_weighting=weighting, qcl_negatives=negatives)
+    model = _model(cfg).train()
+    assert (model.qcl.weighting, model.qcl.negatives) == qcl_form
     batch = _batch()
     out = model.pretrain_loss(batch)
     assert set(out) == {"loss", "gcl", "qcl"}
