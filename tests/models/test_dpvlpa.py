@@ -312,6 +312,17 @@ def test_coa_queries_matches_direct_formula(reduction):
     assert not picked.all() and torch.all(queries.grad[~picked] == 0)
 
 
+def test_coa_queries_run_in_float32_under_autocast():
+    ls = _label_space()
+    coa = CooccurrenceLoss.from_label_space(ls)
+    g = torch.Generator().manual_seed(6)
+    queries, class_embeddings = torch.randn(3, K, 6, generator=g), torch.randn(4, 6, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = coa(queries.bfloat16(), class_embeddings)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(coa(queries.bfloat16().float(), class_embeddings).item())
+
+
 def test_coa_defaults_are_the_paper_form():
     """The loss and the config default to Eq. 5 over the visual queries; adapt_loss's COA is
     the direct formula on the model's own query features and class embeddings."""
