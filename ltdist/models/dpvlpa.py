@@ -95,11 +95,13 @@ class DPVLPAConfig:
     dqr_mode: Literal["max", "weighted_mean"] = "max"  # s_ij = max_k W_ik cos(q_k^i, t^j)
     dqr_detach: bool = True  # W is a stop-gradient reweighting
 
-    # COA (Eq. 5): beta * ||Q_co - Q Q^T||_F^2
+    # COA (Eq. 5): beta * ||Q_co - Q Q^T||_F^2. The paper's form (defaults): per image, the
+    # query assigned to each class (the logit's argmax), Q_co = symmetrised P(j|i), the sum over
+    # the C^2 entries averaged over images. Before: "predictions", "cosine", "mean".
     beta: float = 1.0
-    coa_source: Literal["predictions", "prototypes"] = "predictions"
-    coa_target: Literal["cosine", "conditional", "jaccard"] = "cosine"
-    coa_reduction: Literal["mean", "sum"] = "mean"
+    coa_source: Literal["queries", "predictions", "prototypes"] = "queries"
+    coa_target: Literal["conditional", "cosine", "jaccard"] = "conditional"
+    coa_reduction: Literal["sum", "mean"] = "sum"
 
 
 class DPVLPA(nn.Module):
@@ -333,8 +335,10 @@ class DPVLPA(nn.Module):
             weights = self.dqr_weights(queries, class_embeddings, targets)  # Eq. 4
             gcl_dqr = self.gcl(queries, text_cls, query_weights=weights)
         if cfg.lambda2:
-            coa_input = logits if cfg.coa_source == "predictions" else class_embeddings
-            coa = self.coa(coa_input)  # Eq. 5
+            if cfg.coa_source == "queries":
+                coa = self.coa(queries, class_embeddings)  # Eq. 5
+            else:
+                coa = self.coa(logits if cfg.coa_source == "predictions" else class_embeddings)
         # Eq. 6: L = L_CLS + lambda1 * L_GCL-DQR + lambda2 * L_COA
         loss = l_cls + cfg.lambda1 * gcl_dqr + cfg.lambda2 * coa
         return {"loss": loss, "cls": l_cls, "gcl_dqr": gcl_dqr, "coa": coa}

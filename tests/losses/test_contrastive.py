@@ -312,6 +312,7 @@ CASES = (
     "qcl_sparc",
     "qcl_sparc_empty_rank",
     "coa",
+    "coa_queries",
 )
 
 
@@ -331,6 +332,7 @@ def _global_batch() -> dict[str, torch.Tensor]:
         "empty": empty,
         "logits": torch.randn(B, C, generator=g, dtype=torch.float64),
         "co": torch.tensor([[5, 2, 0, 1], [2, 4, 1, 0], [0, 1, 3, 1], [1, 0, 1, 2]]),
+        "e": torch.randn(C, D, generator=g, dtype=torch.float64),  # class embeddings
     }
 
 
@@ -356,9 +358,14 @@ def _run_case(name: str, data: dict, rank: int, world: int) -> dict:
         module = QueryContrastiveLoss(init_temperature=0.1, **form).double()
         mask = data["empty" if "empty" in name else "mask"][rows]
         loss, logits = module(q[rows], words[rows], mask, return_logits=True)
-    else:
-        module = CooccurrenceLoss(data["co"], beta=0.5, reduction="sum")
+    elif name == "coa":  # batch columns of the predictions, gathered
+        module = CooccurrenceLoss(
+            data["co"], beta=0.5, source="predictions", target="cosine", reduction="sum"
+        )
         loss = module(leaves["logits"][rows])
+    else:  # the paper's per-image form: no gather, normalised by the global image count
+        module = CooccurrenceLoss(data["co"], beta=0.5)
+        loss = module(q[rows], data["e"])
     loss.backward()
     grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in leaves.items()}
     for n, p in module.named_parameters():
