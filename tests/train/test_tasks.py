@@ -20,6 +20,7 @@ from ltdist.losses.multilabel import (
     ClassBalancedFocalLoss,
     DistributionBalancedLoss,
     LossConfig,
+    MultiLabelSoftMarginLoss,
     build_loss,
 )
 from ltdist.models.backbones import ResNetTokens
@@ -71,6 +72,18 @@ def test_dbfocal_is_the_distribution_balanced_focal_loss_of_the_label_space(sett
         assert (loss.lam, loss.mu, loss.kappa) == tuple(
             DB_OFFICIAL_SETTINGS[settings][k] for k in ("lam", "mu", "kappa")
         )
+
+
+def test_db_is_the_distribution_balanced_loss_without_the_focal_factor():
+    space = _space()
+    loss = build_loss(LossConfig(kind="db", db_settings="coco-lt"), space)
+    assert isinstance(loss, DistributionBalancedLoss) and not loss.focal
+    ref = DistributionBalancedLoss(
+        space.frequency, space.num_train_images, focal=False, **DB_OFFICIAL_SETTINGS["coco-lt"]
+    )
+    logits, targets = _batch(space)
+    torch.testing.assert_close(loss(logits, targets), ref(logits, targets), rtol=0, atol=0)
+    assert isinstance(build_loss(LossConfig(kind="mls"), space), MultiLabelSoftMarginLoss)
 
 
 def test_the_other_loss_kinds():
