@@ -298,3 +298,29 @@ def test_the_linear_baselines_export_labels_its_own_classes_only(linear_run, dem
     assert list(run.predictions[0].scores) == load_label_space(str(demo)).display_names
     with pytest.raises(ValueError, match="linear head knows only its training classes"):
         predict_images(export, [str(tmp_path)], class_names=["zebra"])
+
+
+def test_cprfl_ablation_settings_reach_the_head(tmp_path):
+    """A user's 300-d GloVe file as the embeddings, used directly as the prompts (prompt_net
+    none, tokens projected to 300), with one path of Eq. 6 blocked."""
+    space = _space()
+    rng = np.random.default_rng(0)
+    vectors = {name: rng.normal(size=300).round(4) for name in space.display_names}
+    glove = tmp_path / "glove.300d.txt"
+    glove.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in vectors.items()))
+    cfg = _tiny_model(
+        "model.backbone.kind=resnet101",
+        "model.backbone.tiny=true",
+        "model.backbone.proj_dim=300",
+        "model.cprfl.prompt_init=glove",
+        f"model.cprfl.glove_source={glove}",
+        "model.cprfl.prompt_net=none",
+        "model.cprfl.detach_prompts=vsi",
+    )
+    task = build_task("cprfl", cfg, space, load_weights=False)
+    assert task.text_tower is None and task.head.config.detach_prompts == "vsi"
+    expected = torch.tensor(np.stack([vectors[n] for n in space.display_names]))
+    torch.testing.assert_close(task.head.prompts(), expected.float())  # the vectors themselves
+    task.eval()
+    with torch.no_grad():
+        assert task.logits(torch.randn(2, 3, 64, 64)).shape == (2, space.num_classes)
