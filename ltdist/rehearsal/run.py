@@ -246,7 +246,7 @@ _finished_here: set[str] = set()  # pretraining runs this process made (reused b
 
 
 def run_name(path: str) -> str:
-    """``configs/finetune/coco_lt_cprfl.yaml`` -> ``finetune_coco_lt_cprfl``."""
+    """``configs/finetune/coco_lt_cprfl_official.yaml`` -> ``finetune_coco_lt_cprfl_official``."""
     p = Path(path)
     return f"{p.parent.name}_{p.stem}"
 

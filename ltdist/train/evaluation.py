@@ -22,16 +22,24 @@ from ltdist.train.accel import input_dtype
 
 
 def evaluate_split(
-    acc, module, location: str, split: str, batch_size: int, image_size: int, limit: int = 0
+    acc,
+    module,
+    location: str,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    limit: int = 0,
+    transform: str = "clip",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scores (N, C) and targets (N, C) of a split, every sample once, in stored order, on
-    every rank (each rank scores its batches, then all are gathered)."""
+    every rank (each rank scores its batches, then all are gathered); images through the test
+    form of the training run's preprocessing preset ``transform``."""
     rank, world = acc.process_index, acc.num_processes
     dtype = input_dtype(acc)
     mine: list[tuple[int, np.ndarray, np.ndarray]] = []
     was_training = module.training
     module.eval()
-    batches = eval_batches(location, split, batch_size, image_size, rank, world, limit)
+    batches = eval_batches(location, split, batch_size, image_size, rank, world, limit, transform)
     with torch.no_grad(), acc.autocast():
         for batch in batches:
             x = batch.images.to(acc.device)
@@ -65,14 +73,19 @@ def evaluate_and_report(
     val_split: str = "",
     thresholds: float | Sequence[float] = 0.5,
     thresholds_from: str = "",
+    transform: str = "clip",
 ) -> dict:
     """Score ``split`` (and ``val_split``, whose per-class F1-best thresholds then replace
     ``thresholds``), and on the main process write the report under ``out_dir`` and return
     the result: map, coverage, the tables, f1, thresholds and where they came from. Other
     ranks take part in the scoring and return {}."""
-    scores, targets = evaluate_split(acc, module, location, split, batch_size, image_size)
+    scores, targets = evaluate_split(
+        acc, module, location, split, batch_size, image_size, transform=transform
+    )
     if val_split:
-        vs, vt = evaluate_split(acc, module, location, val_split, batch_size, image_size)
+        vs, vt = evaluate_split(
+            acc, module, location, val_split, batch_size, image_size, transform=transform
+        )
         thresholds, _ = best_f1_thresholds(vs, vt, fallback=0.5)
         thresholds_from = val_split
     if not acc.is_main_process:

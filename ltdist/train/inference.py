@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ltdist.data.loader import ClipTransform, clip_normalize
+from ltdist.data.loader import image_transform
 from ltdist.entry import InputError
 from ltdist.train.evaluation import evaluate_and_report, write_evaluation
 from ltdist.train.export import load_export
@@ -68,6 +68,7 @@ def evaluate_export(
         val_split=val_split,
         thresholds=exported.thresholds,
         thresholds_from=exported.meta.get("threshold_split") or "",
+        transform=exported.config.loader.transform,
     )
     result = {}
     if acc.is_main_process:
@@ -124,12 +125,13 @@ def predict_images(
         thresholds = [float(exported.meta.get("global_threshold", 0.5))] * len(names)
     else:
         thresholds = exported.thresholds
-    transform = ClipTransform(exported.config.loader.image_size)
+    loader_cfg = exported.config.loader
+    transform = image_transform(loader_cfg.transform, loader_cfg.image_size)  # the test form
     run = PredictionRun(names, thresholds)
     cut = np.asarray(thresholds)
 
     def flush(batch: list[tuple[str, torch.Tensor]]) -> None:
-        x = clip_normalize(torch.stack([t for _, t in batch]))
+        x = transform.normalize(torch.stack([t for _, t in batch]))
         with torch.no_grad():
             logits = module.logits_for(x, names) if open_vocab else module.logits(x)
         probs = torch.sigmoid(logits.float()).numpy()

@@ -399,6 +399,7 @@ def _periodic_eval(acc, cfg: TrainConfig, module, ema, step: int) -> dict:
             cfg.data.eval_batch_size,
             cfg.loader.image_size,
             cfg.data.eval_limit,
+            cfg.loader.transform,
         )
     result = group_map(scores, targets, load_label_space(cfg.data.location))
     summary = result.summary()
@@ -455,6 +456,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
                 cfg.data.eval_batch_size,
                 cfg.loader.image_size,
                 val_split=cfg.data.val_split,
+                transform=cfg.loader.transform,
             )
     if acc.is_main_process:
         meta = {

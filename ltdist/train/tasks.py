@@ -205,7 +205,7 @@ class CPRFLTask(nn.Module):
             with torch.no_grad():
                 return class_embeddings(self.text_tower, list(names), self.cfg.class_template)
         if init == "glove":
-            return glove_class_embeddings(list(names))
+            return glove_class_embeddings(list(names), self.cfg.cprfl.glove_source)
         return None
 
     def _fresh_embeddings(self) -> torch.Tensor | None:

@@ -80,8 +80,20 @@ def consume(loader: ShardLoader, n: int) -> tuple[list[list[str]], dict]:
 
 @pytest.mark.parametrize("resume_step", [0, 3, 7, 10])
 def test_resume_continues_with_the_same_samples(dataset, resume_step):
+    check_resume(dataset, resume_step)
+
+
+def check_resume(dataset, resume_step: int, transform: str = "clip") -> None:
+    """A loader resumed at ``resume_step`` gives the straight run's batches, images bitwise."""
     location, _ = dataset(120, 11)
-    cfg = LoaderConfig(batch_size=5, num_workers=2, shuffle_buffer=12, image_size=8, augment=True)
+    cfg = LoaderConfig(
+        batch_size=5,
+        num_workers=2,
+        shuffle_buffer=12,
+        image_size=8,
+        augment=True,
+        transform=transform,
+    )
     straight = ShardLoader(location, "train", cfg, rank=1, world_size=2)
     assert straight.steps_per_epoch == 12
     ref = [b for _ in range(2) for b in straight]  # two epochs, with decoded, augmented images
@@ -297,3 +309,32 @@ def test_a_16_bit_png_reaches_the_loader_with_its_values(tmp_path):
     assert img.mode.startswith("I")
     tensor = ClipTransform(16)(img)
     assert tensor.dtype == torch.uint8 and int(tensor.float().mean().round()) == 128
+
+
+def _corner_image(w: int = 80, h: int = 60) -> Image.Image:
+    """A 4:3 image whose four corner blocks have their own colours."""
+    arr = np.full((h, w, 3), 128, dtype=np.uint8)
+    arr[:6, :6], arr[:6, -6:] = (255, 0, 0), (0, 255, 0)
+    arr[-6:, :6], arr[-6:, -6:] = (0, 0, 255), (255, 255, 0)
+    return Image.fromarray(arr)
+
+
+def test_cprfl_official_test_form_keeps_the_whole_image_unnormalised(dataset):
+    from ltdist.data.loader import ClipTransform, eval_batches, image_transform
+
+    img = _corner_image()
+    squash = image_transform("cprfl_official", 32)
+    x = squash(img)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    corners = [x[:, 0, 0], x[:, 0, -1], x[:, -1, 0], x[:, -1, -1]]
+    expected = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    assert [tuple(c.tolist()) for c in corners] == expected  # every corner survives
+    clip = ClipTransform(32)(img)  # the centre crop cuts a quarter of the width, corners too
+    assert all((c.int() - 128).abs().max() < 16 for c in (clip[:, 0, 0], clip[:, -1, -1]))
+    # [0, 1] values: ToTensor's x / 255, no mean / std
+    torch.testing.assert_close(squash.normalize(x[None])[0], x.float() / 255, rtol=0, atol=0)
+    location, _ = dataset(6, 6)
+    batch = next(eval_batches(location, "train", 6, 8, transform="cprfl_official"))
+    assert batch.images.min() >= 0 and batch.images.max() <= 1
+    flat = torch.tensor([i / 255.0 for i in range(6)]).view(6, 1, 1, 1).expand(6, 3, 8, 8)
+    torch.testing.assert_close(batch.images, flat, rtol=0, atol=1e-7)  # png(i) is flat i

@@ -14,6 +14,7 @@ from ltdist.losses.multilabel import (
     ClassBalancedFocalLoss,
     DistributionBalancedLoss,
     FocalLoss,
+    MultiLabelSoftMarginLoss,
 )
 
 LN2, LN3 = math.log(2), math.log(3)
@@ -40,6 +41,13 @@ def _elementwise(fn, z: np.ndarray, y: np.ndarray) -> np.ndarray:
 def ref_bce(z, y):
     def f(zi, yi, i, k):
         return -math.log(_sigmoid(zi)) if yi else -math.log(_sigmoid(-zi))  # log(1 - p)
+
+    return _elementwise(f, z, y)
+
+
+def ref_mls(z, y):  # torch's MultiLabelSoftMarginLoss, per element (its 1/C is the mean's)
+    def f(zi, yi, i, k):
+        return -(yi * math.log(_sigmoid(zi)) + (1 - yi) * math.log(_sigmoid(-zi)))
 
     return _elementwise(f, z, y)
 
@@ -90,6 +98,7 @@ def ref_asl(z, y, gamma_neg=4.0, gamma_pos=0.0, clip=0.05, eps=1e-8):
 # Each case: (name, module factory taking reduction, reference (z, y) -> (B, C) float64 array)
 CASES = [
     ("bce", lambda r: BCELoss(reduction=r), ref_bce),
+    ("mls", lambda r: MultiLabelSoftMarginLoss(reduction=r), ref_mls),
     ("focal", lambda r: FocalLoss(gamma=2.0, reduction=r), ref_focal),
     ("focal_g1.5", lambda r: FocalLoss(gamma=1.5, reduction=r), lambda z, y: ref_focal(z, y, 1.5)),
     (
@@ -110,6 +119,11 @@ CASES = [
         lambda z, y: ref_db(
             z, y, CLASS_FREQ, NUM_IMAGES, focal=False, **DB_OFFICIAL_SETTINGS["coco-lt"]
         ),
+    ),
+    (
+        "db_nofocal",
+        lambda r: DistributionBalancedLoss(CLASS_FREQ, NUM_IMAGES, focal=False, reduction=r),
+        lambda z, y: ref_db(z, y, CLASS_FREQ, NUM_IMAGES, focal=False),
     ),
     ("asl", lambda r: AsymmetricLoss(reduction=r), ref_asl),
     (
@@ -152,6 +166,20 @@ def test_matches_float64_reference(name, make, ref, seed):
         assert got64.item() == pytest.approx(value, rel=1e-10), reduction
     per_element = make("none")(torch.tensor(z, dtype=torch.float32), torch.tensor(y))
     np.testing.assert_allclose(per_element.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_mls_is_torchs_multilabel_soft_margin_loss_and_bce_under_the_mean():
+    z, y = _random_inputs(3)
+    zt, yt = torch.tensor(z), torch.tensor(y)
+    expected = torch.nn.MultiLabelSoftMarginLoss()(zt, yt)  # float64
+    got = MultiLabelSoftMarginLoss()(zt.float(), yt.float())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert got.item() == pytest.approx(BCELoss()(zt.float(), yt.float()).item(), rel=1e-6)
+    # torch's per-image values (reduction none) are our per-element losses' row means
+    per_image = torch.nn.MultiLabelSoftMarginLoss(reduction="none")(zt, yt)
+    mine = MultiLabelSoftMarginLoss(reduction="none")(zt, yt).mean(1)
+    torch.testing.assert_close(mine, per_image, rtol=1e-10, atol=0)
 
 
 # --- Hand-worked 2 x 2 cases.

@@ -69,6 +69,56 @@ def test_prompts_get_gradient_by_both_paths():
     assert head.prompt_init.fc1.weight.grad.abs().sum() > 0
 
 
+def test_detach_prompts_blocks_one_path_of_eq6():
+    # prompt_net none: the prompts are the class embeddings, so their gradient is readable
+    torch.manual_seed(0)
+    visual = torch.randn(3, 7, 16, dtype=torch.float64)
+    weights = torch.randn(3, 5, dtype=torch.float64)  # a generic linear function of the logits
+    emb = torch.randn(5, 16, dtype=torch.float64)
+
+    def grad(block: str) -> torch.Tensor:
+        cfg = CPRFLConfig(**{**TINY.__dict__, "prompt_net": "none", "detach_prompts": block})
+        torch.manual_seed(1)  # the same VSI weights for every setting
+        head = CPRFLHead(emb, token_dim=16, config=cfg).double().eval()
+        prompts = emb.clone().requires_grad_()
+        (head(visual, class_embeddings=prompts) * weights).sum().backward()
+        return prompts.grad, head.refine(visual, emb)
+
+    full, refined = grad("none")
+    direct_only, _ = grad("vsi")
+    vsi_only, _ = grad("direct")
+    # d/dp_c sum_b w_bc (p'_bc . p_c) with p' held fixed = sum_b w_bc p'_bc (Eq. 6, direct path)
+    direct = torch.einsum("bc,bcd->cd", weights, refined)
+    torch.testing.assert_close(direct_only, direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vsi_only, full - direct, rtol=1e-10, atol=1e-12)
+    assert vsi_only.abs().sum() > 0 and direct.abs().sum() > 0
+    # with the PI network in front, the two blocked gradients still add up to the full one
+    grads = {}
+    for block in ("none", "vsi", "direct"):
+        cfg = CPRFLConfig(**{**TINY.__dict__, "detach_prompts": block})
+        torch.manual_seed(2)
+        head = CPRFLHead(torch.randn(5, 12), token_dim=16, config=cfg).double().eval()
+        (head(visual) * weights).sum().backward()
+        grads[block] = head.prompt_init.fc2.weight.grad
+    torch.testing.assert_close(grads["vsi"] + grads["direct"], grads["none"], rtol=0, atol=1e-10)
+
+
+def test_prompt_network_ablations():
+    torch.manual_seed(0)
+    emb = torch.randn(5, 12, dtype=torch.float64)
+    linear = CPRFLHead(emb, 16, CPRFLConfig(**{**TINY.__dict__, "prompt_net": "linear"})).double()
+    assert sum(p.numel() for p in linear.prompt_init.parameters()) == 12 * 16 + 16
+    fc = linear.prompt_init.fc
+    torch.testing.assert_close(linear.prompts(), emb @ fc.weight.T + fc.bias)  # one Linear
+    square = torch.randn(5, 16, dtype=torch.float64)
+    none = CPRFLHead(square, 16, CPRFLConfig(**{**TINY.__dict__, "prompt_net": "none"})).double()
+    assert list(none.prompt_init.parameters()) == []
+    torch.testing.assert_close(none.prompts(), square)  # the embeddings themselves
+    assert none(torch.randn(2, 7, 16, dtype=torch.float64)).shape == (2, 5)
+    with pytest.raises(ValueError, match=r"prompt_net=none.*model.backbone.proj_dim=12"):
+        CPRFLHead(emb, 16, CPRFLConfig(**{**TINY.__dict__, "prompt_net": "none"}))
+
+
 def full_attention_reference(head: CPRFLHead, visual, prompts, residual: bool):
     """The encoder layer written the long way: full self-attention over [visual; prompts],
     every position updated, then the visual outputs discarded."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ltdist.models.cprfl import CPRFLConfig, CPRFLHead
 from ltdist.models.word_vectors import glove_class_embeddings, load_word_vectors
 
 COCO_DISPLAY = [
@@ -48,3 +49,22 @@ def test_text_format_and_missing_words(tmp_path):
     np.testing.assert_allclose(glove_class_embeddings(["red apple"], str(path))[0], [0.75, -0.25])
     with pytest.raises(KeyError, match="pear"):
         glove_class_embeddings(["pear"], str(path))
+
+
+def test_a_300d_glove_file_sets_the_prompt_width(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = {w: rng.normal(size=300).round(5) for w in ["the", "traffic", "light", "dog"]}
+    path = tmp_path / "glove.6B.300d.txt"
+    path.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in vectors.items()))
+    emb = glove_class_embeddings(["traffic light", "dog"], str(path))
+    assert emb.shape == (2, 300)
+    expected = np.stack([(vectors["traffic"] + vectors["light"]) / 2, vectors["dog"]])
+    np.testing.assert_allclose(emb.numpy(), expected, rtol=1e-6, atol=1e-6)
+    head = CPRFLHead(emb, 16, CPRFLConfig(prompt_init="glove", heads=2, head_dim=8, mlp_dim=24))
+    assert head.prompt_init.fc1.in_features == 300
+    # a word2vec-style header is skipped; a short row is an error naming its line
+    (tmp_path / "w2v.txt").write_text("2 300\n" + path.read_text().split("\n", 1)[1])
+    assert load_word_vectors(["dog"], str(tmp_path / "w2v.txt"))["dog"].shape == (300,)
+    (tmp_path / "bad.txt").write_text(path.read_text() + "cat 0.1 0.2\n")
+    with pytest.raises(ValueError, match=r"line 5: 'cat' has 2 values"):
+        load_word_vectors(["cat"], str(tmp_path / "bad.txt"))

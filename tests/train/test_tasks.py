@@ -20,6 +20,7 @@ from ltdist.losses.multilabel import (
     ClassBalancedFocalLoss,
     DistributionBalancedLoss,
     LossConfig,
+    MultiLabelSoftMarginLoss,
     build_loss,
 )
 from ltdist.models.backbones import ResNetTokens
@@ -71,6 +72,18 @@ def test_dbfocal_is_the_distribution_balanced_focal_loss_of_the_label_space(sett
         assert (loss.lam, loss.mu, loss.kappa) == tuple(
             DB_OFFICIAL_SETTINGS[settings][k] for k in ("lam", "mu", "kappa")
         )
+
+
+def test_db_is_the_distribution_balanced_loss_without_the_focal_factor():
+    space = _space()
+    loss = build_loss(LossConfig(kind="db", db_settings="coco-lt"), space)
+    assert isinstance(loss, DistributionBalancedLoss) and not loss.focal
+    ref = DistributionBalancedLoss(
+        space.frequency, space.num_train_images, focal=False, **DB_OFFICIAL_SETTINGS["coco-lt"]
+    )
+    logits, targets = _batch(space)
+    torch.testing.assert_close(loss(logits, targets), ref(logits, targets), rtol=0, atol=0)
+    assert isinstance(build_loss(LossConfig(kind="mls"), space), MultiLabelSoftMarginLoss)
 
 
 def test_the_other_loss_kinds():
@@ -285,3 +298,29 @@ def test_the_linear_baselines_export_labels_its_own_classes_only(linear_run, dem
     assert list(run.predictions[0].scores) == load_label_space(str(demo)).display_names
     with pytest.raises(ValueError, match="linear head knows only its training classes"):
         predict_images(export, [str(tmp_path)], class_names=["zebra"])
+
+
+def test_cprfl_ablation_settings_reach_the_head(tmp_path):
+    """A user's 300-d GloVe file as the embeddings, used directly as the prompts (prompt_net
+    none, tokens projected to 300), with one path of Eq. 6 blocked."""
+    space = _space()
+    rng = np.random.default_rng(0)
+    vectors = {name: rng.normal(size=300).round(4) for name in space.display_names}
+    glove = tmp_path / "glove.300d.txt"
+    glove.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in vectors.items()))
+    cfg = _tiny_model(
+        "model.backbone.kind=resnet101",
+        "model.backbone.tiny=true",
+        "model.backbone.proj_dim=300",
+        "model.cprfl.prompt_init=glove",
+        f"model.cprfl.glove_source={glove}",
+        "model.cprfl.prompt_net=none",
+        "model.cprfl.detach_prompts=vsi",
+    )
+    task = build_task("cprfl", cfg, space, load_weights=False)
+    assert task.text_tower is None and task.head.config.detach_prompts == "vsi"
+    expected = torch.tensor(np.stack([vectors[n] for n in space.display_names]))
+    torch.testing.assert_close(task.head.prompts(), expected.float())  # the vectors themselves
+    task.eval()
+    with torch.no_grad():
+        assert task.logits(torch.randn(2, 3, 64, 64)).shape == (2, space.num_classes)

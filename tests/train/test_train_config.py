@@ -125,3 +125,28 @@ def test_sizes_the_tower_takes_are_accepted():
 def test_a_missing_data_location_is_an_error_not_the_demo():
     with pytest.raises(ValueError, match="data.location is not set"):
         load_config(TrainConfig, overrides=["task=cprfl"])
+
+
+@pytest.mark.parametrize("dataset", ["coco_lt", "voc_lt"])
+def test_cprfl_presets_say_which_reading_they_take(dataset):
+    from torch import nn
+
+    from ltdist.train.optim import param_groups
+
+    official = load_config(TrainConfig, ROOT / f"configs/finetune/{dataset}_cprfl_official.yaml")
+    paper = load_config(TrainConfig, ROOT / f"configs/finetune/{dataset}_cprfl_paper.yaml")
+    assert (official.epochs, official.loader.batch_size) == (80, 16)
+    assert (paper.epochs, paper.loader.batch_size) == (30, 32)  # the paper's schedule
+    for cfg in (official, paper):
+        assert cfg.loader.transform == "cprfl_official" and cfg.loader.augment
+        assert cfg.optim.schedule == "onecycle" and cfg.optim.warmup_ratio == 0.1
+        assert cfg.optim.grad_clip == 0 and cfg.ema_decay == 0.998
+        assert cfg.optim.lr == official.optim.lr == {"coco_lt": 1e-5, "voc_lt": 5e-5}[dataset]
+    # the official run trains every parameter at the one lr, its ResNet included
+    model = nn.ModuleDict(
+        {"backbone": nn.ModuleDict({"source": nn.Linear(2, 2)}), "head": nn.Linear(2, 2)}
+    )
+    prefixes = ("backbone.source.",)
+    assert {g["lr"] for g in param_groups(model, official.optim, prefixes)} == {official.optim.lr}
+    lrs = {g["name"]: g["lr"] for g in param_groups(model, paper.optim, prefixes)}
+    assert lrs["backbone/decay"] == pytest.approx(0.1 * lrs["rest/decay"])
