@@ -243,12 +243,13 @@ def test_default_class_logits_are_eq4_weighted_mean_with_label_free_dqr_weights(
     assert np.all(logits[:, 2:].detach().numpy() > mean[:, 2:] + 1e-3)
 
 
-@pytest.mark.parametrize("switch", ["no_class_dqr", "pretrain_phase", "max_mode"])
+@pytest.mark.parametrize("switch", ["no_class_dqr", "pretrain_phase", "max_mode", "dqr_off"])
 def test_class_logits_switches_to_the_max(switch):
     cfg = DPVLPAConfig(
         embed_dim=8,
         dqr_class_scores=switch != "no_class_dqr",
-        dqr_mode="max" if switch == "max_mode" else "weighted_mean",
+        dqr_mode="max" if switch in ("max_mode", "dqr_off") else "weighted_mean",
+        dqr_alpha=0.0 if switch == "dqr_off" else 4.5,  # DQR off: W = 1 inside the max
     )
     model = _model(cfg, _label_space())
     if switch == "pretrain_phase":  # zero-shot scores as GCL trained them (Eq. 1)
