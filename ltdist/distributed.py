@@ -1,9 +1,10 @@
 """The one place where models and losses touch ``torch.distributed``: a gather with gradient.
 
-Losses that compare samples across the batch (GCL, QCL, COA) call :func:`gather_with_grad`
-to see the global batch. Rank and world size come from ``torch.distributed`` itself (never
-from environment variables); without an initialised process group, or with one process, the
-gather is the identity and the rank is 0.
+Losses that compare samples across the batch (GCL, QCL, COA over batch columns) call
+:func:`gather_with_grad` to see the global batch; per-image losses (COA over the queries)
+gather only their item counts, to normalise by the global count. Rank and world size come
+from ``torch.distributed`` itself (never from environment variables); without an initialised
+process group, or with one process, the gather is the identity and the rank is 0.
 
 Gradient convention (the one of ``torch.distributed.nn.functional.all_gather`` and open_clip):
 the backward of the gather sums the gradient of the global tensor over ranks (all-reduce) and

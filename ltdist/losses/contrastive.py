@@ -8,8 +8,9 @@ the numbers are those of the 1-process loss on the global batch:
 
 - Loss value: rank r returns its share ``L_r`` with ``mean_r L_r == L`` (the 1-process loss).
   For GCL every rank has b rows, so ``L_r`` is the mean over its rows. For QCL the number of
-  valid words differs between ranks, so ``L_r = world * (sum of its rows) / N_global``
-  (torchtitan's rule: normalise by the global count of valid items).
+  valid words (captions with words) differs between ranks, so ``L_r = world * (sum of its
+  rows, or of its caption means) / N_global`` (torchtitan's rule: normalise by the global count
+  of valid items). QCL's default per-caption form (SPARC's) gathers only that count.
 - Gradients: the gather's backward all-reduces (sums) the gradient, so a rank's local
   features receive ``world * dL/dx``; DDP's averaging over ranks gives exactly ``dL/dtheta``.
   A parameter that lives in the loss (the temperature) receives ``dL_r/dtau`` on each rank and
@@ -230,26 +231,37 @@ class GlobalContrastiveLoss(nn.Module):
 class QueryContrastiveLoss(nn.Module):
     """QCL (Eq. 2-3): words against their text-guided queries.
 
-    Eq. 2: for word j of description i, q_j^i = sum_k w(t_j^i, q_k^i) q_k^i with
-    w = softmax_k(cos(t_j^i, q_k^i) / ``weight_temperature``) (our reading of "normalised
-    similarity weights": attention of the word over the image's queries, the form of
-    cross-attention; ``weighting="linear"`` is the alternative w = relu(cos) / sum_k relu(cos)).
-    The weight temperature is fixed (0.07 by default, the scale of the contrastive
-    temperature; learnable with ``learn_weight_temperature``) so the weights stay sharp enough
-    to pick queries instead of averaging all of them. q_j^i is L2-normalised before Eq. 3.
+    Eq. 2: for word j of description i, q_j^i = sum_k w(t_j^i, q_k^i) q_k^i, L2-normalised
+    before Eq. 3. The weights ("normalised similarity weights"; :meth:`query_weights`):
+
+    - ``weighting="sparc"`` (default; SPARC, Bica et al. 2024, which the paper follows): per
+      word, the cosines to the K queries are min-max normalised, s' = (s - min_k s) /
+      (max_k s - min_k s), values below 1/K set to 0 and the rest renormalised to sum 1. A word
+      equally similar to every query (max = min) gets uniform weights.
+    - ``weighting="softmax"``: w = softmax_k(cos / ``weight_temperature``) (attention of the
+      word over the image's queries; fixed temperature 0.07 by default, learnable with
+      ``learn_weight_temperature``).
+    - ``weighting="linear"``: w = relu(cos) / sum_k relu(cos).
 
     Eq. 3: symmetric InfoNCE between the words t_j^i and their text-guided queries q_j^i.
-    Negatives (``negatives="global"``, default): every valid word of the GLOBAL batch, i.e. the
-    logits are (valid local words) x (all word slots of the global batch) with padding columns
-    masked out; the positive is the word's own text-guided query. This is the reading that
-    matches GCL's batch-wide InfoNCE and gives the most negatives. ``negatives="image"`` keeps
-    only the words of the same description (the image's queries compete among its own words).
-    Padding and special tokens are excluded through ``word_mask`` (rows and columns).
-    The loss is the mean over all valid words of the global batch (module docstring explains
-    the per-rank scaling). No label smoothing: it would put mass on masked columns.
+
+    - ``negatives="caption"`` (default; SPARC's fine-grained loss): the negatives of a word are
+      the other words of the same caption; the loss is averaged over the caption's words, then
+      over the captions of the global batch that have a word. A one-word caption has no
+      negative: its term is log 1 = 0 and it still counts as a caption (SPARC's 1/B); a caption
+      without words does not count. No features cross ranks, only the caption count.
+    - ``negatives="global"``: every valid word of the GLOBAL batch (logits (valid local words) x
+      (all word slots of the global batch), padding columns masked out), loss = mean over all
+      valid words of the global batch.
+    - ``negatives="image"``: the words of the same caption as in ``"caption"``, but the loss is
+      the mean over all valid words of the global batch (long captions weigh more).
+
+    Padding and special tokens are excluded through ``word_mask`` (rows and columns). The
+    module docstring explains the per-rank scaling. No label smoothing: it would put mass on
+    masked columns.
 
     ``return_logits=True`` also returns the local logits word->query and query->word, each
-    (n_local_valid_words, B * T).
+    (n_local_valid_words, B * T), or (n_local_valid_words, T) with ``negatives="caption"``.
     """
 
     def __init__(
@@ -259,27 +271,42 @@ class QueryContrastiveLoss(nn.Module):
         max_logit_scale: float = 100.0,
         weight_temperature: float = 0.07,
         learn_weight_temperature: bool = False,
-        weighting: Literal["softmax", "linear"] = "softmax",
-        negatives: Literal["global", "image"] = "global",
+        weighting: Literal["sparc", "softmax", "linear"] = "sparc",
+        negatives: Literal["caption", "global", "image"] = "caption",
     ) -> None:
         super().__init__()
-        if weighting not in ("softmax", "linear"):
+        if weighting not in ("sparc", "softmax", "linear"):
             raise ValueError(f"unknown QCL weighting {weighting!r}")
-        if negatives not in ("global", "image"):
+        if negatives not in ("caption", "global", "image"):
             raise ValueError(f"unknown QCL negatives {negatives!r}")
+        if learn_weight_temperature and weighting != "softmax":
+            raise ValueError(
+                f"learn_weight_temperature needs weighting='softmax' ({weighting!r} has no "
+                "weight temperature: the parameter would never receive a gradient)"
+            )
         self.logit_scale = LogitScale(init_temperature, learn_temperature, max_logit_scale)
         self.weight_scale = LogitScale(weight_temperature, learn_weight_temperature, 1e4, 1e-4)
         self.weighting = weighting
         self.negatives = negatives
 
+    def query_weights(self, cos: torch.Tensor) -> torch.Tensor:
+        """Eq. 2's w(t_j, q_k): (..., K) word-query cosines -> (..., K) weights summing to 1."""
+        if self.weighting == "softmax":
+            return torch.softmax(self.weight_scale() * cos, dim=-1)
+        if self.weighting == "linear":
+            pos = cos.clamp_min(0)
+            return pos / pos.sum(-1, keepdim=True).clamp_min(1e-12)
+        lo, hi = cos.amin(-1, keepdim=True), cos.amax(-1, keepdim=True)
+        flat = hi == lo  # every query equally similar: s' = 1 for all, uniform weights
+        spread = torch.where(flat, torch.ones_like(hi), hi - lo)
+        # SPARC: s' = (s - min_k s) / (max_k s - min_k s), zero below 1/K, renormalised
+        scaled = torch.where(flat, torch.ones_like(cos), (cos - lo) / spread)
+        kept = scaled * (scaled >= 1.0 / cos.shape[-1])
+        return kept / kept.sum(-1, keepdim=True)  # >= 1: the best query keeps s' = 1
+
     def text_guided_queries(self, queries: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """Eq. 2 for unit vectors: (b, K, D) queries, (b, T, D) words -> (b, T, D) unit."""
-        cos = torch.einsum("btd,bkd->btk", words, queries)  # (b, T, K)
-        if self.weighting == "softmax":
-            weights = torch.softmax(self.weight_scale() * cos, dim=-1)
-        else:
-            pos = cos.clamp_min(0)
-            weights = pos / pos.sum(-1, keepdim=True).clamp_min(1e-12)
+        weights = self.query_weights(torch.einsum("btd,bkd->btk", words, queries))  # (b, T, K)
         # Eq. 2: q_j^i = sum_k w(t_j^i, q_k^i) q_k^i
         return F.normalize(torch.einsum("btk,bkd->btd", weights, queries), dim=-1)
 
@@ -304,6 +331,35 @@ class QueryContrastiveLoss(nn.Module):
         word_feats = F.normalize(_float(words), dim=-1)  # (b, T, D)
         mask = word_mask.bool()
         guided = self.text_guided_queries(queries, word_feats)  # (b, T, D)
+        if self.negatives == "caption":
+            loss, logits = self._caption_loss(word_feats, guided, mask)
+        else:
+            loss, logits = self._batch_loss(word_feats, guided, mask)
+        return (loss, logits) if return_logits else loss
+
+    def _caption_loss(self, word_feats, guided, mask):
+        """Eq. 3 in SPARC's form: InfoNCE among each caption's own words, caption means."""
+        scale = self.logit_scale()
+        # Eq. 3 within caption i: logits[i, j, l] = cos(t_j^i, q_l^i) / tau
+        sim = scale * torch.einsum("btd,bld->btl", word_feats, guided)  # (b, T, T)
+        invalid = ~mask[:, None, :]  # padding columns
+        logits_w2q = sim.masked_fill(invalid, float("-inf"))
+        logits_q2w = sim.transpose(1, 2).masked_fill(invalid, float("-inf"))
+        caption, word = mask.nonzero(as_tuple=True)  # local valid words (n,)
+        logits_w2q, logits_q2w = logits_w2q[caption, word], logits_q2w[caption, word]  # (n, T)
+        per_word = (
+            F.cross_entropy(logits_w2q, word, reduction="none")
+            + F.cross_entropy(logits_q2w, word, reduction="none")
+        ) / 2
+        n_words = mask.sum(1).to(per_word.dtype)  # (b,)
+        total = (per_word / n_words[caption]).sum()  # sum over captions of caption means
+        has_words, _, world = gather_with_grad(mask.any(1))  # (B,)
+        n_captions = has_words.sum().clamp_min(1).to(total.dtype)
+        return total * world / n_captions, (logits_w2q, logits_q2w)
+
+    def _batch_loss(self, word_feats, guided, mask):
+        """Eq. 3 with batch negatives: mean over all valid words of the global batch."""
+        b, t = mask.shape
         all_words, rank, world = gather_with_grad(word_feats)  # (B, T, D)
         all_guided, _, _ = gather_with_grad(guided)  # (B, T, D)
         all_mask, _, _ = gather_with_grad(mask)  # (B, T)
@@ -324,10 +380,7 @@ class QueryContrastiveLoss(nn.Module):
         logits_q2w = logits_q2w.masked_fill(invalid, float("-inf"))
         total = _symmetric_local_infonce(logits_w2q, logits_q2w, labels, reduction="sum")
         n_global = all_mask.sum().clamp_min(1).to(total.dtype)
-        loss = total * world / n_global  # mean over ranks == mean over all valid words
-        if return_logits:
-            return loss, (logits_w2q, logits_q2w)
-        return loss
+        return total * world / n_global, (logits_w2q, logits_q2w)  # mean over all valid words
 
 
 DQR_ALPHA = 4.5  # the smallest half-integer giving every tail class (n_c < 20) a weight >= 2

@@ -67,9 +67,14 @@ class DPVLPAConfig:
 
     # Phase 1 (QCL, Eq. 2-3)
     qcl_weight: float = 1.0
-    qcl_weight_temperature: float = 0.07  # softmax over queries in Eq. 2
-    qcl_weighting: Literal["softmax", "linear"] = "softmax"
-    qcl_negatives: Literal["global", "image"] = "global"
+    qcl_weight_temperature: float = 0.07  # softmax over queries in Eq. 2 ("softmax" only)
+    # Eq. 2 weights: SPARC's min-max normalised, sparsified (< 1/K dropped) and renormalised
+    # similarities; or softmax(cos / qcl_weight_temperature), or relu(cos) normalised
+    qcl_weighting: Literal["sparc", "softmax", "linear"] = "sparc"
+    # Eq. 3 negatives: the other words of the same caption, loss averaged per caption then over
+    # captions (SPARC); or every word of the global batch, or the same caption's words, both
+    # averaged over all words (the earlier form: qcl_weighting="softmax", qcl_negatives="global")
+    qcl_negatives: Literal["caption", "global", "image"] = "caption"
     # Tokens that are not words in QCL: BERT's [CLS] and [SEP] (padding is masked anyway).
     # The text feature of GCL and of the class embeddings: BERT's [CLS] output ("cls", BLIP-2
     # and the paper) or the mean of the attended token outputs ("mean"), for a Q-Former
@@ -100,11 +105,13 @@ class DPVLPAConfig:
     dqr_class_scores: bool = True
     dqr_detach: bool = True  # W is a stop-gradient reweighting
 
-    # COA (Eq. 5): beta * ||Q_co - Q Q^T||_F^2
+    # COA (Eq. 5): beta * ||Q_co - Q Q^T||_F^2. The paper's form (defaults): per image, the
+    # query assigned to each class (the logit's argmax), Q_co = symmetrised P(j|i), the sum over
+    # the C^2 entries averaged over images. Before: "predictions", "cosine", "mean".
     beta: float = 1.0
-    coa_source: Literal["predictions", "prototypes"] = "predictions"
-    coa_target: Literal["cosine", "conditional", "jaccard"] = "cosine"
-    coa_reduction: Literal["mean", "sum"] = "mean"
+    coa_source: Literal["queries", "predictions", "prototypes"] = "queries"
+    coa_target: Literal["conditional", "cosine", "jaccard"] = "conditional"
+    coa_reduction: Literal["sum", "mean"] = "sum"
 
 
 class DPVLPA(nn.Module):
@@ -411,8 +418,10 @@ class DPVLPA(nn.Module):
             weights = self.dqr_weights(queries, class_embeddings, targets)  # Eq. 4
             gcl_dqr = self.gcl(queries, text_cls, query_weights=weights)
         if cfg.lambda2:
-            coa_input = logits if cfg.coa_source == "predictions" else class_embeddings
-            coa = self.coa(coa_input)  # Eq. 5
+            if cfg.coa_source == "queries":
+                coa = self.coa(queries, class_embeddings)  # Eq. 5
+            else:
+                coa = self.coa(logits if cfg.coa_source == "predictions" else class_embeddings)
         # Eq. 6: L = L_CLS + lambda1 * L_GCL-DQR + lambda2 * L_COA
         loss = l_cls + cfg.lambda1 * gcl_dqr + cfg.lambda2 * coa
         out = {"loss": loss, "cls": l_cls, "gcl_dqr": gcl_dqr, "coa": coa}

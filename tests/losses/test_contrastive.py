@@ -26,7 +26,7 @@ from ltdist.losses.contrastive import (
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
-    return v / math.sqrt(float((v * v).sum()))
+    return v / max(math.sqrt(float((v * v).sum())), 1e-12)  # F.normalize's eps
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,29 +59,75 @@ def ref_gcl(q, t, scale, w=None, mode="weighted_mean") -> float:
     return (_infonce_rows(s, scale) + _infonce_rows(s_t, scale)) / 2
 
 
-def ref_qcl(q, words, mask, scale, weight_scale, same_image_only=False) -> float:
-    items = []  # (image, word feature, its text-guided query)
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum())
+
+
+def ref_sparc_weights(cos: list[float]) -> list[float]:
+    """SPARC: min-max normalise over the queries, drop values below 1/K, renormalise."""
+    lo, hi = min(cos), max(cos)
+    if hi == lo:
+        return [1 / len(cos)] * len(cos)
+    scaled = [(c - lo) / (hi - lo) for c in cos]
+    kept = [s if s >= 1 / len(cos) else 0.0 for s in scaled]
+    return [s / sum(kept) for s in kept]
+
+
+def ref_softmax_weights(weight_scale: float):
+    def weights(cos: list[float]) -> list[float]:
+        e = [math.exp(weight_scale * c) for c in cos]
+        return [x / sum(e) for x in e]
+
+    return weights
+
+
+def ref_linear_weights(cos: list[float]) -> list[float]:
+    pos = [max(c, 0.0) for c in cos]
+    return [p / max(sum(pos), 1e-12) for p in pos]  # all cosines < 0: no guided query
+
+
+def _ref_captions(q, words, mask, weights) -> list[list[tuple]]:
+    """Per caption, its valid words as (unit word t_j^i, unit text-guided query q_j^i)."""
+    captions = []
     for i in range(q.shape[0]):
         queries = [_unit(q[i, kk]) for kk in range(q.shape[1])]
+        items = []
         for j in range(words.shape[1]):
-            if not mask[i, j]:
-                continue
-            t = _unit(words[i, j])
-            e = [math.exp(weight_scale * float((t * qk).sum())) for qk in queries]
-            guided = sum((ek / sum(e)) * qk for ek, qk in zip(e, queries))
-            items.append((i, t, _unit(guided)))
-    w2q, q2w = [], []
-    for ia, ta, ga in items:
-        cols = [(ib, tb, gb) for ib, tb, gb in items if not same_image_only or ib == ia]
-        w2q.append(
-            -scale * float((ta * ga).sum())
-            + math.log(sum(math.exp(scale * float((ta * gb).sum())) for _, _, gb in cols))
-        )
-        q2w.append(
-            -scale * float((ga * ta).sum())
-            + math.log(sum(math.exp(scale * float((ga * tb).sum())) for _, tb, _ in cols))
-        )
-    return (sum(w2q) / len(w2q) + sum(q2w) / len(q2w)) / 2
+            if mask[i, j]:
+                t = _unit(words[i, j])
+                w = weights([_dot(t, qk) for qk in queries])  # Eq. 2
+                items.append((t, _unit(sum(wk * qk for wk, qk in zip(w, queries)))))
+        captions.append(items)
+    return captions
+
+
+def _ref_infonce_pair(t, g, cols, scale) -> float:
+    """(word -> guided query + guided query -> word) / 2 for one word against ``cols``."""
+    w2q = -scale * _dot(t, g) + math.log(sum(math.exp(scale * _dot(t, gb)) for _, gb in cols))
+    q2w = -scale * _dot(g, t) + math.log(sum(math.exp(scale * _dot(g, tb)) for tb, _ in cols))
+    return (w2q + q2w) / 2
+
+
+def ref_qcl(q, words, mask, scale, weights, same_image_only=False) -> float:
+    """Eq. 3 with batch negatives: mean over every valid word of the batch."""
+    captions = _ref_captions(q, words, mask, weights)
+    everything = [item for items in captions for item in items]
+    terms = [
+        _ref_infonce_pair(t, g, items if same_image_only else everything, scale)
+        for items in captions
+        for t, g in items
+    ]
+    return sum(terms) / len(terms)
+
+
+def ref_qcl_caption(q, words, mask, scale, weights) -> float:
+    """SPARC's fine-grained loss: negatives are the caption's other words; mean over the
+    caption's words, then over the captions that have a word."""
+    means = []
+    for items in _ref_captions(q, words, mask, weights):
+        if items:
+            means.append(sum(_ref_infonce_pair(t, g, items, scale) for t, g in items) / len(items))
+    return sum(means) / len(means)
 
 
 def _features(seed=0, n=6, k=3, d=8, t=5):
@@ -157,17 +203,87 @@ def test_gcl_hand_worked_2x2():
     assert expected == pytest.approx(0.45570, abs=1e-5)
 
 
-@pytest.mark.parametrize("negatives", ["global", "image"])
-def test_qcl_matches_direct_loops(negatives):
+def _ref_weights(weighting: str, weight_scale: float):
+    return {
+        "sparc": ref_sparc_weights,
+        "softmax": ref_softmax_weights(weight_scale),
+        "linear": ref_linear_weights,
+    }[weighting]
+
+
+@pytest.mark.parametrize("weighting", ["sparc", "softmax", "linear"])
+@pytest.mark.parametrize("negatives", ["caption", "global", "image"])
+def test_qcl_matches_direct_loops(weighting, negatives):
     q, _, words, mask = _features(seed=3)
     qcl = QueryContrastiveLoss(
-        init_temperature=0.1, weight_temperature=0.5, negatives=negatives
+        init_temperature=0.1, weight_temperature=0.5, weighting=weighting, negatives=negatives
     ).double()
     scale, wscale = 1 / qcl.logit_scale.temperature, 1 / qcl.weight_scale.temperature
-    loss, (w2q, q2w) = qcl(q, words, mask, return_logits=True)
-    assert w2q.shape == q2w.shape == (int(mask.sum()), mask.numel())
-    expected = ref_qcl(q, words, mask, scale, wscale, same_image_only=negatives == "image")
+    leaves = q.clone().requires_grad_(), words.clone().requires_grad_()
+    loss, (w2q, q2w) = qcl(*leaves, mask, return_logits=True)
+    columns = words.shape[1] if negatives == "caption" else mask.numel()
+    assert w2q.shape == q2w.shape == (int(mask.sum()), columns)
+    weights = _ref_weights(weighting, wscale)
+    if negatives == "caption":
+        expected = ref_qcl_caption(q, words, mask, scale, weights)
+    else:
+        expected = ref_qcl(q, words, mask, scale, weights, same_image_only=negatives == "image")
     assert loss.item() == pytest.approx(expected, abs=1e-10)
+    loss.backward()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all() and float(leaf.grad.abs().sum()) > 0
+
+
+def test_qcl_default_is_sparc():
+    qcl = QueryContrastiveLoss(init_temperature=0.1).double()
+    assert (qcl.weighting, qcl.negatives) == ("sparc", "caption")
+    q, _, words, mask = _features(seed=7)
+    scale = 1 / qcl.logit_scale.temperature
+    expected = ref_qcl_caption(q, words, mask, scale, ref_sparc_weights)
+    assert qcl(q, words, mask).item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_sparc_weights_hand_worked():
+    qcl = QueryContrastiveLoss()
+    # s' = (1, 0.5, 0, 0.375); 1/K = 0.25 drops the third; renormalised by 1.875
+    cos = torch.tensor([[0.9, 0.5, 0.1, 0.4]], dtype=torch.float64)
+    assert qcl.query_weights(cos)[0].tolist() == pytest.approx([8 / 15, 4 / 15, 0.0, 3 / 15])
+    # max == min (all queries equally similar, or K = 1): uniform weights
+    assert qcl.query_weights(torch.full((1, 4), 0.3))[0].tolist() == [0.25] * 4
+    assert qcl.query_weights(torch.tensor([[-0.2]]))[0].tolist() == [1.0]
+
+
+def test_qcl_caption_edge_cases():
+    """A caption whose queries are all the same (max == min for every word): uniform weights,
+    finite gradients. A one-word caption: term log 1 = 0, still counted. A caption without
+    words: not counted. No word at all: loss 0."""
+    q, _, words, mask = _features(seed=8)
+    q[1] = q[1, :1]  # image 1: K identical queries
+    mask[2] = False
+    mask[2, 3] = True  # caption 2: one word
+    mask[4] = False  # caption 4: no word
+    qcl = QueryContrastiveLoss(init_temperature=0.1).double()
+    leaves = q.clone().requires_grad_(), words.clone().requires_grad_()
+    loss = qcl(*leaves, mask)
+    scale = 1 / qcl.logit_scale.temperature
+    expected = ref_qcl_caption(q, words, mask, scale, ref_sparc_weights)
+    assert loss.item() == pytest.approx(expected, abs=1e-10)
+    # the one-word caption adds 0 to the sum over the 5 captions with words
+    alone = mask.clone()
+    alone[2] = False
+    assert loss.item() == pytest.approx(qcl(q, words, alone).item() * 4 / 5, abs=1e-12)
+    loss.backward()
+    for leaf in leaves:
+        assert torch.isfinite(leaf.grad).all()
+    assert float(leaves[1].grad[2].abs().sum()) == 0.0  # no negative, no gradient
+    empty = qcl(*leaves, torch.zeros_like(mask))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_qcl_refuses_learnable_weight_temperature_without_softmax():
+    with pytest.raises(ValueError, match="learn_weight_temperature needs weighting='softmax'"):
+        QueryContrastiveLoss(learn_weight_temperature=True)
+    assert QueryContrastiveLoss(learn_weight_temperature=True, weighting="softmax")
 
 
 def test_qcl_ignores_padding_content():
@@ -259,7 +375,19 @@ def test_default_strength_makes_every_tail_query_weigh_at_least_twice_a_head_que
 
 WORLD = 2
 B, K, D, T, C = 8, 3, 6, 5, 4
-CASES = ("gcl", "gcl_dqr", "qcl", "qcl_image", "qcl_empty_rank", "coa")
+# qcl_sparc*: QCL's default (SPARC weights, per-caption negatives); qcl*: softmax weights
+# with batch negatives
+CASES = (
+    "gcl",
+    "gcl_dqr",
+    "qcl",
+    "qcl_image",
+    "qcl_empty_rank",
+    "qcl_sparc",
+    "qcl_sparc_empty_rank",
+    "coa",
+    "coa_queries",
+)
 
 
 def _global_batch() -> dict[str, torch.Tensor]:
@@ -278,6 +406,7 @@ def _global_batch() -> dict[str, torch.Tensor]:
         "empty": empty,
         "logits": torch.randn(B, C, generator=g, dtype=torch.float64),
         "co": torch.tensor([[5, 2, 0, 1], [2, 4, 1, 0], [0, 1, 3, 1], [1, 0, 1, 2]]),
+        "e": torch.randn(C, D, generator=g, dtype=torch.float64),  # class embeddings
     }
 
 
@@ -298,13 +427,19 @@ def _run_case(name: str, data: dict, rank: int, world: int) -> dict:
         weights = data["w"][rows] if name == "gcl_dqr" else None
         loss, logits = module(q[rows], t[rows], query_weights=weights, return_logits=True)
     elif name.startswith("qcl"):
-        negatives = "image" if name == "qcl_image" else "global"
-        module = QueryContrastiveLoss(init_temperature=0.1, negatives=negatives).double()
-        mask = data["empty" if name == "qcl_empty_rank" else "mask"][rows]
+        form = {"weighting": "softmax", "negatives": "image" if name == "qcl_image" else "global"}
+        form = {} if "sparc" in name else form
+        module = QueryContrastiveLoss(init_temperature=0.1, **form).double()
+        mask = data["empty" if "empty" in name else "mask"][rows]
         loss, logits = module(q[rows], words[rows], mask, return_logits=True)
-    else:
-        module = CooccurrenceLoss(data["co"], beta=0.5, reduction="sum")
+    elif name == "coa":  # batch columns of the predictions, gathered
+        module = CooccurrenceLoss(
+            data["co"], beta=0.5, source="predictions", target="cosine", reduction="sum"
+        )
         loss = module(leaves["logits"][rows])
+    else:  # the paper's per-image form: no gather, normalised by the global image count
+        module = CooccurrenceLoss(data["co"], beta=0.5)
+        loss = module(q[rows], data["e"])
     loss.backward()
     grads = {k: (v.grad if v.grad is not None else torch.zeros_like(v)) for k, v in leaves.items()}
     for n, p in module.named_parameters():
@@ -317,8 +452,8 @@ def _expected_shapes(name: str, data: dict, rank: int, world: int) -> list[tuple
     if name.startswith("gcl"):
         return [(b, B), (b, B)]
     if name.startswith("qcl"):
-        mask = data["empty" if name == "qcl_empty_rank" else "mask"][rank * b : (rank + 1) * b]
-        return [(int(mask.sum()), B * T)] * 2
+        mask = data["empty" if "empty" in name else "mask"][rank * b : (rank + 1) * b]
+        return [(int(mask.sum()), T if "sparc" in name else B * T)] * 2
     return []
 
 

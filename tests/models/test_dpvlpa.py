@@ -101,8 +101,16 @@ def _assert_tower_frozen(model: DPVLPA) -> None:
         assert not p.requires_grad and p.grad is None
 
 
-def test_pretrain_loss_forward_backward():
-    model = _model().train()
+@pytest.mark.parametrize(
+    "qcl_form",
+    [("sparc", "caption"), ("softmax", "global"), ("linear", "image")],
+)
+def test_pretrain_loss_forward_backward(qcl_form):
+    weighting, negatives = qcl_form
+    assert (DPVLPAConfig.qcl_weighting, DPVLPAConfig.qcl_negatives) == ("sparc", "caption")
+    cfg = DPVLPAConfig(embed_dim=8, qcl_weighting=weighting, qcl_negatives=negatives)
+    model = _model(cfg).train()
+    assert (model.qcl.weighting, model.qcl.negatives) == qcl_form
     batch = _batch()
     out = model.pretrain_loss(batch)
     assert set(out) == {"loss", "gcl", "qcl"}
@@ -127,7 +135,11 @@ def test_pretrain_loss_forward_backward():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"coa_source": "prototypes", "dqr_assign": "hard", "cls_bias_init": -2.0}],
+    [
+        {},
+        {"coa_source": "prototypes", "dqr_assign": "hard", "cls_bias_init": -2.0},
+        {"coa_source": "predictions", "coa_target": "cosine", "coa_reduction": "mean"},
+    ],
 )
 def test_adapt_loss_forward_backward(overrides):
     cfg = DPVLPAConfig(embed_dim=8, lambda1=0.5, lambda2=2.0, **overrides)
@@ -362,10 +374,145 @@ def test_q_co_direct_formula(kind):
     assert torch.equal(q_co, q_co.T)
 
 
+def test_default_q_co_is_the_symmetrised_conditional_probability():
+    """The paper's Q_co holds co-occurrence probabilities: P(j|i) counted over the training
+    label sets, symmetrised, is the default target (of the function and of the loss)."""
+    ls = _label_space()
+    c = 4
+    p = np.zeros((c, c))  # P(j|i) = #{images with i and j} / #{images with i}
+    for i in range(c):
+        with_i = [s for s in TRAIN_SETS if i in s]
+        for j in range(c):
+            p[i, j] = sum(j in s for s in with_i) / len(with_i)
+    assert not np.allclose(p, p.T)  # asymmetric: only its symmetric part is matched
+    expected = (p + p.T) / 2
+    assert np.allclose(np.diag(expected), 1.0)
+    q_co = normalized_cooccurrence(ls.cooccurrence, ls.frequency)
+    assert np.allclose(q_co.numpy(), expected, atol=1e-12)
+    assert torch.equal(CooccurrenceLoss.from_label_space(ls).q_co, q_co)
+
+
+def _direct_queries_coa(queries, class_embeddings, q_co, beta, reduction) -> float:
+    """Eq. 5 per image with loops: Q_i[c] = the unit query of argmax_k cos(q_k^i, E_c)."""
+    queries, e = queries.detach().double().numpy(), class_embeddings.detach().double().numpy()
+    b, k, _ = queries.shape
+    c = e.shape[0]
+    totals = []
+    for i in range(b):
+        rows = []
+        for cls in range(c):
+            cos = [
+                queries[i, kk] @ e[cls] / (np.linalg.norm(queries[i, kk]) * np.linalg.norm(e[cls]))
+                for kk in range(k)
+            ]
+            best = queries[i, int(np.argmax(cos))]
+            rows.append(best / np.linalg.norm(best))
+        total = sum((q_co[a, a2] - rows[a] @ rows[a2]) ** 2 for a in range(c) for a2 in range(c))
+        totals.append(total if reduction == "sum" else total / c**2)
+    return beta * sum(totals) / b  # the squared Frobenius norm, averaged over images
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_coa_matches_direct_formula(reduction):
+def test_coa_queries_matches_direct_formula(reduction):
     ls = _label_space()
     coa = CooccurrenceLoss.from_label_space(ls, beta=0.3, reduction=reduction)
+    g = torch.Generator().manual_seed(4)
+    queries = torch.randn(5, K, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    class_embeddings = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    q_co = _direct_q_co(ls.cooccurrence, "conditional")
+    expected = _direct_queries_coa(queries, class_embeddings, q_co, 0.3, reduction)
+    loss = coa(queries, class_embeddings)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # the gradient reaches the assigned queries only; the argmax gives E_class none
+    loss.backward()
+    assert class_embeddings.grad is None
+    assert float(queries.grad.abs().sum()) > 0
+    assert torch.autograd.gradcheck(lambda q: coa(q, class_embeddings.detach()), (queries,))
+    # queries no class picks get no gradient
+    cos = torch.nn.functional.normalize(queries, dim=-1) @ class_embeddings.T
+    picked = torch.zeros(5, K, dtype=torch.bool)
+    picked.scatter_(1, cos.argmax(1), True)
+    assert not picked.all() and torch.all(queries.grad[~picked] == 0)
+
+
+def test_coa_queries_run_in_float32_under_autocast():
+    ls = _label_space()
+    coa = CooccurrenceLoss.from_label_space(ls)
+    g = torch.Generator().manual_seed(6)
+    queries, class_embeddings = torch.randn(3, K, 6, generator=g), torch.randn(4, 6, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = coa(queries.bfloat16(), class_embeddings)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(coa(queries.bfloat16().float(), class_embeddings).item())
+
+
+def test_coa_defaults_are_the_paper_form():
+    """The loss and the config default to Eq. 5 over the visual queries; adapt_loss's COA is
+    the direct formula on the model's own query features and class embeddings."""
+    ls = _label_space()
+    coa = CooccurrenceLoss.from_label_space(ls)
+    assert (coa.source, coa.reduction, coa.beta) == ("queries", "sum", 1.0)
+    cfg = DPVLPAConfig(embed_dim=8, lambda1=0.0, lambda2=2.0, beta=0.5)
+    assert (cfg.coa_source, cfg.coa_target, cfg.coa_reduction) == ("queries", "conditional", "sum")
+    model = _model(cfg, ls).train()
+    g = torch.Generator().manual_seed(1)
+    class_embeddings = model.encode_classes(*_tokens(4, g))
+    batch = _batch()
+    out = model.adapt_loss(batch, class_embeddings)
+    with torch.no_grad():
+        queries = model.encode_image(batch["image"])
+    q_co = _direct_q_co(ls.cooccurrence, "conditional")
+    expected = _direct_queries_coa(queries, class_embeddings, q_co, 0.5, "sum")
+    assert out["coa"].item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(out["loss"], out["cls"] + 2.0 * out["coa"])
+
+
+def test_coa_queries_per_rank_share_is_the_global_mean(monkeypatch):
+    """No process group: the count gather is faked for a 2-rank world with unequal local
+    batches (3 and 4 images). The mean over ranks of the loss and of the gradients (what DDP
+    reports and applies) equals the 1-process loss and gradient on all 7 images."""
+    import ltdist.losses.coa as coa_module
+
+    ls = _label_space()
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(7, K, 6, dtype=torch.float64, generator=g)
+    class_embeddings = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    coa = CooccurrenceLoss.from_label_space(ls, beta=0.7)
+
+    def run(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = data.clone().requires_grad_()  # a replicated leaf, like a parameter
+        loss = coa(queries[rows], class_embeddings)
+        loss.backward()
+        return loss.detach(), queries.grad
+
+    ref_loss, ref_grad = run(slice(None))
+    splits = [slice(0, 3), slice(3, 7)]
+    losses, grads = [], []
+    for rank, rows in enumerate(splits):
+
+        def fake_gather(x, group=None, check_shapes=True, rank=rank, n=rows.stop - rows.start):
+            assert x.shape == (1,) and int(x) == n
+            return torch.tensor([3.0, 4.0], dtype=x.dtype), rank, 2
+
+        monkeypatch.setattr(coa_module, "gather_with_grad", fake_gather)
+        loss, grad = run(rows)
+        losses.append(loss)
+        grads.append(grad)
+    assert (sum(losses) / 2).item() == pytest.approx(ref_loss.item(), abs=1e-12)
+    assert torch.allclose((grads[0] + grads[1]) / 2, ref_grad, rtol=0, atol=1e-12)
+    # a plain local mean would not be the global mean with unequal batches
+    monkeypatch.undo()
+    local = [coa(data[r], class_embeddings).item() for r in splits]
+    assert (local[0] + local[1]) / 2 != pytest.approx(ref_loss.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_coa_predictions_matches_direct_formula(reduction):
+    """Today's batch-column reading, unchanged: source 'predictions' with the cosine target."""
+    ls = _label_space()
+    coa = CooccurrenceLoss.from_label_space(
+        ls, beta=0.3, source="predictions", target="cosine", reduction=reduction
+    )
     logits = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     probs = 1 / (1 + np.exp(-logits.numpy()))
     q = probs.T / np.linalg.norm(probs.T, axis=1, keepdims=True)  # (C, B) unit rows
@@ -381,16 +528,24 @@ def test_coa_is_zero_when_q_qt_equals_q_co():
     for i, s in enumerate(TRAIN_SETS):
         labels[i, s] = 1
     # predictions equal to the training labels: Q Q^T is their column cosine == Q_co
-    coa = CooccurrenceLoss.from_label_space(ls, activation="none", reduction="sum")
+    coa = CooccurrenceLoss.from_label_space(
+        ls, source="predictions", target="cosine", activation="none", reduction="sum"
+    )
     assert coa(labels).item() == pytest.approx(0.0, abs=1e-12)
     assert coa(labels.flip(1)).item() > 0.01
     # prototypes whose Gram matrix is Q_co (a square root of the PSD Q_co)
-    q_co = normalized_cooccurrence(ls.cooccurrence)
+    q_co = normalized_cooccurrence(ls.cooccurrence, target="cosine")
     vals, vecs = torch.linalg.eigh(q_co)
     protos = vecs * vals.clamp_min(0).sqrt()  # (C, C), protos @ protos.T == Q_co
-    proto_coa = CooccurrenceLoss.from_label_space(ls, source="prototypes", reduction="sum")
+    proto_coa = CooccurrenceLoss.from_label_space(
+        ls, source="prototypes", target="cosine", reduction="sum"
+    )
     assert proto_coa(protos).item() == pytest.approx(0.0, abs=1e-12)
     assert proto_coa(torch.eye(4, dtype=torch.float64)).item() > 0.1
+    # queries: one per class whose Gram matrix is Q_co, each nearest its own class embedding
+    query_coa = CooccurrenceLoss.from_label_space(ls, target="cosine")
+    queries = protos / protos.norm(dim=-1, keepdim=True)
+    assert query_coa(queries[None], queries).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_mean_text_pool_is_the_masked_mean_of_the_word_outputs():
