@@ -141,7 +141,7 @@ ROWS = [
         "DP-VLPA",
         "finetune",
         DPVLPA,
-        ["model.dpvlpa.dqr_alpha=0"],
+        ["model.dpvlpa.dqr_alpha=0", "model.dpvlpa.dqr_mode=max"],  # Eq. 1's max, W = 1
         key="dpvlpa_no_dqr",
     ),
     Row(

@@ -4,13 +4,13 @@ The paper's form (the defaults): Q holds the visual queries, Q_co the training s
 co-occurrence probabilities.
 
 - Q (``source="queries"``): per image i, row c of Q_i (C, D) is the L2-normalised query
-  feature assigned to class c, the query k* = argmax_k cos(q_k^i, E_c) whose similarity is
-  class c's logit (``DPVLPA.class_logits`` takes the same max). The assignment is hard: it is
-  the one the classifier uses, and Eq. 5 names queries, not mixtures of them. The argmax has no
-  gradient, so COA trains the queries (and what produces them), never the class embeddings
-  E_class. All C x C entries of Q_i Q_i^T are compared with Q_co, as Eq. 5 is written (not only
-  the pairs of classes present in the image: every class has an assigned query). Two classes
-  assigned the same query give Q_i Q_i^T = 1 there, a constant.
+  feature assigned to class c, the query k* = argmax_k cos(q_k^i, E_c) most similar to the
+  class (the largest term of class c's score, ``DPVLPA.class_logits``). The assignment is hard:
+  Eq. 5 names queries, not mixtures of them. The argmax has no gradient, so COA trains the
+  queries (and what produces them), never the class embeddings E_class. All C x C entries of
+  Q_i Q_i^T are compared with Q_co, as Eq. 5 is written (not only the pairs of classes present
+  in the image: every class has an assigned query). Two classes assigned the same query give
+  Q_i Q_i^T = 1 there, a constant.
 - Q_co (``target``): ``"conditional"`` (default), the paper's co-occurrence probabilities:
   P(j|i) = co[i, j] / n_i from the training split (the benchmark appendix stores this matrix).
   P(j|i) is asymmetric and Q Q^T is symmetric, so only its symmetric part can be matched: the
@@ -134,7 +134,7 @@ class CooccurrenceLoss(nn.Module):
                 f"{tuple(class_embeddings.shape)}: expected (b, K, D) and ({c}, D)"
             )
         q = F.normalize(_float(queries), dim=-1)  # (b, K, D)
-        with torch.no_grad():  # the assignment of the class logits' max: no gradient
+        with torch.no_grad():  # the most similar query per class: no gradient
             e = F.normalize(class_embeddings.to(q.dtype), dim=-1)  # (C, D)
             assigned = torch.einsum("bkd,cd->bkc", q, e).argmax(dim=1)  # (b, C)
         return torch.gather(q, 1, assigned[..., None].expand(-1, -1, q.shape[-1]))

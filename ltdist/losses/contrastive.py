@@ -33,11 +33,14 @@ from ltdist.distributed import gather_with_grad
 
 __all__ = [
     "GlobalContrastiveLoss",
+    "DQR_ALPHA",
     "LogitScale",
     "QueryContrastiveLoss",
     "dqr_weights",
     "full_precision",
+    "class_dqr_weights",
     "query_max_similarity",
+    "reduce_queries",
 ]
 
 
@@ -97,26 +100,44 @@ class LogitScale(nn.Module):
         return float(1.0 / self.forward().detach())
 
 
+def reduce_queries(
+    sim: torch.Tensor,
+    weights: torch.Tensor | None,
+    mode: Literal["weighted_mean", "max"] = "weighted_mean",
+    dim: int = -1,
+) -> torch.Tensor:
+    """Per-query similarities s_k -> one score, reducing ``dim`` (the queries).
+
+    Eq. 4 (``mode="weighted_mean"``): sum_k W_k s_k / sum_k W_k. ``mode="max"``: max_k W_k s_k
+    (the weight acts inside Eq. 1's max). Without weights it is Eq. 1's max_k s_k in both modes.
+    ``weights`` broadcasts against ``sim``.
+    """
+    if mode not in ("weighted_mean", "max"):
+        raise ValueError(f"unknown DQR mode {mode!r}; expected 'weighted_mean' or 'max'")
+    if weights is None:
+        return sim.amax(dim=dim)
+    w = weights.to(sim.dtype)
+    if mode == "max":
+        return (w * sim).amax(dim=dim)
+    # Eq. 4: s_hat = sum_k W_k s_k / sum_k W_k
+    return (w * sim).sum(dim) / w.sum(dim).clamp_min(1e-12)
+
+
 def query_max_similarity(
     queries: torch.Tensor,
     texts: torch.Tensor,
     query_weights: torch.Tensor | None = None,
-    mode: Literal["max", "weighted_mean"] = "max",
+    mode: Literal["weighted_mean", "max"] = "weighted_mean",
 ) -> torch.Tensor:
-    """s[i, j] = max_k W_ik * cos(q_k^i, t^j) for unit vectors: (n, K, D) x (m, D) -> (n, m).
+    """Image-text similarity for unit vectors: (n, K, D) x (m, D) -> (n, m).
 
-    Without weights this is Eq. 1's similarity. ``mode="weighted_mean"`` is the alternative
-    reading of Eq. 4: sum_k W_ik cos / sum_k W_ik (a weighted average instead of a max).
+    Without weights s[i, j] = max_k cos(q_k^i, t^j) (Eq. 1). With ``query_weights`` W (n, K),
+    Eq. 4: s[i, j] = sum_k W_ik cos / sum_k W_ik (``mode="weighted_mean"``), or
+    max_k W_ik cos (``mode="max"``); see :func:`reduce_queries`.
     """
     cos = torch.einsum("nkd,md->nmk", queries, texts)  # (n, m, K)
-    if query_weights is None:
-        return cos.amax(dim=-1)
-    w = query_weights.to(cos.dtype)[:, None, :]  # (n, 1, K)
-    if mode == "max":
-        return (w * cos).amax(dim=-1)  # Eq. 4 inside Eq. 1: s_ij = max_k W_ik cos(q_k^i, t^j)
-    if mode == "weighted_mean":
-        return (w * cos).sum(-1) / w.sum(-1).clamp_min(1e-12)
-    raise ValueError(f"unknown DQR similarity mode {mode!r}; expected 'max' or 'weighted_mean'")
+    w = None if query_weights is None else query_weights[:, None, :]  # (n, 1, K)
+    return reduce_queries(cos, w, mode)
 
 
 def _symmetric_local_infonce(
@@ -140,10 +161,11 @@ class GlobalContrastiveLoss(nn.Module):
     InfoNCE over the global batch with a learnable temperature (init 0.07, BLIP-2; clamped as
     CLIP does). ``image_queries`` may also be (b, D) (one embedding per image, K = 1).
 
-    With ``query_weights`` W (Eq. 4), s_ij = max_k W_ik cos(q_k^i, t^j) (``dqr_mode="max"``,
-    default: the weight acts inside Eq. 1's max, so a boosted query can win the max; W = 1
-    gives Eq. 1 back) or the weighted mean over queries (``dqr_mode="weighted_mean"``). The
-    same W_i is used in both directions (it belongs to image i).
+    With ``query_weights`` W (Eq. 4), s_ij = sum_k W_ik cos(q_k^i, t^j) / sum_k W_ik, the
+    paper's weighted average over queries (``dqr_mode="weighted_mean"``, default), or
+    max_k W_ik cos(q_k^i, t^j) (``dqr_mode="max"``: the weight acts inside Eq. 1's max, so a
+    boosted query can win it; W = 1 gives Eq. 1 back). The same W_i is used in both
+    directions (it belongs to image i).
 
     ``label_smoothing``: 0 by default (the paper's InfoNCE); BLIP-2's ITC uses 0.1.
     ``return_logits=True`` also returns the local logits, each (b, B): image->text (rows: local
@@ -156,9 +178,11 @@ class GlobalContrastiveLoss(nn.Module):
         learn_temperature: bool = True,
         max_logit_scale: float = 100.0,
         label_smoothing: float = 0.0,
-        dqr_mode: Literal["max", "weighted_mean"] = "max",
+        dqr_mode: Literal["weighted_mean", "max"] = "weighted_mean",
     ) -> None:
         super().__init__()
+        if dqr_mode not in ("weighted_mean", "max"):
+            raise ValueError(f"unknown DQR mode {dqr_mode!r}; expected 'weighted_mean' or 'max'")
         self.logit_scale = LogitScale(init_temperature, learn_temperature, max_logit_scale)
         self.label_smoothing = label_smoothing
         self.dqr_mode = dqr_mode
@@ -192,7 +216,7 @@ class GlobalContrastiveLoss(nn.Module):
                 )
             local_w = _float(query_weights)
             all_w, _, _ = gather_with_grad(local_w)  # (B, K)
-        # Eq. 1 (Eq. 4 with weights): s_ij = max_k [W_ik] cos(q_k^i, t_cls^j), local rows
+        # Eq. 1 (Eq. 4 with weights): s_ij = max_k cos(q_k^i, t_cls^j) [W-weighted], local rows
         sim_i2t = query_max_similarity(queries, all_texts, local_w, self.dqr_mode)  # (b, B)
         sim_t2i = query_max_similarity(all_queries, texts, all_w, self.dqr_mode).T  # (b, B)
         scale = self.logit_scale()
@@ -359,25 +383,19 @@ class QueryContrastiveLoss(nn.Module):
         return total * world / n_global, (logits_w2q, logits_q2w)  # mean over all valid words
 
 
-def dqr_weights(
-    query_class_sim: torch.Tensor,
-    targets: torch.Tensor,
-    class_frequency: torch.Tensor,
-    boosted_classes: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    temperature: float = 0.07,
-    assign: Literal["soft", "hard"] = "soft",
-) -> torch.Tensor:
-    """DQR query weights (Eq. 4): (B, K, C) query-class cosines -> W (B, K), W >= 1.
+DQR_ALPHA = 4.5  # the smallest half-integer giving every tail class (n_c < 20) a weight >= 2
 
-    W_ik = 1 + alpha * sum_{c in tail(i)} a_ikc / sqrt(n_c), where tail(i) are image i's
-    ground-truth classes among ``boosted_classes`` (the tail group; all classes when None),
-    n_c the training frequency of class c, and a_ikc how much query k answers for class c:
-    softmax over k of cos(q_k^i, E_c) / ``temperature`` (``assign="soft"``: the most correlated
-    queries get most of the boost and it sums to 1 over k) or the one-hot argmax
-    (``assign="hard"``: only the most correlated query). An image without tail classes keeps
-    W = 1 (plain GCL). The boost of class c is proportional to 1 / sqrt(n_c) (rarer = larger).
-    """
+
+def _dqr_boost(
+    query_class_sim: torch.Tensor,
+    class_frequency: torch.Tensor,
+    boosted_classes: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    assign: Literal["soft", "hard"],
+) -> torch.Tensor:
+    """alpha * [c boosted] * a_ikc / sqrt(n_c): (B, K, C), the part of Eq. 4's weight that
+    class c gives query k of image i."""
     if query_class_sim.dim() != 3:
         raise ValueError(f"query_class_sim must be (B, K, C), got {tuple(query_class_sim.shape)}")
     sim = _float(query_class_sim)
@@ -388,8 +406,55 @@ def dqr_weights(
     else:
         raise ValueError(f"unknown DQR assignment {assign!r}; expected 'soft' or 'hard'")
     freq = class_frequency.to(sim.device, sim.dtype).clamp_min(1)
-    intensity = targets.to(sim.dtype) / freq.sqrt()  # (B, C): 1 / sqrt(n_c) on positives
+    if freq.shape != sim.shape[2:]:
+        raise ValueError(f"{freq.numel()} class frequencies for {sim.shape[2]} classes")
+    intensity = 1.0 / freq.sqrt()  # (C,): rarer = larger
     if boosted_classes is not None:
         intensity = intensity * boosted_classes.to(sim.device, sim.dtype)
+    return alpha * attn * intensity
+
+
+def dqr_weights(
+    query_class_sim: torch.Tensor,
+    targets: torch.Tensor,
+    class_frequency: torch.Tensor,
+    boosted_classes: torch.Tensor | None = None,
+    alpha: float = DQR_ALPHA,
+    temperature: float = 0.07,
+    assign: Literal["soft", "hard"] = "soft",
+) -> torch.Tensor:
+    """DQR query weights of the GCL-DQR term (Eq. 4): (B, K, C) query-class cosines -> W (B, K).
+
+    W_ik = 1 + alpha * sum_{c in tail(i)} a_ikc / sqrt(n_c), where tail(i) are image i's
+    ground-truth classes among ``boosted_classes`` (the tail group; all classes when None),
+    n_c the training frequency of class c, and a_ikc how much query k answers for class c:
+    softmax over k of cos(q_k^i, E_c) / ``temperature`` (``assign="soft"``: the most correlated
+    queries get most of the boost and it sums to 1 over k) or the one-hot argmax
+    (``assign="hard"``: only the most correlated query). An image without tail classes keeps
+    W = 1. The boost of class c is proportional to 1 / sqrt(n_c) (rarer = larger).
+    """
+    boost = _dqr_boost(
+        query_class_sim, class_frequency, boosted_classes, alpha, temperature, assign
+    )
     # Eq. 4: W_ik = 1 + alpha * sum_c [c in tail(i)] a_ikc / sqrt(n_c)
-    return 1.0 + alpha * torch.einsum("bkc,bc->bk", attn, intensity)
+    return 1.0 + torch.einsum("bkc,bc->bk", boost, targets.to(boost.dtype))
+
+
+def class_dqr_weights(
+    query_class_sim: torch.Tensor,
+    class_frequency: torch.Tensor,
+    boosted_classes: torch.Tensor | None = None,
+    alpha: float = DQR_ALPHA,
+    temperature: float = 0.07,
+    assign: Literal["soft", "hard"] = "soft",
+) -> torch.Tensor:
+    """Label-free DQR weights of the class scores (Eq. 4 at inference): (B, K, C) -> W (B, K, C).
+
+    W_ikc = 1 + alpha * [c in boosted] a_ikc / sqrt(n_c): the weight query k gets when image i
+    is scored for class c, the class's own tail prior in place of the labels that inference
+    lacks. For a positive class c that is an image's only tail class it equals the training
+    weight W_ik of :func:`dqr_weights`.
+    """
+    return 1.0 + _dqr_boost(
+        query_class_sim, class_frequency, boosted_classes, alpha, temperature, assign
+    )

@@ -16,11 +16,12 @@ Image features are ``normalize(vision_proj(query outputs))`` (B, K, D), text fea
 
 Phase 1, ``pretrain_loss``: L = L_GCL + ``qcl_weight`` * L_QCL (the paper sums them; weight 1).
 Phase 2, ``adapt_loss`` (Eq. 6): L = L_CLS + lambda1 * L_GCL-DQR + lambda2 * L_COA, where the
-class logits are ``scale * max_k cos(q_k^i, E_c)`` (+ an optional learnable bias) for class
-text embeddings E_class (C, D) and L_CLS is any ``cls_loss(logits, targets)`` (default
-``BCEWithLogitsLoss``, mean over images and classes). The scale is a learnable
-:class:`LogitScale` (init 1 / 0.07, clamped to [1, 100]): cosines live in [-1, 1], so BCE
-needs logits scaled as CLIP scales its zero-shot logits.
+class logits are ``scale * s_hat_ic`` (+ an optional learnable bias), s_hat_ic Eq. 4's weighted
+mean over queries of cos(q_k^i, E_c) with label-free DQR weights (training and inference
+alike; ``dqr_class_scores=False``: max_k), for class text embeddings E_class (C, D), and L_CLS
+is any ``cls_loss(logits, targets)`` (default ``BCEWithLogitsLoss``, mean over images and
+classes). The scale is a learnable :class:`LogitScale` (init 1 / 0.07, clamped to [1, 100]):
+cosines live in [-1, 1], so BCE needs logits scaled as CLIP scales its zero-shot logits.
 
 Readings of the paper's ambiguous parts are documented at each loss (``ltdist.losses``) and in
 :class:`DPVLPAConfig`; the phase-2 GCL reuses the phase-1 GCL module and its temperature.
@@ -37,13 +38,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ltdist.labels import GROUPS
 from ltdist.losses.coa import CooccurrenceLoss
 from ltdist.losses.contrastive import (
+    DQR_ALPHA,
     GlobalContrastiveLoss,
     LogitScale,
     QueryContrastiveLoss,
+    class_dqr_weights,
     dqr_weights,
     full_precision,
+    reduce_queries,
 )
 
 __all__ = ["DPVLPA", "DPVLPAConfig"]
@@ -87,12 +92,17 @@ class DPVLPAConfig:
     cls_learn_scale: bool = True
     cls_bias_init: float | None = None  # a learnable logit bias when set (SigLIP-style)
 
-    # DQR (Eq. 4): W_ik = 1 + alpha * sum_{tail c of image i} a_ikc / sqrt(n_c)
-    dqr_alpha: float = 1.0
+    # DQR (Eq. 4): W_ik = 1 + alpha * sum_{tail c of image i} a_ikc / sqrt(n_c); the strength
+    # alpha = 4.5 makes a tail query weigh >= 2x a head query ("significantly higher")
+    dqr_alpha: float = DQR_ALPHA
     dqr_temperature: float = 0.07  # softmax over queries of cos(q_k, E_c)
     dqr_assign: Literal["soft", "hard"] = "soft"
     dqr_classes: Literal["tail", "all"] = "tail"  # which positives of an image boost queries
-    dqr_mode: Literal["max", "weighted_mean"] = "max"  # s_ij = max_k W_ik cos(q_k^i, t^j)
+    # Eq. 4: s = sum_k W_k s_k / sum_k W_k; "max": max_k W_k s_k (W = 1: Eq. 1's max)
+    dqr_mode: Literal["weighted_mean", "max"] = "weighted_mean"
+    # class scores (L_CLS, evaluation, export, predict) through Eq. 4 with the label-free
+    # W_ikc = 1 + alpha [c boosted] a_ikc / sqrt(n_c); False: max_k cos(q_k, E_c)
+    dqr_class_scores: bool = True
     dqr_detach: bool = True  # W is a stop-gradient reweighting
 
     # COA (Eq. 5): beta * ||Q_co - Q Q^T||_F^2. The paper's form (defaults): per image, the
@@ -165,6 +175,8 @@ class DPVLPA(nn.Module):
         )
         self.cls_loss = cls_loss if cls_loss is not None else nn.BCEWithLogitsLoss()
         self.coa: CooccurrenceLoss | None = None
+        self.label_space = None
+        self.phase: Literal["pretrain", "adapt"] | None = None
         if label_space is not None:
             self.set_label_space(label_space)
 
@@ -178,6 +190,7 @@ class DPVLPA(nn.Module):
         tail = torch.tensor([g == "tail" for g in label_space.groups])
         boosted = tail if cfg.dqr_classes == "tail" else torch.ones_like(tail)
         device = self.vision_proj.weight.device
+        self.label_space = label_space  # names -> frequencies for open-vocabulary class scores
         self.register_buffer("class_frequency", freq.to(device), persistent=False)
         self.register_buffer("dqr_classes", boosted.to(device), persistent=False)
         self.coa = CooccurrenceLoss.from_label_space(
@@ -195,6 +208,7 @@ class DPVLPA(nn.Module):
         adaptation. Parameters of the towers are left as they are."""
         if phase not in ("pretrain", "adapt"):
             raise ValueError(f"unknown phase {phase!r}; expected 'pretrain' or 'adapt'")
+        self.phase = phase
         cls_params = [self.cls_scale.log_scale] + (
             [self.cls_bias] if self.cls_bias is not None else []
         )
@@ -262,13 +276,85 @@ class DPVLPA(nn.Module):
     # -- phase 2 --------------------------------------------------------------------------
 
     def class_logits(
-        self, query_feats: torch.Tensor, class_embeddings: torch.Tensor
+        self,
+        query_feats: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        class_frequency: torch.Tensor | None = None,
+        boosted_classes: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, C) logits = scale * max_k cos(q_k^i, E_c) (+ bias), in float32."""
+        """(B, C) logits = scale * s_hat_ic (+ bias), in float32; the same in L_CLS and at
+        inference (evaluation, export, predict).
+
+        s_hat_ic is Eq. 4 over the queries with the label-free weights of
+        :meth:`class_weights` (``dqr_class_scores``, default; not in the pretraining phase,
+        whose zero-shot scores are GCL's max_k cos(q_k^i, E_c)). ``class_frequency`` and
+        ``boosted_classes`` (C,) describe classes other than the label space's
+        (:meth:`class_prior`).
+        """
+        return self._class_logits(query_feats, class_embeddings, class_frequency, boosted_classes)[
+            0
+        ]
+
+    def _class_logits(self, query_feats, class_embeddings, class_frequency, boosted_classes):
+        """(logits (B, C), the class-score weights W (B, K, C) or None)."""
         with full_precision(query_feats):
-            sim = self.query_class_similarity(query_feats, class_embeddings).amax(dim=1)
-            logits = self.cls_scale() * sim
-            return logits + self.cls_bias if self.cls_bias is not None else logits
+            sim = self.query_class_similarity(query_feats, class_embeddings)  # (B, K, C)
+            weights = None
+            if self.config.dqr_class_scores and self.phase != "pretrain":
+                weights = self.class_weights(sim, class_frequency, boosted_classes)
+            # Eq. 4: s_hat_ic = sum_k W_ikc s_ikc / sum_k W_ikc (W = None: max_k s_ikc)
+            score = reduce_queries(sim, weights, self.config.dqr_mode, dim=1)
+            logits = self.cls_scale() * score
+            logits = logits + self.cls_bias if self.cls_bias is not None else logits
+            return logits, weights
+
+    def class_weights(
+        self,
+        query_class_sim: torch.Tensor,
+        class_frequency: torch.Tensor | None = None,
+        boosted_classes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The label-free DQR weights W_ikc (B, K, C) of the class scores (Eq. 4 at inference)."""
+        cfg = self.config
+        if class_frequency is None:
+            self._need_label_space()
+            class_frequency, boosted_classes = self.class_frequency, self.dqr_classes
+        grad = torch.is_grad_enabled() and not cfg.dqr_detach
+        with torch.set_grad_enabled(grad):
+            return class_dqr_weights(
+                query_class_sim,
+                class_frequency,
+                boosted_classes,
+                alpha=cfg.dqr_alpha,
+                temperature=cfg.dqr_temperature,
+                assign=cfg.dqr_assign,
+            )
+
+    def class_prior(self, names) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frequency, boosted) (C,) for class names: a training class (name, display name or
+        synonym) brings its own; any other name has n_c = 0, i.e. a tail class (the group rule)
+        that is boosted as n_c = 1, the rarest."""
+        self._need_label_space()
+        space, freq, boosted = self.label_space, [], []
+        for name in names:
+            try:
+                i = space.id_of(name)
+            except KeyError:
+                freq.append(0.0)
+                boosted.append(True)  # n_c = 0 is a tail class
+            else:
+                freq.append(float(space.frequency[i]))
+                boosted.append(bool(self.dqr_classes[i]))
+        device = self.class_frequency.device
+        return torch.tensor(freq, device=device), torch.tensor(boosted, device=device)
+
+    def _need_label_space(self) -> None:
+        if getattr(self, "class_frequency", None) is None:
+            raise RuntimeError(
+                "DQR needs class frequencies: DPVLPA(..., label_space=...) or "
+                "model.set_label_space(label_space) (or DPVLPAConfig.dqr_class_scores=False "
+                "for max-over-queries class scores)"
+            )
 
     @staticmethod
     def query_class_similarity(
@@ -284,12 +370,8 @@ class DPVLPA(nn.Module):
     def dqr_weights(
         self, query_feats: torch.Tensor, class_embeddings: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """Eq. 4's query weights W (B, K) >= 1 for the images' tail classes."""
-        if getattr(self, "class_frequency", None) is None:
-            raise RuntimeError(
-                "DQR needs class frequencies: DPVLPA(..., label_space=...) "
-                "or model.set_label_space(label_space)"
-            )
+        """Eq. 4's query weights W (B, K) >= 1 for the images' tail classes (GCL-DQR)."""
+        self._need_label_space()
         cfg = self.config
         grad = torch.is_grad_enabled() and not cfg.dqr_detach
         with torch.set_grad_enabled(grad), full_precision(query_feats):
@@ -310,7 +392,8 @@ class DPVLPA(nn.Module):
         class_embeddings: torch.Tensor,
         cls_loss: nn.Module | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Phase 2 (Eq. 6): ``{"loss", "cls", "gcl_dqr", "coa"}``.
+        """Phase 2 (Eq. 6): ``{"loss", "cls", "gcl_dqr", "coa"}`` and the DQR weights' range per
+        group (:meth:`dqr_weight_stats`).
 
         ``batch``: images (``image``/``images``), multi-hot targets (``labels``/``targets``,
         (b, C)) and, when lambda1 > 0, the descriptions' tokens (``input_ids`` +
@@ -325,7 +408,7 @@ class DPVLPA(nn.Module):
         cfg = self.config
         targets = _targets(batch)
         queries = self.encode_image(_images(batch))  # (b, K, D)
-        logits = self.class_logits(queries, class_embeddings)  # (b, C)
+        logits, class_w = self._class_logits(queries, class_embeddings, None, None)  # (b, C)
         l_cls = (cls_loss or self.cls_loss)(logits, targets.to(logits.dtype))
         zero = logits.new_zeros(())
         gcl_dqr = coa = zero
@@ -341,11 +424,41 @@ class DPVLPA(nn.Module):
                 coa = self.coa(logits if cfg.coa_source == "predictions" else class_embeddings)
         # Eq. 6: L = L_CLS + lambda1 * L_GCL-DQR + lambda2 * L_COA
         loss = l_cls + cfg.lambda1 * gcl_dqr + cfg.lambda2 * coa
-        return {"loss": loss, "cls": l_cls, "gcl_dqr": gcl_dqr, "coa": coa}
+        out = {"loss": loss, "cls": l_cls, "gcl_dqr": gcl_dqr, "coa": coa}
+        if class_w is None:
+            with torch.no_grad(), full_precision(queries):
+                sim = self.query_class_similarity(queries, class_embeddings)
+                class_w = self.class_weights(sim)
+        return {**out, **self.dqr_weight_stats(class_w)}
 
-    def forward(self, images: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-        """Inference: class logits (B, C)."""
-        return self.class_logits(self.encode_image(images), class_embeddings)
+    def dqr_weight_stats(self, class_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``dqr_w_{group}_{min,mean,max}`` of W_ikc (B, K, C) over the group's classes, every
+        image and query: the range of the boost per frequency group, for the training log
+        (the loop keeps the window's min of ``_min`` and max of ``_max`` keys)."""
+        w = class_weights.detach()
+        groups = self.label_space.groups
+        stats = {}
+        for g in GROUPS:
+            ids = [c for c, name in enumerate(groups) if name == g]
+            if ids:
+                wg = w[:, :, ids]
+                stats |= {
+                    f"dqr_w_{g}_min": wg.min(),
+                    f"dqr_w_{g}_mean": wg.mean(),
+                    f"dqr_w_{g}_max": wg.max(),
+                }
+        return stats
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        class_frequency: torch.Tensor | None = None,
+        boosted_classes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Inference: class logits (B, C) (:meth:`class_logits`)."""
+        queries = self.encode_image(images)
+        return self.class_logits(queries, class_embeddings, class_frequency, boosted_classes)
 
     # -- batches --------------------------------------------------------------------------
 

@@ -84,6 +84,9 @@ def _explicit(model: ModelConfig) -> ModelConfig:
 def read_export_config(location: str) -> TrainConfig:
     location = _folder(location)
     data = json.loads(storage.read_bytes(storage.join(location, CONFIG)))
+    dpvlpa = data.get("model", {}).get("dpvlpa")
+    if isinstance(dpvlpa, dict) and "dqr_class_scores" not in dpvlpa:
+        dpvlpa["dqr_class_scores"] = False  # written before DQR at inference: max_k cos scores
     return from_dict(TrainConfig, data, where=storage.join(location, CONFIG))
 
 

@@ -373,13 +373,19 @@ def _check_resumable(state: dict, cfg: TrainConfig, acc) -> None:
 
 
 def _log_step(acc, parts, step, scheduler, since: tuple[float, int], global_batch) -> dict:
-    """Losses averaged over the window and the ranks; samples/s over the window since the
-    last record (``since`` = its time and step)."""
+    """Losses averaged over the window and the ranks, except that a part named ``*_min`` /
+    ``*_max`` (a range, e.g. DP-VLPA's DQR weights) keeps its minimum / maximum; samples/s
+    over the window since the last record (``since`` = its time and step)."""
     names = sorted(parts)
-    local = torch.tensor([float(np.mean(parts[k])) for k in names], device=acc.device)
-    mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
+    reduce = {
+        k: np.min if k.endswith("_min") else np.max if k.endswith("_max") else np.mean
+        for k in names
+    }
+    local = torch.tensor([float(reduce[k](parts[k])) for k in names], device=acc.device)
+    ranks = acc.gather(local[None]) if acc.num_processes > 1 else local[None]  # (world, n)
+    values = [float(reduce[k](column)) for k, column in zip(names, ranks.cpu().numpy().T)]
     seconds = max(time.perf_counter() - since[0], 1e-9)
-    record = {"step": step, **{k: float(v) for k, v in zip(names, mean.tolist())}}
+    record = {"step": step, **dict(zip(names, values))}
     record["lr"] = float(scheduler.get_last_lr()[0])
     record["samples_per_s"] = (step - since[1]) * global_batch / seconds
     acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)

@@ -121,7 +121,9 @@ class _DPVLPATask(nn.Module):
         emb = self.model.encode_classes(
             tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         )
-        return self.model(images, emb)
+        if self.model.phase == "pretrain" or not self.model.config.dqr_class_scores:
+            return self.model(images, emb)
+        return self.model(images, emb, *self.model.class_prior(names))  # Eq. 4's class prior
 
 
 class PretrainTask(_DPVLPATask):

@@ -1,5 +1,6 @@
-"""GCL (Eq. 1), DQR-weighted GCL (Eq. 4) and QCL (Eq. 2-3): against direct float64 loops, a
-hand-worked case, and 2 real gloo processes against 1 process on the same global batch."""
+"""GCL (Eq. 1), DQR-weighted GCL (Eq. 4), the DQR weights and QCL (Eq. 2-3): against direct
+float64 loops, a hand-worked case, and 2 real gloo processes against 1 process on the same
+global batch."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch.multiprocessing as mp
 from ltdist.distributed import gather_with_grad, rank_and_world
 from ltdist.losses.coa import CooccurrenceLoss
 from ltdist.losses.contrastive import (
+    DQR_ALPHA,
     GlobalContrastiveLoss,
     QueryContrastiveLoss,
+    class_dqr_weights,
     dqr_weights,
 )
 
@@ -38,13 +41,20 @@ def _infonce_rows(sim: list[list[float]], scale: float) -> float:
     return total / len(sim)
 
 
-def ref_gcl(q, t, scale, w=None) -> float:
+def ref_gcl(q, t, scale, w=None, mode="weighted_mean") -> float:
+    """Eq. 1 (w None: max over queries) or Eq. 4: sum_k W s_k / sum_k W (or max_k W s_k)."""
     n, k = q.shape[:2]
-    weight = (lambda i, kk: 1.0) if w is None else (lambda i, kk: float(w[i, kk]))
-    s = [
-        [max(weight(i, kk) * _cos(q[i, kk], t[j]) for kk in range(k)) for j in range(n)]
-        for i in range(n)
-    ]
+
+    def sim(i, j):
+        cos = [_cos(q[i, kk], t[j]) for kk in range(k)]
+        if w is None:
+            return max(cos)
+        weights = [float(w[i, kk]) for kk in range(k)]
+        if mode == "max":
+            return max(wk * c for wk, c in zip(weights, cos))
+        return sum(wk * c for wk, c in zip(weights, cos)) / sum(weights)
+
+    s = [[sim(i, j) for j in range(n)] for i in range(n)]
     s_t = [[s[i][j] for i in range(n)] for j in range(n)]
     return (_infonce_rows(s, scale) + _infonce_rows(s_t, scale)) / 2
 
@@ -142,17 +152,40 @@ def test_gcl_matches_direct_loops():
     assert loss.item() == pytest.approx(ref_gcl(q, txt, scale), abs=1e-10)
 
 
-def test_dqr_gcl_matches_direct_loops():
+@pytest.mark.parametrize("mode", ["weighted_mean", "max"])
+def test_dqr_gcl_matches_direct_loops(mode):
     q, txt, _, _ = _features(seed=1)
     w = 1 + torch.rand(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    gcl = GlobalContrastiveLoss(init_temperature=0.2).double()
+    gcl = GlobalContrastiveLoss(init_temperature=0.2, dqr_mode=mode).double()
     scale = 1 / gcl.logit_scale.temperature
     assert gcl(q, txt, query_weights=w).item() == pytest.approx(
-        ref_gcl(q, txt, scale, w), abs=1e-10
+        ref_gcl(q, txt, scale, w, mode), abs=1e-10
     )
-    # W = 1 is Eq. 1 itself
     ones = torch.ones(6, 3, dtype=torch.float64)
-    assert gcl(q, txt, query_weights=ones).item() == pytest.approx(gcl(q, txt).item(), abs=1e-12)
+    if mode == "max":  # W = 1 is Eq. 1 itself
+        assert gcl(q, txt, query_weights=ones).item() == pytest.approx(
+            gcl(q, txt).item(), abs=1e-12
+        )
+    else:  # Eq. 4 is a weighted average: W = 1 is the mean over queries, c W is W
+        assert gcl(q, txt, query_weights=ones).item() == pytest.approx(
+            ref_gcl(q, txt, scale, ones), abs=1e-10
+        )
+        assert gcl(q, txt, query_weights=3 * w).item() == pytest.approx(
+            gcl(q, txt, query_weights=w).item(), abs=1e-12
+        )
+
+
+def test_dqr_gcl_default_is_eq4_weighted_mean():
+    q, txt, _, _ = _features(seed=7)
+    w = 1 + torch.rand(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    gcl = GlobalContrastiveLoss(init_temperature=0.2).double()
+    assert gcl.dqr_mode == "weighted_mean"
+    scale = 1 / gcl.logit_scale.temperature
+    loss = gcl(q, txt, query_weights=w).item()
+    assert loss == pytest.approx(ref_gcl(q, txt, scale, w, "weighted_mean"), abs=1e-10)
+    assert loss != pytest.approx(ref_gcl(q, txt, scale, w, "max"), abs=1e-4)
+    with pytest.raises(ValueError, match="'mean'"):
+        GlobalContrastiveLoss(dqr_mode="mean")
 
 
 def test_gcl_hand_worked_2x2():
@@ -293,8 +326,49 @@ def test_gather_is_identity_without_process_group():
 def test_dqr_weights_scale_with_inverse_sqrt_frequency():
     # one image, two queries; class 0 (n=4) correlates with query 1
     sim = torch.tensor([[[0.1], [0.9]]], dtype=torch.float64)  # (1, K=2, C=1)
-    w = dqr_weights(sim, torch.ones(1, 1), torch.tensor([4.0]), assign="hard")
+    w = dqr_weights(sim, torch.ones(1, 1), torch.tensor([4.0]), alpha=1.0, assign="hard")
     assert w.flatten().tolist() == pytest.approx([1.0, 1.5])
+    # the default strength: 1 + 4.5 / sqrt(4)
+    w = dqr_weights(sim, torch.ones(1, 1), torch.tensor([4.0]), assign="hard")
+    assert w.flatten().tolist() == pytest.approx([1.0, 3.25])
+
+
+def ref_dqr_weights(sim, targets, freq, boosted, alpha, tau) -> torch.Tensor:
+    """Eq. 4's W_ik (targets given) or the label-free W_ikc (targets None), float64 loops."""
+    b, k, c = sim.shape
+    out = torch.ones(b, k, c, dtype=torch.float64)
+    for i in range(b):
+        for cc in range(c):
+            if not boosted[cc]:
+                continue
+            e = [math.exp(float(sim[i, kk, cc]) / tau) for kk in range(k)]
+            for kk in range(k):
+                out[i, kk, cc] += alpha * (e[kk] / sum(e)) / math.sqrt(max(float(freq[cc]), 1))
+    if targets is None:
+        return out
+    return 1 + ((out - 1) * targets[:, None, :].double()).sum(-1)
+
+
+def test_dqr_weights_match_direct_formula():
+    g = torch.Generator().manual_seed(11)
+    sim = 2 * torch.rand(5, 3, 4, generator=g, dtype=torch.float64) - 1  # (B, K, C) cosines
+    targets = (torch.rand(5, 4, generator=g) < 0.5).float()
+    freq, boosted = torch.tensor([150.0, 40, 9, 0]), torch.tensor([False, False, True, True])
+    w = dqr_weights(sim, targets, freq, boosted, alpha=2.5, temperature=0.2)
+    assert torch.allclose(w, ref_dqr_weights(sim, targets, freq, boosted, 2.5, 0.2), atol=1e-12)
+    wc = class_dqr_weights(sim, freq, boosted, alpha=2.5, temperature=0.2)
+    assert torch.allclose(wc, ref_dqr_weights(sim, None, freq, boosted, 2.5, 0.2), atol=1e-12)
+    # an image whose only tail positive is class c: its training W_ik is W_ikc
+    one = torch.zeros(5, 4)
+    one[:, 2] = 1
+    assert torch.allclose(
+        dqr_weights(sim, one, freq, boosted), class_dqr_weights(sim, freq, boosted)[..., 2]
+    )
+
+
+def test_default_strength_makes_every_tail_query_weigh_at_least_twice_a_head_query():
+    """'significantly higher': a fully assigned query of a class with n_c < 20 gets W >= 2."""
+    assert 1 + DQR_ALPHA / math.sqrt(19) >= 2 > 1 + (DQR_ALPHA - 0.5) / math.sqrt(19)
 
 
 # -- 2 real processes (gloo on 127.0.0.1) vs 1 process --------------------------------------

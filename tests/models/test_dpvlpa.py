@@ -1,5 +1,6 @@
 """DP-VLPA wiring with tiny stand-in towers: phase 1 and 2 losses, the frozen tower, class
-logits (max over queries), DQR weights (Eq. 4) and COA (Eq. 5) against direct formulas."""
+logits (Eq. 4's DQR-weighted mean over queries by default, the max as a switch), DQR weights
+(Eq. 4) and their logged range, and COA (Eq. 5) against direct formulas."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def test_adapt_loss_forward_backward(overrides):
     class_embeddings = model.encode_classes(class_ids, class_mask)  # (C, D), with gradient
     assert class_embeddings.shape == (4, 8)
     out = model.adapt_loss(_batch(), class_embeddings)
-    assert set(out) == {"loss", "cls", "gcl_dqr", "coa"}
+    assert set(out) == {"loss", "cls", "gcl_dqr", "coa"} | STATS
     assert all(torch.isfinite(v) for v in out.values())
     assert out["gcl_dqr"].item() > 0 and out["coa"].item() > 0
     expected = out["cls"] + 0.5 * out["gcl_dqr"] + 2.0 * out["coa"]
@@ -191,17 +192,131 @@ def test_adapt_loss_needs_label_space():
         model.adapt_loss(_batch(), torch.randn(4, 8))
 
 
-def test_class_logits_are_max_over_queries():
-    model = _model()
-    g = torch.Generator().manual_seed(2)
-    q, e = torch.randn(3, K, 8, generator=g), torch.randn(5, 8, generator=g)
+STATS = {f"dqr_w_{g}_{s}" for g in ("head", "medium", "tail") for s in ("min", "mean", "max")}
+FREQ, TAIL = [150, 40, 9, 4], [False, False, True, True]  # _label_space()'s classes
+
+
+def ref_class_weights(q, e, freq, boosted, alpha, tau) -> list:
+    """W[b][k][c] = 1 + alpha [c boosted] softmax_k(cos(q_k, E_c) / tau) / sqrt(max(n_c, 1))."""
+    out = []
+    for b in range(q.shape[0]):
+        cos = [[_cos(q[b, k], e[c]) for c in range(e.shape[0])] for k in range(q.shape[1])]
+        w = [[1.0] * e.shape[0] for _ in range(q.shape[1])]
+        for c in range(e.shape[0]):
+            if boosted[c]:
+                z = sum(math.exp(cos[k][c] / tau) for k in range(q.shape[1]))
+                for k in range(q.shape[1]):
+                    w[k][c] += alpha * math.exp(cos[k][c] / tau) / z / math.sqrt(max(freq[c], 1))
+        out.append(w)
+    return out
+
+
+def ref_class_scores(q, e, freq, boosted, alpha, tau, mode="weighted_mean") -> np.ndarray:
+    """Eq. 4 in float64 loops: sum_k W_kc cos_kc / sum_k W_kc (``mode="max"``: max_k W cos)."""
+    weights = ref_class_weights(q, e, freq, boosted, alpha, tau)
+    out = np.zeros((q.shape[0], e.shape[0]))
+    for b in range(q.shape[0]):
+        for c in range(e.shape[0]):
+            cos = [_cos(q[b, k], e[c]) for k in range(q.shape[1])]
+            w = [weights[b][k][c] for k in range(q.shape[1])]
+            if mode == "max":
+                out[b, c] = max(wk * ck for wk, ck in zip(w, cos))
+            else:
+                out[b, c] = sum(wk * ck for wk, ck in zip(w, cos)) / sum(w)
+    return out
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
+
+
+def _q_and_e(seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, K, 8, generator=g), torch.randn(4, 8, generator=g)
+
+
+def test_default_class_logits_are_eq4_weighted_mean_with_label_free_dqr_weights():
+    cfg = DPVLPAConfig(embed_dim=8)
+    assert (cfg.dqr_mode, cfg.dqr_class_scores, cfg.dqr_alpha) == ("weighted_mean", True, 4.5)
+    model = _model(cfg, _label_space())
+    q, e = _q_and_e()
     logits = model.class_logits(q, e)
     scale = 1 / model.cls_scale.temperature
     assert scale == pytest.approx(1 / 0.07, rel=1e-5)
-    for b in range(3):
-        for c in range(5):
-            cos = [float(q[b, k] @ e[c]) / float(q[b, k].norm() * e[c].norm()) for k in range(K)]
-            assert logits[b, c].item() == pytest.approx(scale * max(cos), abs=1e-4)
+    direct = scale * ref_class_scores(q, e, FREQ, TAIL, 4.5, 0.07)
+    assert np.allclose(logits.detach().numpy(), direct, atol=1e-4)
+    # head and medium classes keep W = 1: their score is the plain mean over queries
+    mean = scale * np.array(
+        [[np.mean([_cos(q[b, k], e[c]) for k in range(K)]) for c in range(4)] for b in range(3)]
+    )
+    assert np.allclose(logits[:, :2].detach().numpy(), mean[:, :2], atol=1e-4)
+    # a tail class's boosted (most similar) queries count more: above the plain mean
+    assert np.all(logits[:, 2:].detach().numpy() > mean[:, 2:] + 1e-3)
+
+
+@pytest.mark.parametrize("switch", ["no_class_dqr", "pretrain_phase", "max_mode", "dqr_off"])
+def test_class_logits_switches_to_the_max(switch):
+    cfg = DPVLPAConfig(
+        embed_dim=8,
+        dqr_class_scores=switch != "no_class_dqr",
+        dqr_mode="max" if switch in ("max_mode", "dqr_off") else "weighted_mean",
+        dqr_alpha=0.0 if switch == "dqr_off" else 4.5,  # DQR off: W = 1 inside the max
+    )
+    model = _model(cfg, _label_space())
+    if switch == "pretrain_phase":  # zero-shot scores as GCL trained them (Eq. 1)
+        model.set_phase("pretrain")
+    q, e = _q_and_e()
+    logits = model.class_logits(q, e).detach().numpy()
+    scale = 1 / model.cls_scale.temperature
+    if switch == "max_mode":  # max_k W_kc cos_kc
+        direct = scale * ref_class_scores(q, e, FREQ, TAIL, 4.5, 0.07, mode="max")
+    else:
+        direct = scale * np.array(
+            [[max(_cos(q[b, k], e[c]) for k in range(K)) for c in range(4)] for b in range(3)]
+        )
+    assert np.allclose(logits, direct, atol=1e-4)
+
+
+def test_inference_scores_are_the_training_scores_and_reweighted():
+    """forward (evaluation, export, predict) gives L_CLS's logits: Eq. 4 with the label-free
+    weights, no labels involved."""
+    cfg = DPVLPAConfig(embed_dim=8, lambda1=0.0, lambda2=0.0, dqr_alpha=3.0)
+    model = _model(cfg, _label_space()).eval()
+    model.set_phase("adapt")
+    batch, e = _batch(), _q_and_e()[1]
+    with torch.no_grad():
+        logits = model(batch["image"], e)
+        queries = model.encode_image(batch["image"])
+        out = model.adapt_loss(batch, e)
+    scale = 1 / model.cls_scale.temperature
+    direct = scale * ref_class_scores(queries, e, FREQ, TAIL, 3.0, 0.07)
+    assert np.allclose(logits.numpy(), direct, atol=1e-4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+    assert out["cls"].item() == pytest.approx(bce.item(), abs=1e-6)
+    # a class outside the label space has n_c = 0: a tail class, boosted as the rarest
+    freq, boosted = model.class_prior(["kite", "a zebra", "person", "Toaster"])
+    assert freq.tolist() == [9, 0, 150, 4] and boosted.tolist() == [True, True, False, True]
+    with torch.no_grad():
+        open_vocab = model(batch["image"], e, freq, boosted)
+    direct = scale * ref_class_scores(queries, e, [9, 0, 150, 4], boosted.tolist(), 3.0, 0.07)
+    assert np.allclose(open_vocab.numpy(), direct, atol=1e-4)
+
+
+def test_logged_dqr_weight_range_is_the_weights():
+    cfg = DPVLPAConfig(embed_dim=8, dqr_classes="all", dqr_temperature=0.5)
+    model = _model(cfg, _label_space())
+    batch, e = _batch(), _q_and_e()[1]
+    with torch.no_grad():
+        queries = model.encode_image(batch["image"])
+        out = model.adapt_loss(batch, e)
+    w = np.array(ref_class_weights(queries, e, FREQ, [True] * 4, 4.5, 0.5))  # (B, K, C)
+    for group, ids in (("head", [0]), ("medium", [1]), ("tail", [2, 3])):
+        wg = w[:, :, ids]
+        for stat, value in (("min", wg.min()), ("mean", wg.mean()), ("max", wg.max())):
+            assert out[f"dqr_w_{group}_{stat}"].item() == pytest.approx(value, abs=1e-5)
+    # the tail's boost is larger than the head's (1 / sqrt(n_c))
+    assert out["dqr_w_tail_max"] > out["dqr_w_medium_max"] > out["dqr_w_head_max"] > 1
 
 
 def test_dqr_boosts_the_query_of_the_tail_class_by_inverse_sqrt_frequency():

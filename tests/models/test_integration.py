@@ -76,7 +76,8 @@ def test_dpvlpa_on_the_real_tower_and_qformer_trains_both_phases():
     class_emb = model.encode_classes(class_ids, torch.ones_like(class_ids))
     out = model.adapt_loss(data, class_emb)
     out["loss"].backward()
-    assert set(out) == {"loss", "cls", "gcl_dqr", "coa"}
+    stats = {f"dqr_w_{g}_{s}" for g in set(space.groups) for s in ("min", "mean", "max")}
+    assert set(out) == {"loss", "cls", "gcl_dqr", "coa"} | stats
     assert all(torch.isfinite(v) for v in out.values())
     assert all(p.grad is None for p in tower.parameters())
     logits = model(data["image"], class_emb.detach())

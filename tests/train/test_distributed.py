@@ -85,6 +85,13 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
     m = metrics(out)
     assert (m["status"], m["steps"]) == ("completed", 3)
     assert m["f1"]["macro_f1"]["all"] is not None
+    if task == "dpvlpa":  # the training log holds the DQR weights' range per group
+        for h in (h for h in m["history"] if "loss" in h):
+            groups = [k[6:-4] for k in h if k.startswith("dqr_w_") and k.endswith("_max")]
+            assert "tail" in groups, h
+            for g in groups:
+                assert 1 <= h[f"dqr_w_{g}_min"] <= h[f"dqr_w_{g}_mean"] <= h[f"dqr_w_{g}_max"]
+            assert h["dqr_w_tail_max"] > 1
     exported = load_export(str(out / "export"))
     assert exported.meta["weights"] == "ema"
     assert len(exported.thresholds) == exported.label_space.num_classes

@@ -107,3 +107,32 @@ def test_an_export_from_a_gelu_tag_rebuilds_with_gelu(gelu_export, written, tmp_
     assert _activations(exported.module) == {nn.GELU}
     with torch.no_grad():
         assert torch.equal(exported.module.logits(images), logits)
+
+
+@pytest.mark.parametrize("written_before_dqr_scores", [False, True])
+def test_a_dpvlpa_export_scores_as_it_was_trained(tmp_path, written_before_dqr_scores):
+    """Phase-2 class scores (Eq. 4 with the label-free DQR weights) come back from an export; one
+    written before they existed keeps the max over queries it was trained with."""
+    cfg = load_config(TrainConfig, TINY, ["task=dpvlpa"])
+    torch.manual_seed(0)
+    task = build_task(cfg.task, cfg.model, _space()).eval()
+    folder = _export(task, cfg, tmp_path)
+    if written_before_dqr_scores:
+        recorded = json.loads((folder / "config.json").read_text())
+        del recorded["model"]["dpvlpa"]["dqr_class_scores"]
+        (folder / "config.json").write_text(json.dumps(recorded))
+    exported = load_export(str(folder))
+    assert exported.config.model.dpvlpa.dqr_class_scores is not written_before_dqr_scores
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        if written_before_dqr_scores:
+            task.model.config.dqr_class_scores = False
+        assert torch.equal(exported.module.logits(images), task.logits(images))
+        queries = task.model.encode_image(images)
+        sim = task.model.query_class_similarity(queries, task.class_embeddings())  # (2, K, C)
+        scores = task.model.cls_scale() * (
+            sim.amax(dim=1)
+            if written_before_dqr_scores
+            else (task.model.class_weights(sim) * sim).sum(1) / task.model.class_weights(sim).sum(1)
+        )
+        assert torch.allclose(exported.module.logits(images), scores, atol=1e-5)
