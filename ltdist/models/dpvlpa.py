@@ -108,7 +108,9 @@ class DPVLPAConfig:
     # COA (Eq. 5): beta * ||Q_co - Q Q^T||_F^2. The paper's form (defaults): per image, the
     # query assigned to each class (the logit's argmax), Q_co = symmetrised P(j|i), the sum over
     # the C^2 entries averaged over images. Before: "predictions", "cosine", "mean".
-    beta: float = 1.0
+    # beta: the paper gives no value; None = 1 / C^2, so the per-image sum over C^2 entries starts
+    # at the scale of L_CLS (beta = 1 makes COA ~1e3 per image on COCO-LT and swamps it)
+    beta: float | None = None
     coa_source: Literal["queries", "predictions", "prototypes"] = "queries"
     coa_target: Literal["conditional", "cosine", "jaccard"] = "conditional"
     coa_reduction: Literal["sum", "mean"] = "sum"
@@ -195,7 +197,7 @@ class DPVLPA(nn.Module):
         self.register_buffer("dqr_classes", boosted.to(device), persistent=False)
         self.coa = CooccurrenceLoss.from_label_space(
             label_space,
-            beta=cfg.beta,
+            beta=cfg.beta if cfg.beta is not None else 1.0 / len(label_space.names) ** 2,
             target=cfg.coa_target,
             source=cfg.coa_source,
             reduction=cfg.coa_reduction,

@@ -467,6 +467,16 @@ def test_coa_defaults_are_the_paper_form():
     assert torch.allclose(out["loss"], out["cls"] + 2.0 * out["coa"])
 
 
+def test_coa_beta_defaults_to_one_over_c_squared():
+    """The paper gives no beta: by default the per-image sum over the C^2 entries is divided by
+    C^2 (it starts at the scale of L_CLS); a configured beta is taken as it is."""
+    ls = _label_space()
+    c = len(ls.names)
+    assert DPVLPAConfig().beta is None
+    assert _model(DPVLPAConfig(embed_dim=8), ls).coa.beta == pytest.approx(1 / c**2)
+    assert _model(DPVLPAConfig(embed_dim=8, beta=0.5), ls).coa.beta == 0.5
+
+
 def test_coa_queries_per_rank_share_is_the_global_mean(monkeypatch):
     """No process group: the count gather is faked for a 2-rank world with unequal local
     batches (3 and 4 images). The mean over ranks of the loss and of the gradients (what DDP
