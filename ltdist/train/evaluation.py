@@ -71,18 +71,19 @@ def evaluate_and_report(
     title: str,
     batch_size: int,
     image_size: int,
+    *,
+    checkpoint_selection: str,
     val_split: str = "",
     thresholds: float | Sequence[float] = 0.5,
     thresholds_from: str = "",
     scoring: Scoring = "sigmoid",
-    checkpoint_selection: str = "last",
 ) -> dict:
     """Score ``split`` (and ``val_split``, whose per-class F1-best thresholds then replace
     ``thresholds``), and on the main process write the report under ``out_dir`` and return
     the result: map (under ``scoring``), coverage, the tables, f1, thresholds and where they
     came from, and the protocol (``scoring``; ``checkpoint_selection``: which weights
-    ``module`` holds, as the caller knows it). Other ranks take part in the scoring and
-    return {}."""
+    ``module`` holds, which only the caller knows, so it has no default). Other ranks take
+    part in the scoring and return {}."""
     logits, targets = evaluate_split(acc, module, location, split, batch_size, image_size)
     if val_split:
         vl, vt = evaluate_split(acc, module, location, val_split, batch_size, image_size)
