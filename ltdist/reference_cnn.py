@@ -19,8 +19,8 @@ from ltdist import storage
 from ltdist.config import to_dict
 from ltdist.data.loader import LoaderConfig, ShardLoader, eval_batches
 from ltdist.data.shards import load_label_space
-from ltdist.eval import format_summary, group_map, write_report
-from ltdist.eval.metrics import MapResult
+from ltdist.eval import format_summary, write_report
+from ltdist.eval.metrics import MapResult, map_from_logits
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,12 @@ def evaluate(model, location: str, split: str, image_size: int, batch_size: int 
     import torch
 
     model.eval()
-    scores, targets = [], []
+    logits, targets = [], []
     with torch.no_grad():
         for x, y, *_ in eval_batches(location, split, batch_size, image_size):
-            scores.append(torch.sigmoid(model(x)))
+            logits.append(model(x))
             targets.append(y)
-    return group_map(torch.cat(scores), torch.cat(targets), load_label_space(location))
+    return map_from_logits(torch.cat(logits), torch.cat(targets), load_label_space(location))
 
 
 def train_reference_cnn(cfg: ReferenceCNNConfig, progress: bool = True) -> dict:
@@ -137,11 +137,11 @@ def train_reference_cnn(cfg: ReferenceCNNConfig, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - start
     result = evaluate(model, cfg.data, cfg.test_split, cfg.loader.image_size)
     title = "small CNN reference" + (" (shuffled-label control)" if cfg.shuffle_labels else "")
-    paths = write_report(result, space, cfg.out, title=title)
+    paths = write_report(result, space, cfg.out, title=title, checkpoint_selection="last")
     summary = {
         "title": title,
         "map": result.summary(),
-        "table": format_summary(result),
+        "table": format_summary(result, "last"),
         "train_seconds": round(train_seconds, 1),
         "steps": total,
         "final_loss": float(np.mean(losses[-20:])),

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ltdist import storage
-from ltdist.eval.metrics import MapResult
+from ltdist.eval.metrics import SCORING_TEXT, MapResult
 from ltdist.labels import GROUPS, HEAD_MIN, MEDIUM_MIN, LabelSpace
 
 log = logging.getLogger(__name__)
@@ -28,16 +28,34 @@ REPORT_FILE = "report.txt"
 PLOT_FILE = "ap_vs_frequency.png"
 SCORES_FILE = "scores.npy"
 GROUP_COLOURS = {"head": "tab:blue", "medium": "tab:orange", "tail": "tab:red"}
+# Which weights were evaluated: the run's final ones, or the best on a validation / the test
+# split (the papers' code picks the best on test).
+SELECTION_TEXT = {
+    "last": "the run's final weights (none selected)",
+    "val": "the best on the validation split",
+    "test": "the best on the test split",
+}
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
-def format_summary(result: MapResult) -> str:
-    """One table: mAP (percent) of all / head / medium / tail with evaluated / total classes."""
+def _protocol_lines(result: MapResult, checkpoint_selection: str | None) -> list[str]:
+    lines = []
+    if result.scoring is not None:
+        lines.append(f"AP scores: {result.scoring} ({SCORING_TEXT[result.scoring]})")
+    if checkpoint_selection is not None:
+        lines.append(f"checkpoint: {checkpoint_selection} ({SELECTION_TEXT[checkpoint_selection]})")
+    return lines
+
+
+def format_summary(result: MapResult, checkpoint_selection: str | None = None) -> str:
+    """One table: mAP (percent) of all / head / medium / tail with evaluated / total classes,
+    under the scoring of the result and the checkpoint selection when known."""
     counts = result.counts()
-    lines = [f"{'group':<8}  {'mAP':>7}  {'classes':>9}", "-" * 28]
+    lines = _protocol_lines(result, checkpoint_selection)
+    lines += [f"{'group':<8}  {'mAP':>7}  {'classes':>9}", "-" * 28]
     for g in ("all", *GROUPS):
         n = counts[g]
         evaluated = f"{n['evaluated']}/{n['classes']}"
@@ -62,10 +80,22 @@ def _class_rows(result: MapResult, label_space: LabelSpace) -> list[dict[str, An
     ]
 
 
-def metrics_dict(result: MapResult, label_space: LabelSpace, title: str = "") -> dict[str, Any]:
-    """Everything ``metrics.json`` holds; AP values are fractions in [0, 1], never NaN."""
+def metrics_dict(
+    result: MapResult,
+    label_space: LabelSpace,
+    title: str = "",
+    checkpoint_selection: str | None = None,
+) -> dict[str, Any]:
+    """Everything ``metrics.json`` holds; AP values are fractions in [0, 1], never NaN.
+    ``scoring`` and ``checkpoint_selection`` are None where unknown (scores given directly)."""
+    if checkpoint_selection is not None and checkpoint_selection not in SELECTION_TEXT:
+        raise ValueError(
+            f"checkpoint_selection {checkpoint_selection!r}; expected one of {list(SELECTION_TEXT)}"
+        )
     return {
         "title": title,
+        "scoring": result.scoring,
+        "checkpoint_selection": checkpoint_selection,
         "num_samples": result.num_samples,
         "map": result.summary(),
         "counts": result.counts(),
@@ -75,13 +105,19 @@ def metrics_dict(result: MapResult, label_space: LabelSpace, title: str = "") ->
     }
 
 
-def format_report(result: MapResult, label_space: LabelSpace, title: str = "") -> str:
+def format_report(
+    result: MapResult,
+    label_space: LabelSpace,
+    title: str = "",
+    checkpoint_selection: str | None = None,
+) -> str:
     """The group summary, then one row per class in label-id order."""
     rows = _class_rows(result, label_space)
     width = max(5, *(len(r["name"]) for r in rows))
     header = f"{'id':>3}  {'class':<{width}}  {'freq':>6}  {'group':<6}  {'test+':>6}  {'AP':>7}"
     lines = [title, "=" * len(title)] if title else []
-    lines += [f"{result.num_samples} test samples", "", format_summary(result), "", header]
+    summary = format_summary(result, checkpoint_selection)
+    lines += [f"{result.num_samples} test samples", "", summary, "", header]
     lines.append("-" * len(header))
     for r in rows:
         ap = "excl." if r["excluded"] else _pct(r["ap"])
@@ -222,13 +258,16 @@ def write_report(
     out_dir: str | Path,
     title: str = "",
     scores: np.ndarray | None = None,
+    checkpoint_selection: str | None = None,
 ) -> dict[str, str]:
     """Write ``metrics.json``, ``report.txt`` and ``ap_vs_frequency.png`` (and with ``scores``,
-    the (N, C) float32 scores in the split's stored order as ``scores.npy``, for analyses and
-    for comparing two evaluations sample by sample); return their paths.
+    the (N, C) scores AP was computed on, in the split's stored order and their own dtype, as
+    ``scores.npy``, for analyses and for comparing two evaluations sample by sample); return
+    their paths.
 
     ``out_dir`` is a local folder or an fsspec URL (``s3://...``).
     ``label_space`` supplies training frequencies; its class names must match the result's.
+    ``checkpoint_selection`` ("last", "val" or "test") says which weights were evaluated.
     """
     if list(label_space.names) != list(result.names):
         raise ValueError("label space and result name different classes (or order)")
@@ -239,16 +278,17 @@ def write_report(
         "report": storage.join(out_dir, REPORT_FILE),
         "plot": storage.join(out_dir, PLOT_FILE),
     }
-    metrics = metrics_dict(result, label_space, title)
+    metrics = metrics_dict(result, label_space, title, checkpoint_selection)
     storage.write_bytes_atomic(
         paths["metrics"], json.dumps(metrics, indent=1, allow_nan=False).encode()
     )
-    storage.write_bytes_atomic(paths["report"], format_report(result, label_space, title).encode())
+    report = format_report(result, label_space, title, checkpoint_selection)
+    storage.write_bytes_atomic(paths["report"], report.encode())
     storage.write_bytes_atomic(paths["plot"], plot_ap_vs_frequency(result, label_space, title))
     if scores is not None:
         paths["scores"] = storage.join(out_dir, SCORES_FILE)
         buf = io.BytesIO()
-        np.save(buf, np.asarray(scores, dtype=np.float32), allow_pickle=False)
+        np.save(buf, np.asarray(scores), allow_pickle=False)
         storage.write_bytes_atomic(paths["scores"], buf.getvalue())
     log.info("evaluation report written to %s", out_dir)
     return paths

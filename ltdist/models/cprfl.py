@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltdist.losses.contrastive import full_precision
 from ltdist.models.word_vectors import GLOVE_PACKAGE
 
 
@@ -210,8 +211,12 @@ class CPRFLHead(nn.Module):
 
     @staticmethod
     def score(refined: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """Eq. 6: s_i = p'_i . p_i, (B, C)."""
-        return (refined * prompts).sum(-1)
+        """Eq. 6: s_i = p'_i . p_i, (B, C), in float32 (float64 stays) with autocast off: a
+        bf16 dot product of D = 2048 terms keeps 8 significant bits, which ties and reorders
+        the samples AP ranks."""
+        dtype = torch.promote_types(refined.dtype, torch.float32)
+        with full_precision(refined):
+            return (refined.to(dtype) * prompts.to(dtype)).sum(-1)
 
     def forward(
         self, visual: torch.Tensor, class_embeddings: torch.Tensor | None = None

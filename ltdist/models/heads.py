@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ltdist.losses.contrastive import full_precision
 
 
 class LinearHead(nn.Module):
@@ -23,5 +26,10 @@ class LinearHead(nn.Module):
         self.fc = nn.Linear(token_dim, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pooled = tokens.mean(dim=1) if self.pool == "mean" else tokens[:, 0]  # (B, D)
-        return self.fc(pooled)  # (B, C)
+        # Pooling and logits in float32 with autocast off: bf16 logits keep 8 significant
+        # bits, which ties and reorders the samples AP ranks.
+        dtype = torch.promote_types(tokens.dtype, torch.float32)
+        with full_precision(tokens):
+            tokens = tokens.to(dtype)
+            pooled = tokens.mean(dim=1) if self.pool == "mean" else tokens[:, 0]  # (B, D)
+            return F.linear(pooled, self.fc.weight.to(dtype), self.fc.bias.to(dtype))  # (B, C)

@@ -10,6 +10,7 @@ import sys
 
 from ltdist import entry
 from ltdist.config import ConfigError, dump_yaml, load_config
+from ltdist.eval.metrics import SCORING_TEXT
 from ltdist.train.config import TrainConfig
 
 
@@ -73,6 +74,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument(
+        "--scoring",
+        choices=list(SCORING_TEXT),
+        default=None,
+        help="what AP ranks: per-class sigmoid, or softmax over each image's classes (LMPT's "
+        "protocol); default: the export's training config (eval.scoring)",
+    )
     args = parser.parse_args(argv)
     entry.setup_logging(args.verbose)
     out = args.out or f"{args.export.rstrip('/').rsplit('/', 1)[0]}/eval-{args.split}"
@@ -88,6 +96,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             args.val_split,
             args.batch_size,
             args.mixed_precision,
+            args.scoring,
         )
         if result:
             print(result["table"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ltdist.data.loader import LoaderConfig
+from ltdist.eval.metrics import Scoring
 from ltdist.losses.multilabel import LossConfig
 from ltdist.models.backbones import BackboneConfig
 from ltdist.models.clip import ClipTowerConfig
@@ -38,6 +39,14 @@ class DataConfig:
     eval_limit: int = 0  # evaluate on the first N samples only (periodic checks); 0 = all
     # The learnability control: each batch's label rows permuted across its images.
     shuffle_labels: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # What AP ranks (docs/method.md, Evaluation): "sigmoid" = each class's sigmoid
+    # probabilities; "softmax" = a softmax over each image's classes first (LMPT's protocol,
+    # which DP-VLPA says it follows). F1 and thresholds use the sigmoid probabilities always.
+    scoring: Scoring = "sigmoid"
 
 
 @dataclass
@@ -83,6 +92,7 @@ class TrainConfig:
     # The cluster shape the config is written for, and its rescaling rule (ltdist.train.plan).
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,7 +1,12 @@
 """The one evaluation path, used by the training loop's final evaluation and by
-``launchers/evaluate.py``: scores of a split read by the one rank-aware reader
+``launchers/evaluate.py``: float32 logits of a split read by the one rank-aware reader
 (:func:`ltdist.data.loader.eval_batches`), gathered in stored order; decision thresholds picked
 on a validation split; group mAP, F1 and the report written once, on the main process.
+
+AP ranks the scores of the configured scoring (``ltdist.eval.metrics.Scoring``: per-class
+sigmoid, or LMPT's softmax over classes); F1 and thresholds always use the sigmoid
+probabilities, the decision rule the export's thresholds and ``predict`` apply (a softmax
+score depends on how many classes an image has, so no fixed cut-off suits it).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 from ltdist import storage
 from ltdist.data.loader import eval_batches
 from ltdist.data.shards import load_index, split_coverage
-from ltdist.eval import format_summary, group_map, write_report
+from ltdist.eval import format_summary, write_report
+from ltdist.eval.metrics import Scoring, class_scores, map_from_logits
 from ltdist.eval.report import format_f1_summary
 from ltdist.eval.thresholds import best_f1_thresholds, f1_report
 from ltdist.train.accel import input_dtype
@@ -31,9 +37,12 @@ def evaluate_split(
     limit: int = 0,
     transform: str = "clip",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N, C) and targets (N, C) of a split, every sample once, in stored order, on
-    every rank (each rank scores its batches, then all are gathered); images through the test
-    form of the training run's preprocessing preset ``transform``."""
+    """Logits (N, C, float32) and targets (N, C) of a split, every sample once, in stored
+    order, on every rank (each rank scores its batches, then all are gathered); images through
+    the test form of the training run's preprocessing preset ``transform``. The heads compute
+    their logits in float32 with autocast off (``CPRFLHead.score``, ``DPVLPA.class_logits``,
+    ``LinearHead``), so bf16 rounding of the logits cannot tie or reorder samples; the
+    ``.float()`` here only guards a head that does not."""
     rank, world = acc.process_index, acc.num_processes
     dtype = input_dtype(acc)
     mine: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -45,9 +54,9 @@ def evaluate_split(
             x = batch.images.to(acc.device)
             if dtype is not None:
                 x = x.to(dtype)
-            scores = torch.sigmoid(module.logits(x).float()).cpu().numpy()
+            logits = module.logits(x).float().cpu().numpy()
             if not batch.padded:
-                mine.extend(zip(batch.index, scores, batch.targets.numpy()))
+                mine.extend(zip(batch.index, logits, batch.targets.numpy()))
     module.train(was_training)
     from accelerate.utils import gather_object
 
@@ -70,38 +79,53 @@ def evaluate_and_report(
     title: str,
     batch_size: int,
     image_size: int,
+    *,
+    checkpoint_selection: str,
     val_split: str = "",
     thresholds: float | Sequence[float] = 0.5,
     thresholds_from: str = "",
     transform: str = "clip",
+    scoring: Scoring = "sigmoid",
 ) -> dict:
     """Score ``split`` (and ``val_split``, whose per-class F1-best thresholds then replace
     ``thresholds``), and on the main process write the report under ``out_dir`` and return
-    the result: map, coverage, the tables, f1, thresholds and where they came from. Other
-    ranks take part in the scoring and return {}."""
-    scores, targets = evaluate_split(
+    the result: map (under ``scoring``), coverage, the tables, f1, thresholds and where they
+    came from, and the protocol (``scoring``; ``checkpoint_selection``: which weights
+    ``module`` holds, which only the caller knows, so it has no default). Images go through
+    the test form of the preprocessing preset ``transform``. Other ranks take part in the
+    scoring and return {}."""
+    logits, targets = evaluate_split(
         acc, module, location, split, batch_size, image_size, transform=transform
     )
     if val_split:
-        vs, vt = evaluate_split(
+        vl, vt = evaluate_split(
             acc, module, location, val_split, batch_size, image_size, transform=transform
         )
-        thresholds, _ = best_f1_thresholds(vs, vt, fallback=0.5)
+        thresholds, _ = best_f1_thresholds(class_scores(vl, "sigmoid"), vt, fallback=0.5)
         thresholds_from = val_split
     if not acc.is_main_process:
         return {}
-    maps = group_map(scores, targets, space)
-    f1 = f1_report(scores, targets, thresholds, space)
+    maps = map_from_logits(logits, targets, space, scoring)
+    f1 = f1_report(class_scores(logits, "sigmoid"), targets, thresholds, space)
     per_class = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (space.num_classes,))
     return {
+        "scoring": scoring,
+        "checkpoint_selection": checkpoint_selection,
         "map": maps.summary(),
-        "coverage": split_coverage(location, split, len(scores)),
-        "table": format_summary(maps),
+        "coverage": split_coverage(location, split, len(logits)),
+        "table": format_summary(maps, checkpoint_selection),
         "f1": {k: v for k, v in f1.items() if k != "classes"},
         "f1_table": format_f1_summary(f1),
         "thresholds_from": thresholds_from or "global 0.5",
         "thresholds": [float(t) for t in per_class],
-        "report": write_report(maps, space, out_dir, title=title, scores=scores),
+        "report": write_report(
+            maps,
+            space,
+            out_dir,
+            title=title,
+            scores=class_scores(logits, scoring),
+            checkpoint_selection=checkpoint_selection,
+        ),
     }
 
 

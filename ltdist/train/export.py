@@ -24,6 +24,7 @@ from torch import nn
 from ltdist import storage
 from ltdist.config import from_dict, to_dict
 from ltdist.entry import InputError, MissingInputError
+from ltdist.eval.report import SELECTION_TEXT
 from ltdist.labels import LabelSpace
 from ltdist.models.clip import resolved_clip_config
 from ltdist.train.config import ModelConfig, TrainConfig
@@ -46,6 +47,18 @@ class Exported:
         if chosen:
             return [float(t) for t in chosen]
         return [float(self.meta.get("global_threshold", 0.5))] * self.label_space.num_classes
+
+    @property
+    def checkpoint_selection(self) -> str:
+        """Which weights the run exported ("last", "val" or "test"), as its loop recorded;
+        exports older than the record hold the last weights (the loop never selected)."""
+        selection = self.meta.get("checkpoint_selection", "last")
+        if selection not in SELECTION_TEXT:
+            raise InputError(
+                f"export.json: checkpoint_selection {selection!r} is not one of "
+                f"{list(SELECTION_TEXT)}"
+            )
+        return selection
 
 
 def save_export(

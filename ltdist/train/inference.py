@@ -20,6 +20,7 @@ import torch
 
 from ltdist.data.loader import image_transform
 from ltdist.entry import InputError
+from ltdist.eval.metrics import Scoring
 from ltdist.train.evaluation import evaluate_and_report, write_evaluation
 from ltdist.train.export import load_export
 
@@ -36,9 +37,12 @@ def evaluate_export(
     val_split: str = "",
     batch_size: int = 64,
     mixed_precision: str = "no",
+    scoring: Scoring | None = None,
 ) -> dict:
     """Evaluate an export on ``location``/``split``; write the report under ``out``.
 
+    ``scoring`` (AP on per-class sigmoid or LMPT's softmax over classes) defaults to the
+    export's training config; the report states it and the export's checkpoint selection.
     Runs in one process or under ``accelerate launch`` (ranks split the batches).
     """
     from accelerate import Accelerator
@@ -69,6 +73,8 @@ def evaluate_export(
         thresholds=exported.thresholds,
         thresholds_from=exported.meta.get("threshold_split") or "",
         transform=exported.config.loader.transform,
+        scoring=scoring or exported.config.eval.scoring,
+        checkpoint_selection=exported.checkpoint_selection,
     )
     result = {}
     if acc.is_main_process:

@@ -25,7 +25,8 @@ from ltdist import storage
 from ltdist.config import to_dict
 from ltdist.data.loader import ShardLoader
 from ltdist.data.shards import load_label_space
-from ltdist.eval import format_summary, group_map
+from ltdist.eval import format_summary
+from ltdist.eval.metrics import map_from_logits
 from ltdist.eval.report import plot_curves
 from ltdist.losses.contrastive import LogitScale
 from ltdist.provenance import git_commit, package_versions
@@ -51,6 +52,11 @@ from ltdist.train.resolve import resolve_config
 from ltdist.train.tasks import build_task
 
 log = logging.getLogger(__name__)
+
+# Which weights the final evaluation and the export hold: the run's last (EMA) weights. The
+# periodic evaluations only log; no checkpoint is picked on any split (the papers' code
+# picks the best on the test split).
+CHECKPOINT_SELECTION = "last"
 
 PACKAGES = {
     "torch": ("torch",),
@@ -397,7 +403,7 @@ def _periodic_eval(acc, cfg: TrainConfig, module, ema, step: int) -> dict:
         return {"step": step}
     with ema.swapped(module) if ema is not None else contextlib.nullcontext():
         sync_buffers(acc, module)
-        scores, targets = evaluate_split(
+        logits, targets = evaluate_split(
             acc,
             module,
             cfg.data.location,
@@ -407,7 +413,7 @@ def _periodic_eval(acc, cfg: TrainConfig, module, ema, step: int) -> dict:
             cfg.data.eval_limit,
             cfg.loader.transform,
         )
-    result = group_map(scores, targets, load_label_space(cfg.data.location))
+    result = map_from_logits(logits, targets, load_label_space(cfg.data.location), cfg.eval.scoring)
     summary = result.summary()
     acc.log({f"eval/map_{k}": v for k, v in summary.items() if v is not None}, step=step)
     acc.print(f"step {step}: {format_summary(result)}")
@@ -463,15 +469,20 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
                 cfg.loader.image_size,
                 val_split=cfg.data.val_split,
                 transform=cfg.loader.transform,
+                scoring=cfg.eval.scoring,
+                checkpoint_selection=CHECKPOINT_SELECTION,
             )
     if acc.is_main_process:
         meta = {
             "step": step,
             "weights": "ema" if ema is not None else "raw",
+            "checkpoint_selection": CHECKPOINT_SELECTION,
             "global_threshold": 0.5,
         }
         if evaluation:
             metrics["map"] = meta["map"] = evaluation["map"]
+            metrics["scoring"] = meta["scoring"] = evaluation["scoring"]
+            metrics["checkpoint_selection"] = evaluation["checkpoint_selection"]
             metrics["coverage"] = evaluation["coverage"]
             metrics["table"] = evaluation["table"]
             metrics["f1"] = evaluation["f1"]

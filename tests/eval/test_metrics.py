@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ltdist.eval.metrics import average_precision, group_map
+from ltdist.eval.metrics import average_precision, class_scores, group_map, map_from_logits
 from ltdist.labels import LabelSpace
 
 # Shared modules: these tests run in both environments (see tests/test_environments.py).
@@ -190,3 +190,59 @@ def test_bad_inputs_are_errors(scores, targets, message):
 def test_group_map_checks_class_count():
     with pytest.raises(ValueError, match="3 classes"):
         group_map(np.zeros((2, 3)), np.zeros((2, 3)), (["a", "b"], ["head", "tail"]))
+
+
+def _logits_and_targets(seed: int = 0, n: int = 300, c: int = 12):
+    """float32 logits whose per-image spread differs a lot: the softmax then reorders."""
+    rng = np.random.default_rng(seed)
+    targets = rng.random((n, c)) < np.linspace(0.5, 0.03, c)
+    targets[0] = True  # every class has a positive
+    offset = rng.normal(0, 3, size=(n, 1))  # image-level shift: sigmoid sees it, softmax not
+    logits = offset + rng.normal(0, 1.5, size=(n, c)) + 2.0 * targets
+    return logits.astype(np.float32), targets
+
+
+def test_softmax_scoring_is_lmpts_softmax_then_sklearn_ap():
+    """LMPT's protocol: softmax over each image's classes (float64, scipy), then AP per class."""
+    special = pytest.importorskip("scipy.special")
+    logits, targets = _logits_and_targets()
+    freq = [500, 300, 150, 100, 90, 50, 30, 20, 15, 8, 3, 1]
+    result = map_from_logits(logits, targets, _label_space(freq), scoring="softmax")
+    direct = _sklearn_ap(special.softmax(logits.astype(np.float64), axis=1), targets)
+    np.testing.assert_allclose(result.ap, direct, rtol=0, atol=1e-12)
+    assert result.scoring == "softmax"
+    groups = np.array(_label_space(freq).groups)
+    for g in ("head", "medium", "tail"):
+        assert result.map_of(g) == pytest.approx(direct[groups == g].mean(), abs=1e-12)
+    assert result.map_all == pytest.approx(direct.mean(), abs=1e-12)
+    # The softmax changes per-class rankings: the per-class AP is not the sigmoid one.
+    sigmoid = map_from_logits(logits, targets, _label_space(freq))
+    assert np.abs(sigmoid.ap - result.ap).max() > 0.05
+
+
+def test_default_scoring_is_the_per_class_sigmoid():
+    special = pytest.importorskip("scipy.special")
+    logits, targets = _logits_and_targets(1)
+    names = [f"c{i}" for i in range(12)]
+    result = map_from_logits(logits, targets, (names, ["head"] * 12))
+    assert result.scoring == "sigmoid"
+    direct = _sklearn_ap(special.expit(logits.astype(np.float64)), targets)
+    np.testing.assert_allclose(result.ap, direct, rtol=0, atol=1e-12)
+    # a monotone map of each class's logits: AP is the AP of the logits themselves
+    np.testing.assert_allclose(result.ap, _sklearn_ap(logits, targets), rtol=0, atol=1e-12)
+    scores = class_scores(logits)
+    assert scores.dtype == np.float64
+    np.testing.assert_allclose(scores, special.expit(logits.astype(np.float64)), rtol=1e-15)
+
+
+def test_sigmoid_scores_keep_the_order_of_large_logits():
+    """float32 sigmoid is 1.0 from a logit of ~16.6 up: it would tie these four samples."""
+    logits = np.array([[17.0], [18.0], [19.0], [20.0]], dtype=np.float32)
+    targets = np.array([[0], [0], [1], [1]])
+    assert (1 / (1 + np.exp(-logits)) == 1).all()  # the float32 sigmoid ties them
+    assert map_from_logits(logits, targets, (["a"], ["head"])).map_all == 1.0
+
+
+def test_unknown_scoring_is_an_error():
+    with pytest.raises(ValueError, match="unknown scoring 'softmx'"):
+        class_scores(np.zeros((2, 3)), "softmx")

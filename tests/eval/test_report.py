@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ltdist.eval.metrics import group_map
+from ltdist.eval.metrics import group_map, map_from_logits
 from ltdist.eval.report import (
     CURVE_DPI,
     CURVE_PANEL_INCHES,
@@ -71,6 +71,31 @@ def test_write_report_files(tmp_path, evaluated):
     assert report.startswith("demo run\n")
     assert "class 9" in report and "excl." in report
     assert f"{100 * result.map_head:.2f}" in report
+
+
+@pytest.mark.parametrize(("scoring", "selection"), [("softmax", "test"), ("sigmoid", "last")])
+def test_the_report_names_its_scoring_and_checkpoint_selection(tmp_path, scoring, selection):
+    rng = np.random.default_rng(2)
+    ls = LabelSpace([f"c{i}" for i in range(4)], np.array([300, 50, 9, 2]), np.eye(4))
+    targets = rng.random((40, 4)) < 0.4
+    logits = rng.normal(size=(40, 4)) + targets
+    result = map_from_logits(logits, targets, ls, scoring)
+    paths = write_report(result, ls, tmp_path, scores=logits, checkpoint_selection=selection)
+    metrics = json.loads(Path(paths["metrics"]).read_text())
+    assert (metrics["scoring"], metrics["checkpoint_selection"]) == (scoring, selection)
+    for text in (Path(paths["report"]).read_text(), format_summary(result, selection)):
+        assert f"AP scores: {scoring} (" in text
+        assert f"checkpoint: {selection} (" in text
+    assert ("LMPT's protocol" in format_summary(result)) == (scoring == "softmax")
+    with pytest.raises(ValueError, match="checkpoint_selection 'best'"):
+        write_report(result, ls, tmp_path, checkpoint_selection="best")
+
+
+def test_scores_given_directly_state_no_scoring(tmp_path, evaluated):
+    result, ls = evaluated
+    metrics = json.loads(Path(write_report(result, ls, tmp_path)["metrics"]).read_text())
+    assert metrics["scoring"] is None and metrics["checkpoint_selection"] is None
+    assert "AP scores" not in format_summary(result)
 
 
 def test_format_summary_table(evaluated):

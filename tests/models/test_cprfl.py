@@ -239,6 +239,30 @@ def test_linear_head_pooling():
         LinearHead(8, 4, pool="max")
 
 
+def test_logits_are_float32_under_bf16_autocast():
+    """Eq. 6 is computed in float32 on the bf16 features autocast makes: the logits equal the
+    float64 dot product of those features to float32 precision, not to bf16's 2^-8."""
+    head = tiny_head(dtype=torch.float32)
+    visual = torch.randn(4, 7, 16)
+    seen = {}
+    head.vsi.register_forward_hook(lambda m, i, out: seen.update(refined=out))
+    head.prompt_init.register_forward_hook(lambda m, i, out: seen.update(prompts=out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(visual)
+    assert seen["refined"].dtype == seen["prompts"].dtype == torch.bfloat16  # autocast was on
+    assert logits.dtype == torch.float32
+    direct = (seen["refined"].double() * seen["prompts"].double()).sum(-1)
+    torch.testing.assert_close(logits.double(), direct, rtol=1e-6, atol=1e-6)
+
+    linear = LinearHead(16, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(visual.bfloat16())
+    assert out.dtype == torch.float32
+    w, b = linear.fc.weight.double(), linear.fc.bias.double()
+    direct = visual.bfloat16().double().mean(1) @ w.T + b
+    torch.testing.assert_close(out.double(), direct, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_resnet101_tokens_at_448():
     from ltdist.models.backbones import BackboneConfig, build_backbone

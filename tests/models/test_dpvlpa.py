@@ -319,6 +319,23 @@ def test_logged_dqr_weight_range_is_the_weights():
     assert out["dqr_w_tail_max"] > out["dqr_w_medium_max"] > out["dqr_w_head_max"] > 1
 
 
+def test_class_logits_are_float32_under_bf16_autocast():
+    """The evaluation forward under bf16 autocast: bf16 query features, float32 logits equal
+    to the float64 formula on those features to float32 precision."""
+    model = _model().eval()
+    g = torch.Generator().manual_seed(3)
+    images, e = torch.randn(3, N_TOKENS, PATCH, generator=g), torch.randn(5, 8, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q = model.encode_image(images)
+        logits = model(images, e.bfloat16())
+    assert q.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    qn = torch.nn.functional.normalize(q.double(), dim=-1)
+    en = torch.nn.functional.normalize(e.bfloat16().double(), dim=-1)
+    scale = float(model.cls_scale().detach())
+    direct = scale * torch.einsum("bkd,cd->bkc", qn, en).amax(dim=1)
+    torch.testing.assert_close(logits.double(), direct, rtol=1e-6, atol=1e-5)
+
+
 def test_dqr_boosts_the_query_of_the_tail_class_by_inverse_sqrt_frequency():
     ls = _label_space()
     assert ls.groups == ["head", "medium", "tail", "tail"]

@@ -73,6 +73,8 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
     ]
     if task == "cprfl":
         overrides += ["model.backbone.kind=qformer", "model.cprfl.prompt_init=clip"]
+        # LMPT's scoring, in the periodic and the final evaluation
+        overrides += ["eval.scoring=softmax", "eval_every_steps=2"]
     proc = launch("finetune.py", overrides, demo)
     log = proc.stdout + proc.stderr
     assert "initialised from" in log
@@ -92,8 +94,14 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
             for g in groups:
                 assert 1 <= h[f"dqr_w_{g}_min"] <= h[f"dqr_w_{g}_mean"] <= h[f"dqr_w_{g}_max"]
             assert h["dqr_w_tail_max"] > 1
+    scoring = "softmax" if task == "cprfl" else "sigmoid"
+    assert (m["scoring"], m["checkpoint_selection"]) == (scoring, "last")
+    assert m["table"].startswith(f"AP scores: {scoring} (")
+    if task == "cprfl":
+        assert [h["step"] for h in m["history"] if "eval_map" in h] == [2, 3]
     exported = load_export(str(out / "export"))
     assert exported.meta["weights"] == "ema"
+    assert (exported.meta["scoring"], exported.checkpoint_selection) == (scoring, "last")
     assert len(exported.thresholds) == exported.label_space.num_classes
     assert exported.meta["threshold_split"] == "test"
     # the export records the settings it was built with (the pretraining's tokenizer and

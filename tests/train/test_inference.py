@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from ltdist.data.loader import eval_batches
 from ltdist.eval import group_map
+from ltdist.eval.thresholds import f1_report
 from ltdist.train.export import load_export
 
 from .conftest import BIN, ROOT, free_port
@@ -33,15 +35,25 @@ def _run(args: list[str], accelerate: bool = False) -> subprocess.CompletedProce
     )
 
 
-def test_evaluate_matches_a_direct_computation_in_one_and_two_processes(pretrained, demo, tmp_path):
-    export = pretrained / "export"
-    exported = load_export(str(export))
-    scores, targets = [], []
+@pytest.fixture(scope="module")
+def direct(pretrained, demo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The export's logits and the targets of the demo test split, computed in-process."""
+    exported = load_export(str(pretrained / "export"))
+    logits, targets = [], []
     with torch.no_grad():
         for x, y, *_ in eval_batches(str(demo), "test", 64, exported.config.loader.image_size):
-            scores.append(torch.sigmoid(exported.module.logits(x)))
+            logits.append(exported.module.logits(x))
             targets.append(y)
-    direct = group_map(torch.cat(scores), torch.cat(targets), exported.label_space).summary()
+    return torch.cat(logits), torch.cat(targets)
+
+
+def test_evaluate_matches_a_direct_computation_in_one_and_two_processes(
+    pretrained, demo, direct, tmp_path
+):
+    export = pretrained / "export"
+    exported = load_export(str(export))
+    logits, targets = direct
+    expected = group_map(torch.sigmoid(logits.double()), targets, exported.label_space).summary()
 
     results = {}
     for procs in (1, 2):
@@ -55,11 +67,64 @@ def test_evaluate_matches_a_direct_computation_in_one_and_two_processes(pretrain
         results[procs] = json.loads((out / "evaluation.json").read_text())
         assert (out / "ap_vs_frequency.png").stat().st_size > 0
     for procs, res in results.items():
-        for group, value in direct.items():
+        for group, value in expected.items():
             assert res["map"][group] == pytest.approx(value, abs=1e-6), (procs, group)
         assert len(res["thresholds"]) == exported.label_space.num_classes
         assert res["thresholds_from"] == "test"
+        assert (res["scoring"], res["checkpoint_selection"]) == ("sigmoid", "last")
+        assert res["table"].startswith("AP scores: sigmoid (")
     assert results[1]["f1"] == results[2]["f1"]
+
+
+def test_the_run_states_it_exported_its_last_weights(pretrained):
+    """No checkpoint is selected on any split: the export holds the last step's weights, and
+    the run's metrics, report and export say so."""
+    from safetensors.torch import load_file
+
+    run = json.loads((pretrained / "metrics.json").read_text())
+    report = json.loads(Path(run["report"]["metrics"]).read_text())
+    meta = json.loads((pretrained / "export" / "export.json").read_text())
+    assert run["checkpoint_selection"] == report["checkpoint_selection"] == "last"
+    assert meta["checkpoint_selection"] == "last" and meta["step"] == run["steps"]
+    assert run["scoring"] == report["scoring"] == meta["scoring"] == "sigmoid"
+    exported = load_file(pretrained / "export" / "model.safetensors")
+    last, earlier = (
+        load_file(pretrained / "checkpoints" / f"step-{step:08d}" / "state" / "model.safetensors")
+        for step in (run["steps"], run["steps"] - 2)
+    )
+    assert exported.keys() == last.keys()
+    assert all(torch.equal(exported[k], last[k]) for k in exported)
+    assert not all(torch.equal(exported[k], earlier[k]) for k in exported)
+
+
+def test_softmax_scoring_and_the_exports_selection_reach_the_report(
+    pretrained, demo, direct, tmp_path
+):
+    """``scoring="softmax"`` ranks LMPT's softmax over classes; the selection stated is the
+    one the export records (here edited to "test"), not an assumption of the evaluator."""
+    from ltdist.train.inference import evaluate_export
+
+    export = tmp_path / "export"
+    shutil.copytree(pretrained / "export", export)
+    meta = json.loads((export / "export.json").read_text())
+    (export / "export.json").write_text(json.dumps({**meta, "checkpoint_selection": "test"}))
+    exported = load_export(str(export))
+    logits, targets = direct
+    softmax = torch.softmax(logits.double(), dim=1)
+    expected = group_map(softmax, targets, exported.label_space).summary()
+    sigmoid = torch.sigmoid(logits.double()).numpy()
+    f1 = f1_report(sigmoid, targets, exported.thresholds, exported.label_space)
+
+    out = tmp_path / "eval"
+    result = evaluate_export(str(export), str(demo), "test", str(out), scoring="softmax")
+    for group, value in expected.items():
+        assert result["map"][group] == pytest.approx(value, abs=1e-12), group
+    assert result["f1"]["micro"] == pytest.approx(f1["micro"])  # F1 stays on the sigmoid
+    assert (result["scoring"], result["checkpoint_selection"]) == ("softmax", "test")
+    written = json.loads((out / "metrics.json").read_text())
+    assert (written["scoring"], written["checkpoint_selection"]) == ("softmax", "test")
+    assert "checkpoint: test (the best on the test split)" in (out / "report.txt").read_text()
+    np.testing.assert_allclose(np.load(out / "scores.npy"), softmax.numpy(), rtol=1e-12)
 
 
 def test_evaluate_refuses_data_with_other_classes(pretrained, tmp_path):
