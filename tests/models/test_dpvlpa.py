@@ -319,20 +319,27 @@ def test_logged_dqr_weight_range_is_the_weights():
     assert out["dqr_w_tail_max"] > out["dqr_w_medium_max"] > out["dqr_w_head_max"] > 1
 
 
-def test_class_logits_are_float32_under_bf16_autocast():
+@pytest.mark.parametrize("dqr_class_scores", [True, False], ids=["eq4", "max"])
+def test_class_logits_are_float32_under_bf16_autocast(dqr_class_scores):
     """The evaluation forward under bf16 autocast: bf16 query features, float32 logits equal
-    to the float64 formula on those features to float32 precision."""
-    model = _model().eval()
+    to the float64 formula on those features to float32 precision (Eq. 4's weighted mean with
+    the label-free DQR weights by default, the max over queries with the switch)."""
+    cfg = DPVLPAConfig(embed_dim=8, dqr_class_scores=dqr_class_scores)
+    model = _model(cfg, _label_space()).eval()
     g = torch.Generator().manual_seed(3)
-    images, e = torch.randn(3, N_TOKENS, PATCH, generator=g), torch.randn(5, 8, generator=g)
+    images, e = torch.randn(3, N_TOKENS, PATCH, generator=g), torch.randn(4, 8, generator=g)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         q = model.encode_image(images)
         logits = model(images, e.bfloat16())
     assert q.dtype == torch.bfloat16 and logits.dtype == torch.float32
-    qn = torch.nn.functional.normalize(q.double(), dim=-1)
-    en = torch.nn.functional.normalize(e.bfloat16().double(), dim=-1)
     scale = float(model.cls_scale().detach())
-    direct = scale * torch.einsum("bkd,cd->bkc", qn, en).amax(dim=1)
+    q64, e64 = q.double(), e.bfloat16().double()
+    if dqr_class_scores:
+        args = (q64, e64, FREQ, TAIL, cfg.dqr_alpha, cfg.dqr_temperature)
+        direct = torch.from_numpy(scale * ref_class_scores(*args))
+    else:
+        qn, en = (torch.nn.functional.normalize(x, dim=-1) for x in (q64, e64))
+        direct = scale * torch.einsum("bkd,cd->bkc", qn, en).amax(dim=1)
     torch.testing.assert_close(logits.double(), direct, rtol=1e-6, atol=1e-5)
 
 
