@@ -85,6 +85,7 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
     m = metrics(out)
     assert (m["status"], m["steps"]) == ("completed", 3)
     assert m["f1"]["macro_f1"]["all"] is not None
+    assert m["splits"] == {"map": "test", "f1": "test", "thresholds": "test"}
     exported = load_export(str(out / "export"))
     assert exported.meta["weights"] == "ema"
     assert len(exported.thresholds) == exported.label_space.num_classes

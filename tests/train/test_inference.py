@@ -59,6 +59,7 @@ def test_evaluate_matches_a_direct_computation_in_one_and_two_processes(pretrain
             assert res["map"][group] == pytest.approx(value, abs=1e-6), (procs, group)
         assert len(res["thresholds"]) == exported.label_space.num_classes
         assert res["thresholds_from"] == "test"
+        assert res["splits"] == {"map": "test", "f1": "test", "thresholds": "test"}
     assert results[1]["f1"] == results[2]["f1"]
 
 
