@@ -286,7 +286,7 @@ def histogram(space: LabelSpace, sample: LongTailSample, width: int = 50) -> str
     freq = space.frequency
     top = max(int(freq.max()), 1)
     name_w = max(len(n) for n in space.names)
-    lines = [f"{'class':<{name_w}}  {'train':>6}  {'target':>6}  group   "]
+    lines = [f"{'class':<{name_w}}  {'train':>6}  {'target':>6}  group"]
     for c in sorted(range(space.num_classes), key=lambda c: (-freq[c], c)):
         bar = "#" * (max(1, round(width * freq[c] / top)) if freq[c] else 0)
         lines.append(
