@@ -4,6 +4,10 @@ ltdist data demo     [--out DIR] [key=value ...]        build the bundled demo d
 ltdist data pack     --config FILE [key=value ...]      manifest / benchmark -> shards
 ltdist data stats    LOCATION [--no-verify]             class table, counts, checksums
 ltdist data fetch-splits {coco_lt,voc_lt} [--dest DIR] [--source URL|DIR]
+ltdist data split-lt [--config FILE] [key=value ...]    a long-tailed train split (+ val, test)
+                                                        sampled from a balanced manifest
+ltdist data split-val MANIFEST --classes FILE [--out DIR] [--fraction F] [--seed S]
+                                                        a stratified val split carved from train
 ltdist reference-cnn --config FILE [key=value ...]      small CNN, group-mAP report
 ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs (mean ± std)
 ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
@@ -99,6 +103,50 @@ def _fetch_splits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_lt(args: argparse.Namespace) -> int:
+    from ltdist.data.longtail import SplitLTConfig, histogram, split_long_tailed
+
+    cfg = _load(SplitLTConfig, args)
+    if cfg is None:
+        return 0
+    result = split_long_tailed(cfg)
+    print(histogram(result.space, result.sample))
+    for split, records in result.splits.items():
+        print(f"{split}: {len(records)} images -> {result.files[split]}")
+    print(f"report: {result.files['report']}")
+    if "plot" in result.files:
+        print(f"plot:   {result.files['plot']}")
+    return 0
+
+
+def _split_val(args: argparse.Namespace) -> int:
+    import os
+
+    from ltdist.data.manifest import read_class_names, read_manifest, write_manifest
+    from ltdist.data.stratify import carve_records
+
+    if not 0 < args.fraction < 1:
+        raise entry.UserError(f"--fraction must be in (0, 1), got {args.fraction}")
+    names = read_class_names(args.classes)
+    records = read_manifest(args.manifest, names, check_files=False).records
+    train, val, carve = carve_records(records, len(names), args.fraction, args.seed, args.min_val)
+    for split, part in (("train", train), ("val", val)):
+        path = os.path.join(args.out, f"{split}.jsonl")
+        write_manifest(path, part, names)
+        print(f"{split}: {len(part)} images -> {path}")
+    width = max(len(n) for n in names)
+    print(f"{'class':<{width}}  {'train':>6}  {'val':>5}")
+    for c, name in enumerate(names):
+        print(f"{name:<{width}}  {carve.train_positives[c]:>6}  {carve.val_positives[c]:>5}")
+    lacking = carve.lacking()
+    if lacking:
+        print(
+            f"{len(lacking)} classes have no val positive (too few images; they stay in train): "
+            + ", ".join(names[c] for c in lacking)
+        )
+    return 0
+
+
 def _reference_cnn(args: argparse.Namespace) -> int:
     from ltdist.reference_cnn import ReferenceCNNConfig, train_reference_cnn
 
@@ -189,6 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", default="data/splits")
     p.add_argument("--source", default=None, help="base URL or local folder (default: public)")
     p.set_defaults(func=_fetch_splits)
+
+    p = data.add_parser(
+        "split-lt", help="sample a long-tailed train split (Pareto profile) from a balanced set"
+    )
+    _config_arguments(p)
+    p.set_defaults(func=_split_lt)
+
+    p = data.add_parser("split-val", help="carve a stratified validation split from a train set")
+    p.add_argument("manifest", help="the training split's manifest (JSONL)")
+    p.add_argument("--classes", required=True, help="classes.txt or classes.json")
+    p.add_argument("--out", default="data/split_val", help="train.jsonl and val.jsonl go here")
+    p.add_argument("--fraction", type=float, default=0.1, help="share of each class's positives")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-val", type=int, default=1, help="val positives per class at least")
+    p.set_defaults(func=_split_val)
 
     p = sub.add_parser(
         "reference-cnn",

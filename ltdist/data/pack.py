@@ -19,6 +19,7 @@ from ltdist import storage
 from ltdist.data.images import to_rgb
 from ltdist.data.manifest import Record
 from ltdist.data.shards import ShardSample, ShardWriter, sample_meta
+from ltdist.data.stratify import carve_records
 from ltdist.entry import UserError
 from ltdist.labels import CLASSES_FILE, LabelSpace
 
@@ -243,12 +244,23 @@ class PackConfig:
     target_shard_mb: float = 256.0
     text_only: bool = False  # shards without images (labels + captions only)
     max_image_size: int = 0  # > 0: downscale larger images (re-encoded)
+    # > 0: carve this share of the train split into a `val` split (ltdist.data.stratify:
+    # stratified, every class keeps a training positive), seeded by val_seed.
+    val_fraction: float = 0.0
+    val_seed: int = 0
+    # Which train split classes.json describes when val is carved: "full" (as given; for the
+    # benchmarks the published head/medium/tail groups) or "carved" (what training sees).
+    classes_from: Literal["full", "carved"] = "full"
 
     def validate(self) -> None:
         if self.source == "manifest" and ("train" not in self.manifests or not self.classes):
             raise ValueError("manifest source needs `classes` and a `manifests.train` path")
         if self.source == "benchmark" and not self.benchmark:
             raise ValueError("benchmark source needs `benchmark` (coco_lt or voc_lt)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_fraction > 0 and "val" in self.manifests:
+            raise ValueError("val_fraction carves a `val` split, but `manifests.val` is given too")
 
 
 def load_records(cfg: PackConfig) -> tuple[LabelSpace, dict[str, list[Record]], list]:
@@ -259,28 +271,45 @@ def load_records(cfg: PackConfig) -> tuple[LabelSpace, dict[str, list[Record]], 
     problems = []
     if cfg.source == "benchmark":
         root = cfg.image_root or None
-        space = benchmark_splits.label_space(cfg.benchmark, cfg.splits_dir)
+        names = benchmark_splits.class_names(cfg.benchmark, cfg.splits_dir)
         splits = {
             s: benchmark_splits.load_split_records(cfg.benchmark, cfg.splits_dir, s, root)
             for s in benchmark_splits.SPLITS
         }
-        return space, splits, problems
-    names = manifest.read_class_names(cfg.classes)
-    splits = {}
-    for split, path in cfg.manifests.items():
-        m = manifest.read_manifest(
-            path,
-            names,
-            image_root=cfg.image_root or None,
-            policy=cfg.policy,
-            check_files=not cfg.text_only,
-            allow_empty_labels=split != "train",
+    else:
+        names = manifest.read_class_names(cfg.classes)
+        splits = {}
+        for split, path in cfg.manifests.items():
+            m = manifest.read_manifest(
+                path,
+                names,
+                image_root=cfg.image_root or None,
+                policy=cfg.policy,
+                check_files=not cfg.text_only,
+                allow_empty_labels=split != "train",
+            )
+            splits[split] = m.records
+            problems += [
+                {"split": split, "line": p.line, "key": p.key, "reason": p.reason}
+                for p in m.problems
+            ]
+    full_train = splits["train"]
+    if cfg.val_fraction > 0:
+        splits["train"], splits["val"], carve = carve_records(
+            full_train, len(names), cfg.val_fraction, cfg.val_seed
         )
-        splits[split] = m.records
-        problems += [
-            {"split": split, "line": p.line, "key": p.key, "reason": p.reason} for p in m.problems
-        ]
-    space = LabelSpace.from_label_sets(names, (r.label_ids for r in splits["train"]))
+        lacking = carve.lacking()
+        log.info(
+            "val: %d of %d training images carved out (seed %d)%s",
+            len(splits["val"]),
+            len(full_train),
+            cfg.val_seed,
+            f"; {len(lacking)} classes have no val positive: {[names[c] for c in lacking]}"
+            if lacking
+            else "",
+        )
+    described = full_train if cfg.classes_from == "full" else splits["train"]
+    space = LabelSpace.from_label_sets(names, (r.label_ids for r in described))
     return space, splits, problems
 
 

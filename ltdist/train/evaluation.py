@@ -118,6 +118,9 @@ def evaluate_and_report(
         "f1_table": format_f1_summary(f1),
         "thresholds_from": thresholds_from or "global 0.5",
         "thresholds": [float(t) for t in per_class],
+        # Which split each number comes from: mAP and F1 are scored on `split`, with
+        # thresholds picked on another (or fixed); groups from classes.json's training split.
+        "splits": {"map": split, "f1": split, "thresholds": thresholds_from or "global 0.5"},
         "report": write_report(
             maps,
             space,

@@ -486,6 +486,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
             metrics["coverage"] = evaluation["coverage"]
             metrics["table"] = evaluation["table"]
             metrics["f1"] = evaluation["f1"]
+            metrics["splits"] = evaluation["splits"]
             metrics["report"] = evaluation["report"]
             history.append({"step": step, "eval_map": evaluation["map"]})
             if cfg.data.val_split:  # per-class thresholds picked on it

@@ -99,6 +99,7 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
     assert m["table"].startswith(f"AP scores: {scoring} (")
     if task == "cprfl":
         assert [h["step"] for h in m["history"] if "eval_map" in h] == [2, 3]
+    assert m["splits"] == {"map": "test", "f1": "test", "thresholds": "test"}
     exported = load_export(str(out / "export"))
     assert exported.meta["weights"] == "ema"
     assert (exported.meta["scoring"], exported.checkpoint_selection) == (scoring, "last")

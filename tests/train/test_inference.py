@@ -73,6 +73,7 @@ def test_evaluate_matches_a_direct_computation_in_one_and_two_processes(
         assert res["thresholds_from"] == "test"
         assert (res["scoring"], res["checkpoint_selection"]) == ("sigmoid", "last")
         assert res["table"].startswith("AP scores: sigmoid (")
+        assert res["splits"] == {"map": "test", "f1": "test", "thresholds": "test"}
     assert results[1]["f1"] == results[2]["f1"]
 
 
