@@ -1,6 +1,6 @@
 """Packing throughput, serial vs. worker processes, on the same JPEGs; and byte-identity.
 
-    python benchmarks/pack_throughput.py [--images 400] [--size 640x480] [--workers 2]
+    python benchmarks/pack_throughput.py [--images 1500] [--size 640x480] [--workers 2]
 
 Generates ``--images`` photo-like JPEGs (smooth colour fields with grain, quality 90) once, then
 packs them with ``ltdist.data.pack.pack_split`` serially (workers=1) and with ``--workers``
@@ -56,7 +56,7 @@ def same_folder(a: str, b: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=1500)
     parser.add_argument("--size", default="640x480", help="WIDTHxHEIGHT of the generated JPEGs")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--resize", type=int, default=320, help="max_image_size of the resize rows")
