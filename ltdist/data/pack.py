@@ -131,7 +131,8 @@ def loaded_images(
     """``_load_or_reason`` of every path, in input order; with ``workers`` > 1 computed in a
     pool of processes (decoding is CPU-bound and holds the GIL). At most 2 x workers batches
     are in flight, so memory stays bounded on any data set; the order of the answers, hence
-    every shard's bytes, does not depend on ``workers``."""
+    every shard's bytes, does not depend on ``workers``. As with any start method but fork, a
+    script that packs must keep its top-level code under ``if __name__ == "__main__":``."""
     if workers <= 1:
         for p in paths:
             yield _load_or_reason(p, max_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -131,3 +132,30 @@ def test_ids_alone_need_class_names_and_pipes_are_refused(tmp_path):
     with pytest.raises(MissingInputError, match="shard_a_002.tar does not exist"):
         source_urls(f"{tmp_path}/src/shard_a_{{000..003}}.tar")
     assert [u[-7:] for u in source_urls(f"{tmp_path}/src/*.tar")] == ["000.tar", "001.tar"]
+
+
+def test_a_rerun_writes_only_the_missing_shard_byte_for_byte(tmp_path):
+    """Shard 1 of 3-sample shards spans source shards 0 and 1; written again, it is the same."""
+    write_sources(tmp_path / "src")
+    (tmp_path / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    out = tmp_path / "ds"
+    cfg = IndexConfig(
+        f"{tmp_path}/src/shard_a_{{000..002}}.tar",
+        str(out),
+        classes=str(tmp_path / "classes.txt"),
+        samples_per_shard=3,
+    )
+    assert index_shards(cfg).shards_written == [0, 1, 2, 3]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    index = json.loads((out / "train.index.json").read_text())
+    assert index["shards"][1]["meta"]["source"] == [
+        f"{tmp_path}/src/shard_a_000.tar",
+        f"{tmp_path}/src/shard_a_001.tar",
+    ]
+    index["shards"] = [s for s in index["shards"] if s["id"] != 1]  # as if killed before it
+    (out / "train.index.json").write_text(json.dumps(index, indent=1))
+    (out / "train-000001.tar").unlink()
+    again = index_shards(cfg)
+    assert again.shards_written == [1] and again.shards_kept == 3
+    after = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    assert after == before
