@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from ltdist import storage
 from ltdist.data.manifest import read_class_names
 from ltdist.data.pack import _PIL_EXT, MAX_PIXELS, stale_shards, write_classes
-from ltdist.data.shards import ShardSample, ShardWriter, key_problem, sample_meta
+from ltdist.data.shards import _SPLIT_RE, ShardSample, ShardWriter, key_problem, sample_meta
 from ltdist.entry import InputError, MissingInputError
 from ltdist.labels import CLASSES_FILE, LabelSpace, UnknownClassError
 
@@ -63,6 +63,12 @@ class IndexConfig:
     split: str = "train"
     classes: str = ""  # classes.txt / classes.json; "" = the names found in the data
     samples_per_shard: int = 0  # 0: the largest source shard's sample count
+
+    def validate(self) -> None:
+        if self.samples_per_shard < 0:
+            raise InputError(f"samples_per_shard must be >= 0, got {self.samples_per_shard}")
+        if not _SPLIT_RE.match(self.split):
+            raise InputError(f"split {self.split!r} is not a plain name (letters, digits, _.-)")
 
 
 @dataclass
@@ -360,6 +366,7 @@ def _stat(url: str) -> tuple[int, int] | None:
 
 def index_shards(cfg: IndexConfig) -> IndexResult:
     """Index (and copy into contract shards) one split of existing WebDataset shards."""
+    cfg.validate()
     urls = source_urls(cfg.source)
     rows, counts, dropped = scan(urls)
     if not rows:

@@ -127,6 +127,8 @@ def test_ids_alone_need_class_names_and_pipes_are_refused(tmp_path):
     write_sources(tmp_path / "src", sizes=(2, 2))
     with pytest.raises(InputError, match="class ids only: give the class names with --classes"):
         index_shards(IndexConfig(f"{tmp_path}/src/shard_a_00[01].tar", str(tmp_path / "ds")))
+    with pytest.raises(InputError, match="split '../x' is not a plain name"):
+        index_shards(IndexConfig(f"{tmp_path}/src", str(tmp_path / "ds"), split="../x"))
     with pytest.raises(InputError, match="'pipe:' source runs a shell command"):
         source_urls("pipe:cat /etc/passwd")
     with pytest.raises(MissingInputError, match="shard_a_002.tar does not exist"):
