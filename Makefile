@@ -49,6 +49,7 @@ rehearse: setup
 
 bench: setup
 	$(TRAIN)/python benchmarks/loader_throughput.py
+	$(TRAIN)/python benchmarks/pack_throughput.py
 
 clean-demo:
 	rm -rf data/demo data/demo_tiny shards/demo shards/demo_stag shards/demo_stag_tiny runs/demo runs/demo_tiny

@@ -1,7 +1,8 @@
 """The ``ltdist`` command: data preparation, inspection, the reference CNN and rehearsals.
 
 ltdist data demo     [--out DIR] [key=value ...]        build the bundled demo data set
-ltdist data pack     --config FILE [key=value ...]      manifest / benchmark -> shards
+ltdist data pack     --config FILE [--workers N] [key=value ...]   manifest / benchmark -> shards
+ltdist data index    SOURCE --out DIR [--split S] [--classes FILE]   WebDataset tars -> contract
 ltdist data stats    LOCATION [--no-verify]             class table, counts, checksums
 ltdist data fetch-splits {coco_lt,voc_lt} [--dest DIR] [--source URL|DIR]
 ltdist data split-lt [--config FILE] [key=value ...]    a long-tailed train split (+ val, test)
@@ -54,6 +55,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from ltdist.data.pack import PackConfig, pack_dataset
 
+    if args.workers is not None:  # the flag is the config key, checked and printed with it
+        args.overrides.append(f"workers={args.workers}")
     cfg = _load(PackConfig, args)
     if cfg is None:
         return 0
@@ -67,6 +70,19 @@ def _pack(args: argparse.Namespace) -> int:
         )
         for rej in r.rejected[:10]:
             print(f"  rejected {rej['key']}: {rej['reason']}")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from ltdist.data.index_shards import IndexConfig, index_shards
+
+    cfg = IndexConfig(args.source, args.out, args.split, args.classes or "", args.samples_per_shard)
+    r = index_shards(cfg)
+    print(
+        f"{r.split}: {r.num_samples} samples from {len(r.sources)} source shards in "
+        f"{r.num_shards} shards of {r.location} ({len(r.shards_written)} written, "
+        f"{r.shards_kept} kept from an earlier run)"
+    )
     return 0
 
 
@@ -225,7 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = data.add_parser("pack", help="pack a manifest or a benchmark split into shards")
     _config_arguments(p)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="image processes (config key workers; default 0: every available core)",
+    )
     p.set_defaults(func=_pack)
+
+    p = data.add_parser(
+        "index", help="existing WebDataset shards -> contract shards, index and classes.json"
+    )
+    p.add_argument("source", help="brace URL (shard-{000000..000099}.tar), glob, folder or file")
+    p.add_argument("--out", required=True, help="the data set folder to write")
+    p.add_argument("--split", default="train")
+    p.add_argument("--classes", default=None, help="classes.txt / classes.json (default: data)")
+    p.add_argument(
+        "--samples-per-shard", type=int, default=0, help="default: the largest source shard's"
+    )
+    p.set_defaults(func=_index)
 
     p = data.add_parser("stats", help="class table and shard checksums of a data set")
     p.add_argument("location")

@@ -94,3 +94,28 @@ def test_demo_set_is_learnable_far_above_the_shuffled_label_control(demo_shards)
     for group in ("head", "medium", "tail"):
         assert real[group] > shuffled[group] + 0.1
     assert (demo_shards / "runs/real/ap_vs_frequency.png").stat().st_size > 10_000
+
+
+def test_pack_workers_flag_is_the_config_key(demo_shards):
+    out = ltdist(
+        "data",
+        "pack",
+        "--config",
+        "configs/data/demo.yaml",
+        "--workers",
+        "3",
+        "--print-config",
+        cwd=demo_shards,
+    )
+    assert "workers: 3" in out.stdout
+    bad = ltdist(
+        "data",
+        "pack",
+        "--config",
+        "configs/data/demo.yaml",
+        "--workers",
+        "-1",
+        cwd=demo_shards,
+        check=False,
+    )
+    assert bad.returncode == 2 and "workers must be >= 0" in bad.stderr

@@ -27,6 +27,7 @@ SHARED = (
     "ltdist.data.demo",
     "ltdist.data.shards",
     "ltdist.data.pack",
+    "ltdist.data.index_shards",
     "ltdist.data.loader",
     "ltdist.eval",
     "ltdist.reference_cnn",

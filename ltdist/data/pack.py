@@ -11,8 +11,13 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Literal
 
 from ltdist import storage
@@ -91,6 +96,65 @@ def load_image(path: str, max_size: int = 0, max_pixels: int = MAX_PIXELS) -> tu
         raise ImageError(f"image does not decode: {path} ({type(e).__name__}: {e})") from None
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which a batch scheduler narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# A pool takes about a second to start (each worker imports ltdist): below this many images
+# per worker a parallel run would be slower than a serial one, so the split is packed serially.
+MIN_IMAGES_PER_WORKER = 64
+
+NO_IMAGE = "record has no image path (use text_only for such data sets)"
+
+
+def _load_or_reason(path: str | None, max_size: int) -> tuple[bytes, str] | str:
+    """``load_image``'s answer as a plain value a worker process returns: (bytes, ext), or the
+    reason the image is rejected (the same text in a serial and a parallel run)."""
+    if path is None:
+        return NO_IMAGE
+    try:
+        return load_image(path, max_size)
+    except ImageError as e:
+        return str(e)
+
+
+def _load_batch(paths: list[str | None], max_size: int) -> list[tuple[bytes, str] | str]:
+    return [_load_or_reason(p, max_size) for p in paths]
+
+
+def loaded_images(
+    paths: list[str | None], max_size: int, workers: int, batch: int = 8
+) -> Iterator[tuple[bytes, str] | str]:
+    """``_load_or_reason`` of every path, in input order; with ``workers`` > 1 computed in a
+    pool of processes (decoding is CPU-bound and holds the GIL). At most 2 x workers batches
+    are in flight, so memory stays bounded on any data set; the order of the answers, hence
+    every shard's bytes, does not depend on ``workers``. As with any start method but fork, a
+    script that packs must keep its top-level code under ``if __name__ == "__main__":``."""
+    if workers <= 1:
+        for p in paths:
+            yield _load_or_reason(p, max_size)
+        return
+    batches = (paths[i : i + batch] for i in range(0, len(paths), batch))
+    # forkserver: workers are not forks of a process that may hold threads (tqdm, fsspec).
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        pending = deque(pool.submit(_load_batch, b, max_size) for b in islice(batches, 2 * workers))
+        try:
+            while pending:
+                done = pending.popleft().result()
+                nxt = next(batches, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_load_batch, nxt, max_size))
+                yield from done
+        finally:  # a stop at a bad record (policy error): do not decode the rest
+            for f in pending:
+                f.cancel()
+
+
 def samples_per_shard_for(records: list[Record], target_shard_mb: float) -> int:
     """Samples per shard for a target shard size, from the mean size of up to 1,000 images."""
     sizes = []
@@ -165,8 +229,10 @@ def pack_split(
     text_only: bool = False,
     max_image_size: int = 0,
     progress: bool = True,
+    workers: int = 1,
 ) -> PackResult:
-    """Write the shards of one split that the index does not have yet."""
+    """Write the shards of one split that the index does not have yet; images are read,
+    checked and re-encoded in ``workers`` processes (1: in this one), with identical bytes."""
     from tqdm import tqdm
 
     records = sorted(records, key=lambda r: r.key)
@@ -188,30 +254,35 @@ def pack_split(
     bar.update(
         sum(writer.index.shards[k].count + len(writer.index.shards[k].rejected) for k in done)
     )
-    for k in todo:
-        chunk = chunk_of(k)
-        samples, rejected = [], []
-        for r in chunk:
-            sample = ShardSample(r.key, sample_meta(r.label_ids, space, caption=r.caption))
-            sample.text = r.caption
-            if not text_only:
-                try:
-                    if r.image is None:
-                        raise ImageError(
-                            "record has no image path (use text_only for such data sets)"
-                        )
-                    sample.image, sample.image_ext = load_image(r.image, max_image_size)
-                except ImageError as e:
-                    if policy == "error":
-                        raise PackError(
-                            f"{split} key {r.key!r} (manifest line {r.line}): {e}"
-                        ) from None
-                    rejected.append({"key": r.key, "reason": str(e)})
-                    continue
-            samples.append(sample)
-        writer.write_shard(k, samples, rejected, meta={"input": inputs[k]})
-        result.shards_written.append(k)
-        bar.update(len(chunk))
+    images = None
+    if not text_only:
+        paths = [r.image for k in todo for r in chunk_of(k)]
+        workers = min(workers, len(paths) // MIN_IMAGES_PER_WORKER)
+        images = loaded_images(paths, max_image_size, workers)
+    try:
+        for k in todo:
+            chunk = chunk_of(k)
+            samples, rejected = [], []
+            for r in chunk:
+                sample = ShardSample(r.key, sample_meta(r.label_ids, space, caption=r.caption))
+                sample.text = r.caption
+                if images is not None:
+                    loaded = next(images)
+                    if isinstance(loaded, str):
+                        if policy == "error":
+                            raise PackError(
+                                f"{split} key {r.key!r} (manifest line {r.line}): {loaded}"
+                            ) from None
+                        rejected.append({"key": r.key, "reason": loaded})
+                        continue
+                    sample.image, sample.image_ext = loaded
+                samples.append(sample)
+            writer.write_shard(k, samples, rejected, meta={"input": inputs[k]})
+            result.shards_written.append(k)
+            bar.update(len(chunk))
+    finally:  # stops the worker pool, also at a bad record under the error policy
+        if images is not None:
+            images.close()
     bar.close()
     index = writer.index
     result.num_written = index.num_samples
@@ -251,6 +322,9 @@ class PackConfig:
     # Which train split classes.json describes when val is carved: "full" (as given; for the
     # benchmarks the published head/medium/tail groups) or "carved" (what training sees).
     classes_from: Literal["full", "carved"] = "full"
+    # Processes that read, check and re-encode images; 0: the cores this process may use.
+    # The shards are byte-identical for every value (benchmarks/pack_throughput.py).
+    workers: int = 0
 
     def validate(self) -> None:
         if self.source == "manifest" and ("train" not in self.manifests or not self.classes):
@@ -261,6 +335,8 @@ class PackConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction > 0 and "val" in self.manifests:
             raise ValueError("val_fraction carves a `val` split, but `manifests.val` is given too")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: every available core), got {self.workers}")
 
 
 def load_records(cfg: PackConfig) -> tuple[LabelSpace, dict[str, list[Record]], list]:
@@ -334,5 +410,6 @@ def pack_dataset(cfg: PackConfig, progress: bool = True) -> dict[str, PackResult
             text_only=cfg.text_only,
             max_image_size=cfg.max_image_size,
             progress=progress,
+            workers=cfg.workers or available_cores(),
         )
     return results

@@ -27,7 +27,13 @@ import time
 
 from ltdist import storage
 from ltdist.data.manifest import Record
-from ltdist.data.pack import load_records, pack_split, samples_per_shard_for, write_classes
+from ltdist.data.pack import (
+    available_cores,
+    load_records,
+    pack_split,
+    samples_per_shard_for,
+    write_classes,
+)
 from ltdist.data.shards import ShardWriter
 from ltdist.labels import LabelSpace
 from ltdist.stag import ray_pool
@@ -114,6 +120,7 @@ def run_stag(cfg: StagConfig) -> dict:
             text_only=cfg.data.text_only,
             max_image_size=cfg.data.max_image_size,
             progress=cfg.progress,
+            workers=cfg.data.workers or available_cores(),
         )
         others[split] = {
             "num_input": res.num_input,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ltdist.data import pack
 from ltdist.data.pack import PackConfig, PackError, pack_dataset
 from ltdist.data.shards import load_index, verify_split
 
@@ -192,3 +193,44 @@ def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(tmp_path):
     small = tmp_path / "small.png"
     Image.new("RGB", (64, 48)).save(small)
     assert load_image(str(small))[1] == "png"
+
+
+@pytest.fixture
+def small_pools(monkeypatch):
+    """A worker pool even for the dozen images of these tests."""
+    monkeypatch.setattr(pack, "MIN_IMAGES_PER_WORKER", 1)
+
+
+def test_parallel_pack_is_byte_identical_to_serial(tmp_path, small_pools, monkeypatch):
+    """Images decoded and re-encoded (resize on) in 2 worker processes give the serial run's
+    shard and index bytes, and the same reject with the same reason."""
+    cfg = write_inputs(tmp_path)
+    cfg.policy, cfg.max_image_size, cfg.samples_per_shard = "skip", 8, 3
+    pools, loaded_images = [], pack.loaded_images
+    monkeypatch.setattr(pack, "loaded_images", lambda *a: pools.append(a[2]) or loaded_images(*a))
+    outs = {}
+    for workers in (1, 2):
+        cfg.out, cfg.workers = str(tmp_path / f"shards_{workers}"), workers
+        result = pack_dataset(cfg, progress=False)["train"]
+        assert [r["key"] for r in result.rejected] == ["k03"]
+        outs[workers] = {p.name: p.read_bytes() for p in Path(cfg.out).iterdir()}
+    assert pools == [1, 1, 2, 1]  # train and test per run; test has one image
+    assert sorted(outs[1]) == sorted(outs[2])
+    assert len([n for n in outs[1] if n.endswith(".tar")]) == 5
+    assert outs[1] == outs[2]
+
+
+def test_parallel_pack_stops_at_the_same_record(tmp_path, small_pools):
+    cfg = write_inputs(tmp_path)
+    cfg.manifests.pop("test")
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    del lines[7], lines[5]  # leave the corrupt k03 as the only bad record
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    messages = []
+    for workers in (1, 2):
+        cfg.out, cfg.workers = str(tmp_path / f"shards_{workers}"), workers
+        with pytest.raises(PackError) as e:
+            pack_dataset(cfg, progress=False)
+        messages.append(str(e.value))
+        assert load_index(cfg.out, "train").shards == {}  # k03 is in the first shard
+    assert messages[0] == messages[1] and "key 'k03'" in messages[0]
