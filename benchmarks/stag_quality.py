@@ -1,6 +1,6 @@
 """STAG content quality (``ltdist.stag.judge``) by prompt version, decoding and model.
 
-    .venvs/gen/bin/python benchmarks/stag_quality.py [--num 48] [--seed 0]
+    .venvs/gen/bin/python benchmarks/stag_quality.py [--num 32] [--seed 0]
         [--model NAME=FOLDER ...] [--json runs/stag_quality.json]
 
 A fixed random sample (``--num``, ``--seed``) of the COCO-LT training images with tail labels
@@ -9,8 +9,9 @@ A fixed random sample (``--num``, ``--seed``) of the COCO-LT training images wit
 with the demo's settings (configs/stag/demo.yaml: 30-50 words, grammar + banned absent classes),
 on one vLLM engine per model, for every arm of the grid:
 
-    prompt version  stag-v1 | paper-v1
-    decoding        (temperature, repetition_penalty) in DECODING
+    --arms          version:temperature:repetition_penalty,... (default ARMS: both prompt
+                    versions at the demo's decoding, and the strict one at a lower temperature
+                    and with a repetition penalty)
 
 Per arm: the format figures the report gives (valid share, hallucination, tail mentions) and the
 judge's (grounded share, caption facts kept, off-topic items, contradictions, score) over the
@@ -35,8 +36,8 @@ CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "HF_HUB_OFFLINE": "1",
 }
-VERSIONS = ("stag-v1", "paper-v1")
-DECODING = ((0.7, 1.0), (0.3, 1.0), (0.7, 1.2), (0.3, 1.2))  # (temperature, repetition_penalty)
+# version:temperature:repetition_penalty; the demo's decoding first
+ARMS = "stag-v1:0.7:1.0,paper-v1:0.7:1.0,stag-v1:0.3:1.0,stag-v1:0.7:1.2"
 
 
 def arm_row(results, records, space) -> dict:
@@ -74,7 +75,7 @@ def arm_row(results, records, space) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num", type=int, default=48, help="tail images sampled")
+    parser.add_argument("--num", type=int, default=32, help="tail images sampled")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
     parser.add_argument(
         "--model",
@@ -82,7 +83,7 @@ def main() -> None:
         default=[],
         help="NAME=FOLDER (repeatable); default SmolLM2-135M=.cache/llm/SmolLM2-135M-Instruct",
     )
-    parser.add_argument("--versions", default=",".join(VERSIONS))
+    parser.add_argument("--arms", default=ARMS)
     parser.add_argument("--splits-dir", default=str(ROOT.parent / "shared" / "benchmarks"))
     parser.add_argument("--json", default="", help="write the table and every text here")
     args = parser.parse_args()
@@ -99,7 +100,7 @@ def main() -> None:
     models = dict(m.split("=", 1) for m in args.model) or {
         "SmolLM2-135M": str(ROOT / ".cache/llm/SmolLM2-135M-Instruct")
     }
-    versions = args.versions.split(",")
+    arms = [(v, float(t), float(rp)) for v, t, rp in (a.split(":") for a in args.arms.split(","))]
     base = load_config(
         StagConfig,
         ROOT / "configs/stag/demo.yaml",
@@ -129,19 +130,18 @@ def main() -> None:
     for model, folder in models.items():
         base.engine.model = folder
         engine = VLLMEngine(base.engine)
-        for version in versions:
-            for temperature, penalty in DECODING:
-                cfg = StagConfig(**vars(base))
-                cfg.prompt = StagPromptConfig(**{**vars(base.prompt), "version": version})
-                engine.cfg.temperature, engine.cfg.repetition_penalty = temperature, penalty
-                cfg.validate()
-                results = []
-                describer = Describer(cfg, space, engine)
-                for c in range(0, len(rows), base.batch_size):
-                    results += describer.describe(rows[c : c + base.batch_size])
-                name = f"{model} {version} T={temperature} rp={penalty}"
-                table[name] = arm_row(results, records, space)
-                print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+        for version, temperature, penalty in arms:
+            cfg = StagConfig(**vars(base))
+            cfg.prompt = StagPromptConfig(**{**vars(base.prompt), "version": version})
+            engine.cfg.temperature, engine.cfg.repetition_penalty = temperature, penalty
+            cfg.validate()
+            results = []
+            describer = Describer(cfg, space, engine)
+            for c in range(0, len(rows), base.batch_size):
+                results += describer.describe(rows[c : c + base.batch_size])
+            name = f"{model} {version} T={temperature} rp={penalty}"
+            table[name] = arm_row(results, records, space)
+            print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
         engine.close()
 
     print(
@@ -165,7 +165,10 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
-            json.dumps({"num": len(records), "seed": args.seed, "table": table}, indent=1)
+            json.dumps(
+                {"num": len(records), "seed": args.seed, "models": models, "table": table},
+                indent=1,
+            )
         )
 
 
