@@ -14,7 +14,7 @@ from ltdist.data.pack import PackConfig
 from ltdist.entry import UserError
 from ltdist.stag.engines import EngineConfig, TemplateEngine
 from ltdist.stag.grammar import ConstraintConfig
-from ltdist.stag.prompt import StagPromptConfig
+from ltdist.stag.prompt import PAPER, StagPromptConfig
 from ltdist.stag.validate import ValidationConfig
 
 SPLIT = "train"  # the split that gets descriptions; the others are packed plainly
@@ -96,6 +96,16 @@ class StagConfig:
         if self.num_gpus_per_actor != -1 and self.num_gpus_per_actor < 0:
             raise ValueError(
                 f"num_gpus_per_actor must be -1 (auto) or >= 0, got {self.num_gpus_per_actor}"
+            )
+        if (
+            self.prompt.version == PAPER
+            and self.validation.require_tail_tags
+            and not self.constrain.grammar
+        ):
+            # the paper's prompt asks for no markup: only a grammar would put the tags in
+            raise ValueError(
+                "prompt.version=paper-v1 asks for no <tail> tags: set "
+                "validation.require_tail_tags=false, or constrain.grammar=true to have them"
             )
         tp = self.engine.tensor_parallel_size
         if tp > 1 and 0 < self.num_gpus_per_actor < tp:

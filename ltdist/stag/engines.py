@@ -104,6 +104,9 @@ class EngineConfig:
     max_tokens: int = 160
     temperature: float = 0.7  # 0 = greedy
     top_p: float = 0.95
+    # > 1 discourages tokens already in the prompt or the text (CTRL-style, as vLLM and
+    # transformers both apply it); 1 = off
+    repetition_penalty: float = 1.0
     seed: int = 0  # engine-wide seed (vLLM's global generator, the model init)
     dtype: str = "auto"
     # vLLM
@@ -130,6 +133,7 @@ class EngineConfig:
             "max_tokens": self.max_tokens >= 1,
             "temperature": self.temperature >= 0,
             "top_p": 0 < self.top_p <= 1,
+            "repetition_penalty": self.repetition_penalty > 0,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
             "gpu_memory_utilization": 0 < self.gpu_memory_utilization <= 1,
             "max_num_batched_tokens": self.max_num_batched_tokens >= 0,
@@ -269,6 +273,7 @@ class VLLMEngine(_Closing):
                 SamplingParams(
                     temperature=self.cfg.temperature,
                     top_p=self.cfg.top_p,
+                    repetition_penalty=self.cfg.repetition_penalty,
                     max_tokens=self.cfg.max_tokens,
                     seed=request.seed,
                     structured_outputs=(
@@ -429,6 +434,8 @@ class TransformersEngine(_Closing):
             num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id,
         )
+        if cfg.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = cfg.repetition_penalty
         processors: list[Any] = []
         if batch[0].grammar:  # the grammar mask first: the sampler draws from what it allows
             processors.append(self._grammar_processor(batch))

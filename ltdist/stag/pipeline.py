@@ -99,6 +99,15 @@ def run_stag(cfg: StagConfig) -> dict:
             f"{out}: {SPLIT} shards were written with describe={other}; this run has "
             f"describe={cfg.describe}. Resume with describe={other}, or write to a fresh folder."
         )
+    # one prompt version per output: the report states one
+    versions = {info.meta["stag"].get("prompt_version") for info in writer.index.ordered()}
+    if versions - {cfg.prompt.version}:
+        other = sorted(versions - {cfg.prompt.version})[0]
+        raise StagError(
+            f"{out}: {SPLIT} shards were written with prompt.version={other}; this run has "
+            f"prompt.version={cfg.prompt.version}. Resume with prompt.version={other}, or write "
+            "to a fresh folder."
+        )
     kept = len(writer.index.shards)
     stats = RunStats()
     if writer.index.missing():

@@ -16,7 +16,7 @@ from ltdist.labels import LabelSpace
 from ltdist.stag.config import NOT_DESCRIBED, StagConfig, StagError, model_label
 from ltdist.stag.describe import RowResult
 from ltdist.stag.grammar import GRAMMAR_VERSION
-from ltdist.stag.prompt import PROMPT_VERSION
+from ltdist.stag.judge import judge_sample, shard_counts
 from ltdist.stag.report import RunStats, quality_counts
 from ltdist.stag.validate import count_words, reason_code, tail_mention_rate
 
@@ -41,6 +41,7 @@ class ShardPublisher:
             # rows kept from the engine (written as not_described, or rejected for the image)
             "not_described": sum(r.status == NOT_DESCRIBED for r in results.values()),
         }
+        judged = []  # (key, text, judgement) of the generated texts written
         for key in sorted(results):  # Ray Data does not keep order: restore key order
             rec: Record = self.records[key]
             res = results[key]
@@ -63,13 +64,17 @@ class ShardPublisher:
             stag = {
                 "engine": res.engine,
                 "model": model_label(self.cfg.engine),
-                "prompt_version": PROMPT_VERSION,
+                "prompt_version": self.cfg.prompt.version,
                 "attempts": res.attempts,
                 "status": res.status,
                 "reasons": res.reasons,
                 "repairs": res.repairs,
                 "stage": res.stage,
             }
+            judgement = None
+            if res.status == "generated" and res.text:  # the content judge (ltdist.stag.judge)
+                judgement = judge_sample(res.text, rec.label_ids, rec.caption, self.space)
+                stag["judge"] = judgement.to_dict()
             sample = ShardSample(
                 key, sample_meta(rec.label_ids, self.space, rec.caption, res.description, stag)
             )
@@ -86,6 +91,8 @@ class ShardPublisher:
                     stats["status"]["rejected"] += 1
                     continue
             stats["status"][res.status] += 1
+            if judgement is not None:
+                judged.append((key, res.text, judgement))
             if res.description:
                 stats["words_written"][count_words(res.text or "")] += 1
             samples.append(sample)
@@ -98,7 +105,8 @@ class ShardPublisher:
         ):
             stats[name] = round(tail_mention_rate(texts, label_sets, self.space) * instances)
         stats["engine"], stats["model"] = self.cfg.engine.kind, model_label(self.cfg.engine)
-        stats["prompt_version"] = PROMPT_VERSION
+        stats["prompt_version"] = self.cfg.prompt.version
+        stats["judge"] = shard_counts(judged)
         stats["grammar"] = GRAMMAR_VERSION if self.cfg.constrain.grammar else None
         stats["repetition_sum"] = round(stats["repetition_sum"], 4)
         for name in ("status", "reasons", "stages", "repairs"):

@@ -31,7 +31,7 @@ from ltdist.stag.config import (
 )
 from ltdist.stag.describe import RowResult
 from ltdist.stag.engines import EngineConfig
-from ltdist.stag.prompt import PROMPT_VERSION
+from ltdist.stag.judge import judge_table, summarize
 from ltdist.stag.validate import reason_code
 
 
@@ -117,8 +117,11 @@ def _aggregate(writer: ShardWriter) -> dict:
     totals: Counter = Counter()
     counters: dict[str, Counter] = {k: Counter() for k in _QUALITY_COUNTERS}
     rejects = []
+    judged = []
     for info in writer.index.ordered():
         meta = info.meta.get("stag", {})
+        if "judge" in meta:
+            judged.append(meta["judge"])
         status.update(meta.get("status", {}))
         reasons.update(meta.get("reasons", {}))
         for name, counter in counters.items():
@@ -159,6 +162,8 @@ def _aggregate(writer: ShardWriter) -> dict:
             mentions_per_tail=txt,
             not_described=totals["not_described"],
         ),
+        # the content of the generated texts written (ltdist.stag.judge)
+        "judge": summarize(judged),
     }
 
 
@@ -276,6 +281,7 @@ def quality_table(report: dict) -> str:
         ("tail mentions per tail instance", f"{q['tail_mentions_per_tail_instance']:.2f}"),
         ("words generated min / median / max", words(wg)),
         ("words written min / median / max", words(ww)),
+        *judge_table(report.get("judge", {})),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -311,7 +317,7 @@ def build_report(
         "engine": cfg.engine.kind,
         "model": _model_info(cfg.engine)["model"],
         "reproducibility": reproducibility(cfg.engine.dtype),
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": cfg.prompt.version,
         "describe": cfg.describe,
         "num_input": index.num_input,
         "num_written": index.num_samples,

@@ -102,6 +102,24 @@ def test_vllm_too_long_prompt_is_reported_not_fatal(vllm_engine):
     assert out[1].num_prompt_tokens >= limit
 
 
+@pytest.mark.gen_env
+def test_vllm_repetition_penalty_reaches_sampling(vllm_engine, monkeypatch):
+    """Greedy texts with repetition_penalty 1.8 differ from those without and reuse fewer of
+    their own tokens (share of output tokens that repeat an earlier output token)."""
+    prompts = chat_prompts(vllm_engine.tokenizer, 4)
+    monkeypatch.setattr(vllm_engine.cfg, "temperature", 0.0)
+    plain = vllm_engine.generate(requests_for(prompts))
+    monkeypatch.setattr(vllm_engine.cfg, "repetition_penalty", 1.8)
+    penalised = vllm_engine.generate(requests_for(prompts))
+    assert sum(a.text != b.text for a, b in zip(plain, penalised)) >= 3
+
+    def reuse(gens: list[Generation]) -> float:
+        ids = [vllm_engine.tokenizer.encode(g.text, add_special_tokens=False) for g in gens]
+        return sum(len(t) - len(set(t)) for t in ids) / max(sum(len(t) for t in ids), 1)
+
+    assert reuse(penalised) < reuse(plain)
+
+
 # -- transformers --------------------------------------------------------------------------------
 
 
@@ -252,6 +270,8 @@ def test_engine_config_rejects_unknown_kinds_and_bad_values():
         build_engine(cfg)
     with pytest.raises(ValueError, match="top_p=0.*batch_size=0"):
         EngineConfig(top_p=0, batch_size=0)
+    with pytest.raises(ValueError, match="repetition_penalty=0"):
+        EngineConfig(repetition_penalty=0)
 
 
 @pytest.mark.both_envs

@@ -585,7 +585,9 @@ def job_overrides(demo: Path, out: Path, requests: Path) -> list[str]:
         "validation.max_words=200",
         "validation.hallucination=flag",
         "reject_truncated=false",  # 24-token texts are cut off; accepted here to stay fast
-        # free-form (the constrained path has its own vLLM test): keeps the mix of statuses
+        # free-form (the constrained path has its own vLLM test): keeps the mix of statuses;
+        # the strict prompt, which asks for the tags that free decoding must then write
+        "prompt.version=stag-v1",
         "constrain.grammar=false",
         "constrain.ban_absent_classes=false",
         "max_attempts=2",

@@ -21,7 +21,9 @@ from ltdist.stag import ray_pool
 from ltdist.stag.config import StagConfig, StagError
 from ltdist.stag.describe import Describer
 from ltdist.stag.engines import EngineConfig, Generation
+from ltdist.stag.judge import judge_sample
 from ltdist.stag.pipeline import run_stag
+from ltdist.stag.prompt import StagPromptConfig
 from ltdist.stag.report import quality_table
 from ltdist.stag.validate import ValidationConfig
 
@@ -66,9 +68,13 @@ def config(data: dict, out: Path, **kw) -> StagConfig:
             text_only=True,
         ),
         engine=EngineConfig(kind="template", seed=3),
-        validation=ValidationConfig(min_words=5, max_words=40),
         progress=False,
-        **{"describe": "tail", "batch_size": 2, **kw},
+        **{
+            "validation": ValidationConfig(min_words=5, max_words=40),
+            "describe": "tail",
+            "batch_size": 2,
+            **kw,
+        },
     )
 
 
@@ -82,11 +88,13 @@ class ScriptedEngine:
         self.script = {k: list(v) for k, v in script.items()}
         self.default = default
         self.sent: list[str] = []
+        self.prompts: dict[str, str] = {}
 
     def generate(self, requests):
         out = []
         for r in requests:
             self.sent.append(r.key)
+            self.prompts[r.key] = r.prompt
             queue = self.script.get(r.key)
             mode = queue.pop(0) if queue else self.default
             tails = " and ".join(f"<tail> {t} </tail>" for t in r.tail_labels)
@@ -364,3 +372,56 @@ def test_the_report_says_which_dtype_gives_byte_identical_reruns():
     for dtype in ("auto", "bfloat16", "float16"):
         r = reproducibility(dtype)
         assert r["byte_identical_reruns"] is False and "float32" in r["note"]
+
+
+@pytest.mark.both_envs
+@pytest.mark.parametrize("version", ["stag-v1", "paper-v1"])
+def test_prompt_version_used_is_recorded_and_texts_are_judged(tmp_path, monkeypatch, version):
+    data = write_data(tmp_path / "data")
+    engine = ScriptedEngine(SCRIPT)
+    in_process_pool(monkeypatch, engine)
+    # the paper's prompt asks for no tags: the validator then needs mentions only
+    validation = ValidationConfig(min_words=5, max_words=40, require_tail_tags=version == "stag-v1")
+    kw = dict(prompt=StagPromptConfig(version=version), validation=validation)
+    report = run_stag(config(data, tmp_path / "out", **kw))
+    # the engine got the version's prompts (the scripted engine has no tokenizer: the user turn)
+    first_line = {"stag-v1": "Objects in the image:", "paper-v1": "Labels: person, kite"}
+    assert engine.prompts["r03"].splitlines()[0] == first_line[version]
+    got = samples(tmp_path / "out")
+    assert {s.meta["stag"]["prompt_version"] for s in got.values()} == {version}
+    assert report["prompt_version"] == version
+    index = json.loads((tmp_path / "out" / "train.index.json").read_text())
+    assert {s["meta"]["stag"]["prompt_version"] for s in index["shards"]} == {version}
+    # every generated text carries its judgement; the report sums them
+    space = load_records(config(data, tmp_path / "x").data)[0]
+    generated = [s for s in got.values() if s.meta["stag"]["status"] == "generated"]
+    assert len(generated) == report["counts"]["generated"] >= 3
+    for s in generated:
+        expected = judge_sample(s.text, s.label_ids, s.meta["caption"], space).to_dict()
+        assert s.meta["stag"]["judge"] == expected
+    assert all("judge" not in s.meta["stag"] for s in got.values() if s not in generated)
+    section = report["judge"]
+    assert section["texts"] == len(generated)
+    scores = [s.meta["stag"]["judge"]["score"] for s in generated]
+    assert section["score"]["mean"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
+    assert sorted(w["score"] for w in section["worst"]) == sorted(scores)
+    assert "grounded share mean" in quality_table(report)
+    # a rerun into the same folder with the other version is refused
+    other = "paper-v1" if version == "stag-v1" else "stag-v1"
+    kw = dict(
+        prompt=StagPromptConfig(version=other),
+        validation=ValidationConfig(min_words=5, max_words=40, require_tail_tags=False),
+    )
+    with pytest.raises(StagError, match=f"written with prompt.version={version}; this run has"):
+        run_stag(config(data, tmp_path / "out", **kw))
+
+
+@pytest.mark.both_envs
+def test_paper_prompt_without_grammar_cannot_require_tags(tmp_path):
+    data = write_data(tmp_path / "data")
+    cfg = config(data, tmp_path / "out", prompt=StagPromptConfig(version="paper-v1"))
+    cfg.constrain.grammar = False
+    with pytest.raises(ValueError, match="paper-v1 asks for no <tail> tags"):
+        cfg.validate()
+    cfg.constrain.grammar = True  # the grammar writes the tags
+    cfg.validate()

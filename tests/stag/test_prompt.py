@@ -12,7 +12,9 @@ from ltdist.labels import LabelSpace
 from ltdist.stag.prompt import (
     CAPTION_CLOSE,
     CAPTION_OPEN,
-    PROMPT_VERSION,
+    PAPER,
+    PROMPT_VERSIONS,
+    STRICT,
     ChatTemplateError,
     StagPromptConfig,
     build_messages,
@@ -50,7 +52,7 @@ def caption_block(messages) -> list[str]:
 
 
 def test_version_and_system_rules(space):
-    assert PROMPT_VERSION == "stag-v1"
+    assert StagPromptConfig().version == STRICT == "stag-v1"  # the default stays the strict one
     system = build_messages([PERSON, SURFBOARD], None, space)[0]["content"]
     assert "between 50 and 80 words" in system
     assert "<tail> name </tail>" in system
@@ -62,6 +64,38 @@ def test_version_and_system_rules(space):
     assert other == system  # one system prompt for every image (engine prefix caching)
     short = build_messages([DOG], None, space, StagPromptConfig(min_words=30, max_words=40))
     assert "between 30 and 40 words" in short[0]["content"]
+
+
+def test_paper_version_asks_for_the_papers_description(space):
+    """paper-v1: labels, tail categories and caption in; a tail-emphasising description out;
+    none of stag-v1's additions (markup, "(tail)" markers, banned categories, fenced caption)."""
+    assert PROMPT_VERSIONS == ("stag-v1", "paper-v1") and PAPER == "paper-v1"
+    cfg = StagPromptConfig(version=PAPER)
+    caption = "A man riding a wave on a surfboard."
+    system, user = (m["content"] for m in build_messages([PERSON, SURFBOARD], caption, space, cfg))
+    assert "in 50 to 80 words" in system
+    assert "Emphasise the tail categories" in system and "relationship with the other" in system
+    assert user.splitlines() == [
+        "Labels: person, surfboard",
+        "Tail categories: surfboard",
+        f"Caption: {caption}",
+        "Description:",
+    ]
+    strict = build_messages([PERSON, SURFBOARD], caption, space)
+    for added in ("<tail>", "(tail)", "beyond the listed objects", CAPTION_OPEN, "markdown"):
+        assert added in strict[0]["content"] + strict[1]["content"], added
+        assert added not in system + user, added
+    # one system prompt for every image (prefix caching), the words asked for from the config
+    assert build_messages([DOG], None, space, cfg)[0]["content"] == system
+    short = StagPromptConfig(version=PAPER, min_words=30, max_words=50)
+    assert "in 30 to 50 words" in build_messages([DOG], None, space, short)[0]["content"]
+    # no tail label, no caption; an untrusted caption is neutralised to one plain line
+    user = build_messages([PERSON, DOG], None, space, cfg)[1]["content"]
+    assert "Tail categories: none" in user and "Caption: none" in user
+    user = build_messages([PERSON, SURFBOARD], INJECTION, space, cfg)[1]["content"]
+    assert len(user.splitlines()) == 4 and "<" not in user and ">" not in user
+    with pytest.raises(ValueError, match="StagPromptConfig.version: unknown prompt version"):
+        StagPromptConfig(version="paper")
 
 
 def test_tail_classes_marked_head_not(space):
@@ -217,7 +251,8 @@ def test_real_chat_template_renders(space):
 def test_shared_modules_import_no_heavy_stack():
     code = (
         "import sys, ltdist.stag.prompt, ltdist.stag.validate, ltdist.stag.grammar, "
-        "ltdist.stag.config, ltdist.stag.describe, ltdist.stag.report, ltdist.stag.publish; "
+        "ltdist.stag.config, ltdist.stag.describe, ltdist.stag.report, ltdist.stag.publish, "
+        "ltdist.stag.judge; "
         "heavy = {'torch', 'transformers', 'vllm', 'ray', 'tokenizers'} & set(sys.modules); "
         "print(sorted(heavy))"
     )
