@@ -45,8 +45,8 @@ CPRFL = "configs/finetune/demo_cprfl.yaml"
 class Row:
     """One table row: a run per seed of ``launcher`` with ``config`` and ``overrides``.
 
-    ``shards`` is 'stag', 'stag_paper' (STAG with the paper's prompt) or 'caption' (the data
-    the run reads); ``init`` names the pretraining run it starts from ('' = none)."""
+    ``shards`` is 'stag', 'stag_strict' (STAG with the strict prompt stag-v1) or 'caption'
+    (the data the run reads); ``init`` names the pretraining run it starts from ('' = none)."""
 
     name: str
     table: str
@@ -92,13 +92,13 @@ ROWS = [
         key="pretrain_stag",
     ),
     Row(
-        "zero-shot after DP-VLPA pretraining (STAG, paper prompt)",
+        "zero-shot after DP-VLPA pretraining (STAG, strict prompt)",
         "DP-VLPA",
         "pretrain",
         PRETRAIN,
-        shards="stag_paper",
+        shards="stag_strict",
         init="",
-        key="pretrain_stag_paper",
+        key="pretrain_stag_strict",
     ),
     Row(
         "zero-shot after DP-VLPA pretraining (STAG, QCL softmax + batch negatives)",
@@ -206,13 +206,13 @@ ROWS = [
         key="dpvlpa_qcl_softmax",
     ),
     Row(
-        "DP-VLPA, STAG with the paper's prompt (not the strict prompt)",
+        "DP-VLPA, STAG with the strict prompt (not the paper's)",
         "DP-VLPA readings",
         "finetune",
         DPVLPA,
-        shards="stag_paper",
-        init="pretrain_stag_paper",
-        key="dpvlpa_stag_paper",
+        shards="stag_strict",
+        init="pretrain_stag_strict",
+        key="dpvlpa_stag_strict",
     ),
     # references
     Row(
@@ -247,7 +247,7 @@ def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
 
 def prepare_data(work: Path) -> dict[str, Path]:
     data, caption = work / "data", work / "shards_caption"
-    stag, stag_paper = work / "shards_stag", work / "shards_stag_paper"
+    stag, stag_strict = work / "shards_stag", work / "shards_stag_strict"
     if not (data / "train.jsonl").exists():
         run([str(TRAIN_BIN / "ltdist"), "data", "demo", "--out", str(data)], work / "logs/data.log")
     sources = [
@@ -255,7 +255,7 @@ def prepare_data(work: Path) -> dict[str, Path]:
         f"data.manifests.train={data}/train.jsonl",
         f"data.manifests.test={data}/test.jsonl",
     ]
-    for out, version in ((stag, ""), (stag_paper, "paper-v1")):
+    for out, version in ((stag, ""), (stag_strict, "stag-v1")):
         if not (out / "stag_report.json").exists():
             run(
                 [
@@ -285,7 +285,7 @@ def prepare_data(work: Path) -> dict[str, Path]:
             ],
             work / "logs/pack_caption.log",
         )
-    return {"stag": stag, "stag_paper": stag_paper, "caption": caption}
+    return {"stag": stag, "stag_strict": stag_strict, "caption": caption}
 
 
 def run_row(
