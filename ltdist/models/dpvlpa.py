@@ -293,9 +293,10 @@ class DPVLPA(nn.Module):
         ``boosted_classes`` (C,) describe classes other than the label space's
         (:meth:`class_prior`).
         """
-        return self._class_logits(query_feats, class_embeddings, class_frequency, boosted_classes)[
-            0
-        ]
+        logits, _ = self._class_logits(
+            query_feats, class_embeddings, class_frequency, boosted_classes
+        )
+        return logits
 
     def _class_logits(self, query_feats, class_embeddings, class_frequency, boosted_classes):
         """(logits (B, C), the class-score weights W (B, K, C) or None)."""
