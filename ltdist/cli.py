@@ -4,6 +4,8 @@ ltdist data demo     [--out DIR] [key=value ...]        build the bundled demo d
 ltdist data pack     --config FILE [key=value ...]      manifest / benchmark -> shards
 ltdist data stats    LOCATION [--no-verify]             class table, counts, checksums
 ltdist data fetch-splits {coco_lt,voc_lt} [--dest DIR] [--source URL|DIR]
+ltdist data prepare  coco_lt --coco-root DIR | voc_lt --voc-root DIR [--out DIR] [key=value ...]
+                     fetch splits + convert + verify + pack, resumable, with a table per split
 ltdist reference-cnn --config FILE [key=value ...]      small CNN, group-mAP report
 ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs (mean ± std)
 ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
@@ -99,6 +101,27 @@ def _fetch_splits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from ltdist.data.prepare import PrepareConfig, format_report, prepare
+
+    flags = {
+        "benchmark": args.benchmark,
+        "root": args.coco_root if args.benchmark == "coco_lt" else args.voc_root,
+        "out": args.out,
+        "splits_dir": args.splits_dir,
+        "splits_source": args.splits_source,
+    }
+    other = "--voc-root" if args.benchmark == "coco_lt" else "--coco-root"
+    if (args.voc_root if args.benchmark == "coco_lt" else args.coco_root) is not None:
+        raise entry.UserError(f"{other} does not apply to {args.benchmark}")
+    args.overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    cfg = _load(PrepareConfig, args)
+    if cfg is None:
+        return 0
+    print(format_report(prepare(cfg)))
+    return 0
+
+
 def _reference_cnn(args: argparse.Namespace) -> int:
     from ltdist.reference_cnn import ReferenceCNNConfig, train_reference_cnn
 
@@ -190,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="base URL or local folder (default: public)")
     p.set_defaults(func=_fetch_splits)
 
+    p = data.add_parser(
+        "prepare", help="a COCO 2017 / VOC copy -> coco_lt / voc_lt shards in one command"
+    )
+    p.add_argument("benchmark", choices=["coco_lt", "voc_lt"])
+    p.add_argument("--coco-root", default=None, help="holds annotations/, train2017/, val2017/")
+    p.add_argument("--voc-root", default=None, help="holds VOCdevkit/VOC2007 and VOC2012")
+    p.add_argument("--out", default=None, help="default shards/<benchmark>")
+    p.add_argument("--splits-dir", default=None, help="default data/splits")
+    p.add_argument("--splits-source", default=None, help="base URL or local folder of the splits")
+    _config_arguments(p)
+    p.set_defaults(func=_prepare, trailing_overrides=True)
+
     p = sub.add_parser(
         "reference-cnn",
         aliases=["baseline"],  # its name until 2026-12
@@ -219,7 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `prepare` takes key=value after its options too (argparse gives both positionals the
+    # first run of words: `prepare voc_lt --voc-root DIR key=value` would leave key=value over)
+    if extra and (
+        not getattr(args, "trailing_overrides", False)
+        or any(x.startswith("-") or "=" not in x for x in extra)
+    ):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     entry.setup_logging(args.verbose)
     return entry.run("ltdist", lambda: args.func(args))
 
