@@ -72,7 +72,7 @@ def read_instances(
             category[cat["id"]] = space.id_of(cat["name"])
         except UnknownClassError as e:
             unknown[cat["id"]] = f"category id {cat['id']} ({e}); not a class of this benchmark"
-    labels: dict[int, set[int]] = {i: set() for i in images}
+    labels: dict[int, dict[int, int]] = {i: {} for i in images}  # label id -> instances
     for n, ann in enumerate(_list_field(data, "annotations", path)):
         if not isinstance(ann, dict) or "image_id" not in ann or "category_id" not in ann:
             raise ConvertError(f"{path}: annotations[{n}] needs an 'image_id' and a 'category_id'")
@@ -100,10 +100,12 @@ def read_instances(
                 ),
             )
             continue
-        labels[image_id].add(category[cat_id])
+        counts = labels[image_id]
+        counts[category[cat_id]] = counts.get(category[cat_id], 0) + 1
         out.count("annotations")
     for image_id, ids in labels.items():
         out.labels[images[image_id]] = tuple(sorted(ids))
+        out.instances[images[image_id]] = ids
         if not ids:
             out.count("images without annotations")
     if unknown:
@@ -148,6 +150,7 @@ def read_captions(path: str, image_dir: str) -> Converted:
             parts.setdefault(image_id, []).append(text)
     for image_id, texts in parts.items():
         out.captions[images[image_id]] = " ".join(texts)
+        out.caption_lists[images[image_id]] = texts
     out.count("captions", sum(len(t) for t in parts.values()))
     return out
 

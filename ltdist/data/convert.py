@@ -37,6 +37,8 @@ class Converted:
 
     labels: dict[str, tuple[int, ...]] = field(default_factory=dict)
     captions: dict[str, str] = field(default_factory=dict)
+    caption_lists: dict[str, list[str]] = field(default_factory=dict)  # each caption apart
+    instances: dict[str, dict[int, int]] = field(default_factory=dict)  # label id -> objects
     problems: dict[str, ConvertProblem] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -51,6 +53,8 @@ class Converted:
     def update(self, other: Converted) -> None:
         self.labels.update(other.labels)
         self.captions.update(other.captions)
+        self.caption_lists.update(other.caption_lists)
+        self.instances.update(other.instances)
         for path, p in other.problems.items():
             self.add_problem(path, p)
         self.notes += other.notes

@@ -234,6 +234,9 @@ class PackConfig:
     out: str = "shards/demo"
     source: Literal["manifest", "benchmark"] = "manifest"
     classes: str = ""  # manifest source: classes.txt (one name per line) or classes.json
+    # train: frequencies and groups counted on the manifest's train split; classes: the
+    # classes.json as it is (a corpus packed in a benchmark's label space keeps its tails)
+    space_from: Literal["train", "classes"] = "train"
     manifests: dict[str, str] = field(default_factory=dict)  # split -> manifest; needs 'train'
     benchmark: str = ""  # benchmark source: coco_lt | voc_lt
     splits_dir: str = "data/splits"  # where `ltdist data fetch-splits` put the split files
@@ -247,6 +250,8 @@ class PackConfig:
     def validate(self) -> None:
         if self.source == "manifest" and ("train" not in self.manifests or not self.classes):
             raise ValueError("manifest source needs `classes` and a `manifests.train` path")
+        if self.space_from == "classes" and not self.classes.endswith(".json"):
+            raise ValueError("space_from: classes needs `classes` to be a classes.json")
         if self.source == "benchmark" and not self.benchmark:
             raise ValueError("benchmark source needs `benchmark` (coco_lt or voc_lt)")
 
@@ -280,7 +285,10 @@ def load_records(cfg: PackConfig) -> tuple[LabelSpace, dict[str, list[Record]], 
         problems += [
             {"split": split, "line": p.line, "key": p.key, "reason": p.reason} for p in m.problems
         ]
-    space = LabelSpace.from_label_sets(names, (r.label_ids for r in splits["train"]))
+    if cfg.space_from == "classes":
+        space = LabelSpace.load(cfg.classes)
+    else:
+        space = LabelSpace.from_label_sets(names, (r.label_ids for r in splits["train"]))
     return space, splits, problems
 
 

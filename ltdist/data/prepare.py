@@ -24,6 +24,7 @@ from ltdist.config import to_dict
 from ltdist.data import splits as benchmark_splits
 from ltdist.data.coco import convert_coco
 from ltdist.data.convert import Converted, ConvertError
+from ltdist.data.corpus import CorpusFacts, build_corpus, format_facts
 from ltdist.data.manifest import Record
 from ltdist.data.pack import pack_split, samples_per_shard_for, write_classes
 from ltdist.data.shards import load_index
@@ -54,15 +55,26 @@ class PrepareConfig:
     samples_per_shard: int = 0  # 0: derived from target_shard_mb
     target_shard_mb: float = 256.0
     max_image_size: int = 0
+    # DP-VLPA's pretraining corpus (coco_lt): every train2017 image with a COCO-LT tail class,
+    # one caption each, packed as split 'train' of its own data set in the benchmark's classes
+    corpus: bool = False
+    corpus_out: str = ""  # default <out>_corpus
+    corpus_seed: int = 0  # which caption of an image (a hash of seed and key)
 
     @property
     def location(self) -> str:
         return self.out or f"shards/{self.benchmark}"
 
+    @property
+    def corpus_location(self) -> str:
+        return self.corpus_out or f"{self.location.rstrip('/')}_corpus"
+
     def validate(self) -> None:
         if not self.root:
             flag = "--coco-root" if self.benchmark == "coco_lt" else "--voc-root"
-            raise UserError(f"root: the data set folder is required ({flag} DIR)")
+            raise ValueError(f"root: the data set folder is required ({flag} DIR)")
+        if self.corpus and self.benchmark != "coco_lt":
+            raise ValueError("corpus: the pretraining corpus is built from COCO (coco_lt) only")
 
 
 @dataclass
@@ -86,6 +98,7 @@ class PrepareReport:
     splits: dict[str, SplitReport]
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    corpus: dict | None = None  # location, facts, in_corpus, missing, written, rejected
     reused: bool = False  # True: nothing was done, an earlier complete run's report
 
     def to_dict(self) -> dict:
@@ -250,7 +263,9 @@ def _reusable(location: str, state: dict) -> PrepareReport | None:
             return None
     r = saved["report"]
     splits = {s: SplitReport(**v) for s, v in r["splits"].items()}
-    return PrepareReport(r["benchmark"], r["location"], splits, r["counts"], r["notes"], True)
+    return PrepareReport(
+        r["benchmark"], r["location"], splits, r["counts"], r["notes"], r["corpus"], True
+    )
 
 
 def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareReport:
@@ -304,11 +319,61 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareReport:
         ]
         split_report.written = packed.num_written
         report.splits[split] = split_report
+    if cfg.corpus:
+        test_paths = [r.image for r in by_split["test"]]
+        report.corpus = prepare_corpus(cfg, root, space, converted, test_paths, progress)
     storage.write_bytes_atomic(
         storage.join(location, REPORT_FILE),
         json.dumps({"state": state, "report": report.to_dict()}, indent=1).encode(),
     )
     return report
+
+
+def prepare_corpus(
+    cfg: PrepareConfig,
+    root: str,
+    space: LabelSpace,
+    converted: Converted,
+    test_paths: list[str],
+    progress: bool = False,
+) -> dict:
+    """Build, check and pack the pretraining corpus (``ltdist.data.corpus``) beside the
+    benchmark, in the benchmark's label space."""
+    from tqdm import tqdm
+
+    corpus, facts = build_corpus(converted, space, test_paths, seed=cfg.corpus_seed)
+    location = cfg.corpus_location
+    records, rejected = [], []
+    for r in tqdm(corpus, desc="check corpus", unit="img", disable=not progress):
+        path = os.path.join(root, r.image)
+        if not os.path.isfile(path):
+            if cfg.policy == "error":
+                raise MissingInputError(f"corpus image {path} not found")
+            rejected.append({"key": r.key, "image": r.image, "reason": MISSING})
+            continue
+        records.append(Record(r.key, path, r.label_ids, r.caption))
+    write_classes(location, space)
+    write_manifest_atomic(storage.join(location, MANIFEST_DIR, "train.jsonl"), records, space.names)
+    per_shard = cfg.samples_per_shard or samples_per_shard_for(records, cfg.target_shard_mb)
+    packed = pack_split(
+        records,
+        space,
+        location,
+        "train",
+        per_shard,
+        policy=cfg.policy,
+        max_image_size=cfg.max_image_size,
+        progress=progress,
+    )
+    rejected += [{"key": x["key"], "image": None, "reason": x["reason"]} for x in packed.rejected]
+    return {
+        "location": location,
+        "facts": to_dict(facts),
+        "in_corpus": len(corpus),
+        "missing": len(corpus) - len(records),
+        "written": packed.num_written,
+        "rejected": rejected,
+    }
 
 
 def format_report(report: PrepareReport, max_listed: int = 10) -> str:
@@ -364,4 +429,12 @@ def format_report(report: PrepareReport, max_listed: int = 10) -> str:
     if counts:
         lines.append(f"annotations read: {counts}")
     lines += report.notes
+    if report.corpus:
+        c = report.corpus
+        lines.append(
+            f"\npretraining corpus in {c['location']}: {c['written']:,} of {c['in_corpus']:,} "
+            f"images written, {c['missing']:,} missing, "
+            f"{len(c['rejected']) - c['missing']:,} rejected"
+        )
+        lines.append(format_facts(CorpusFacts(**c["facts"])))
     return "\n".join(lines)
