@@ -262,6 +262,12 @@ def _reusable(location: str, state: dict) -> PrepareReport | None:
         except UserError:
             return None
     r = saved["report"]
+    if r.get("corpus"):
+        try:
+            if not load_index(r["corpus"]["location"], "train").complete:
+                return None
+        except UserError:
+            return None
     splits = {s: SplitReport(**v) for s, v in r["splits"].items()}
     return PrepareReport(
         r["benchmark"], r["location"], splits, r["counts"], r["notes"], r["corpus"], True

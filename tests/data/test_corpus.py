@@ -138,6 +138,8 @@ def test_prepare_corpus_keeps_the_benchmark_tails(tmp_path):
     assert report.corpus["written"] == 27 and report.corpus["facts"]["tail_instances"] == 30
     text = format_report(report)
     assert "pretraining corpus in" in text and "49,205" in text
+    again = prepare(cfg, progress=False)  # a rerun: nothing to do, the same table
+    assert again.reused and again.corpus == report.corpus
 
     space = LabelSpace.load(corpus_dir / "classes.json")
     giraffe = space.id_of("giraffe")

@@ -224,3 +224,31 @@ def test_voc_prepare_from_the_command_line(tmp_path, capsys):
     ]
     assert main(["data", "prepare", "voc_lt", "--coco-root", str(root)]) == 2
     assert "--coco-root does not apply to voc_lt" in capsys.readouterr().err
+
+
+def test_labels_that_differ_from_the_split_file_are_listed_and_selectable(tmp_path):
+    root = make_coco_root(tmp_path, {"train": 3, "test": 1})
+    path = root / "annotations" / "instances_train2017.json"
+    data = json.loads(path.read_text())
+    first = data["images"][0]
+    toaster = next(c["id"] for c in data["categories"] if c["name"] == "toaster")
+    data["annotations"].append({"id": 99999, "image_id": first["id"], "category_id": toaster})
+    write_json(path, data)
+    split = load_split_records("coco_lt", shared_dir(), "train")[0]
+    space = label_space("coco_lt", shared_dir())
+    added = tuple(sorted({*split.label_ids, space.id_of("toaster")}))
+
+    report = prepare(config(tmp_path, root), progress=False)
+    assert report.splits["train"].disagreements == [
+        {"key": split.key, "split": list(split.label_ids), "source": list(added)}
+    ]
+    text = format_report(report)
+    assert table_row(text, "train")[-1] == 1
+    listed = f"labels {list(added)} from the annotations, {list(split.label_ids)} in the split"
+    assert listed in text
+    assert shard_samples(report.location, "train")[split.key]["label_ids"] == list(added)
+
+    by_file = config(tmp_path, root, labels="split")
+    by_file.out = str(tmp_path / "by_file")
+    prepare(by_file, progress=False)
+    assert shard_samples(by_file.out, "train")[split.key]["label_ids"] == list(split.label_ids)
