@@ -318,7 +318,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareReport:
             max_image_size=cfg.max_image_size,
             progress=progress,
         )
-        images = {r.key: r.image for r in records}
+        images = {r.key: os.path.relpath(r.image, root) for r in records}  # as the split names it
         split_report.rejected += [
             {"key": rej["key"], "image": images.get(rej["key"]), "reason": rej["reason"]}
             for rej in packed.rejected
