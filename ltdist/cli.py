@@ -9,6 +9,8 @@ ltdist data split-lt [--config FILE] [key=value ...]    a long-tailed train spli
                                                         sampled from a balanced manifest
 ltdist data split-val MANIFEST --classes FILE [--out DIR] [--fraction F] [--seed S]
                                                         a stratified val split carved from train
+ltdist data prepare  coco_lt --coco-root DIR | voc_lt --voc-root DIR [--out DIR] [key=value ...]
+                     fetch splits + convert + verify + pack, resumable, with a table per split
 ltdist reference-cnn --config FILE [key=value ...]      small CNN, group-mAP report
 ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs (mean ± std)
 ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
@@ -160,6 +162,26 @@ def _split_val(args: argparse.Namespace) -> int:
             f"{len(lacking)} classes have no val positive (too few images; they stay in train): "
             + ", ".join(names[c] for c in lacking)
         )
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from ltdist.data.prepare import PrepareConfig, format_report, prepare
+
+    flags = {
+        "benchmark": args.benchmark,
+        "root": args.coco_root if args.benchmark == "coco_lt" else args.voc_root,
+        "out": args.out,
+        "splits_dir": args.splits_dir,
+        "splits_source": args.splits_source,
+    }
+    other = "--voc-root" if args.benchmark == "coco_lt" else "--coco-root"
+    if (args.voc_root if args.benchmark == "coco_lt" else args.coco_root) is not None:
+        raise entry.UserError(f"{other} does not apply to {args.benchmark}")
+    args.overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
+    cfg = _load(PrepareConfig, args)
+    if cfg is None:
+        return 0
+    print(format_report(prepare(cfg)))
     return 0
 
 
@@ -287,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-val", type=int, default=1, help="val positives per class at least")
     p.set_defaults(func=_split_val)
 
+    p = data.add_parser(
+        "prepare", help="a COCO 2017 / VOC copy -> coco_lt / voc_lt shards in one command"
+    )
+    p.add_argument("benchmark", choices=["coco_lt", "voc_lt"])
+    p.add_argument("--coco-root", default=None, help="holds annotations/, train2017/, val2017/")
+    p.add_argument("--voc-root", default=None, help="holds VOCdevkit/VOC2007 and VOC2012")
+    p.add_argument("--out", default=None, help="default shards/<benchmark>")
+    p.add_argument("--splits-dir", default=None, help="default data/splits")
+    p.add_argument("--splits-source", default=None, help="base URL or local folder of the splits")
+    _config_arguments(p)
+    p.set_defaults(func=_prepare, trailing_overrides=True)
+
     p = sub.add_parser(
         "reference-cnn",
         aliases=["baseline"],  # its name until 2026-12
@@ -316,7 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `prepare` takes key=value after its options too (argparse gives both positionals the
+    # first run of words: `prepare voc_lt --voc-root DIR key=value` would leave key=value over)
+    if extra and (
+        not getattr(args, "trailing_overrides", False)
+        or any(x.startswith("-") or "=" not in x for x in extra)
+    ):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     entry.setup_logging(args.verbose)
     return entry.run("ltdist", lambda: args.func(args))
 

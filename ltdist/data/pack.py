@@ -306,6 +306,9 @@ class PackConfig:
     out: str = "shards/demo"
     source: Literal["manifest", "benchmark"] = "manifest"
     classes: str = ""  # manifest source: classes.txt (one name per line) or classes.json
+    # train: frequencies and groups counted on the manifest's train split; classes: the
+    # classes.json as it is (a corpus packed in a benchmark's label space keeps its tails)
+    space_from: Literal["train", "classes"] = "train"
     manifests: dict[str, str] = field(default_factory=dict)  # split -> manifest; needs 'train'
     benchmark: str = ""  # benchmark source: coco_lt | voc_lt
     splits_dir: str = "data/splits"  # where `ltdist data fetch-splits` put the split files
@@ -329,6 +332,8 @@ class PackConfig:
     def validate(self) -> None:
         if self.source == "manifest" and ("train" not in self.manifests or not self.classes):
             raise ValueError("manifest source needs `classes` and a `manifests.train` path")
+        if self.space_from == "classes" and not self.classes.endswith(".json"):
+            raise ValueError("space_from: classes needs `classes` to be a classes.json")
         if self.source == "benchmark" and not self.benchmark:
             raise ValueError("benchmark source needs `benchmark` (coco_lt or voc_lt)")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -384,8 +389,11 @@ def load_records(cfg: PackConfig) -> tuple[LabelSpace, dict[str, list[Record]], 
             if lacking
             else "",
         )
-    described = full_train if cfg.classes_from == "full" else splits["train"]
-    space = LabelSpace.from_label_sets(names, (r.label_ids for r in described))
+    if cfg.space_from == "classes":  # a given classes.json (the benchmark's, for a corpus)
+        space = LabelSpace.load(cfg.classes)
+    else:
+        described = full_train if cfg.classes_from == "full" else splits["train"]
+        space = LabelSpace.from_label_sets(names, (r.label_ids for r in described))
     return space, splits, problems
 
 
