@@ -4,7 +4,9 @@
 weights a periodic evaluation scored (EMA weights when EMA is on), and ``best/BEST.json``
 names it with its selection mAP. The pointer is replaced only once the new folder is
 complete and the old folder is removed after, so a run killed at any moment leaves a pointer to
-a complete export; a resumed run reads the pointer and keeps comparing against it.
+a complete export; a resumed run reads the pointer and keeps comparing against it. A best
+written after the checkpoint the run resumes from (steps it then trains again) stands: it was
+evaluated like any other candidate, and an exact resume scores the same weights again.
 """
 
 from __future__ import annotations
