@@ -69,15 +69,16 @@ class BestWeights:
         if score is None or not math.isfinite(score) or score <= self.map:
             return False
         weights = state()
-        self.step, self.map = step, float(score)
+        record = {"by": self.selection, "split": self.split, "step": step, "map": float(score)}
         if acc.is_main_process:
-            meta = {**meta, "step": step, "selection": self.record()}
-            save_export(self.folder, weights, space, cfg, meta)
+            meta = {**meta, "step": step, "selection": record}
+            save_export(storage.join(self.root, step_dir_name(step)), weights, space, cfg, meta)
             storage.write_bytes_atomic(
-                storage.join(self.root, POINTER), json.dumps(self.record(), indent=1).encode()
+                storage.join(self.root, POINTER), json.dumps(record, indent=1).encode()
             )
             for name in storage.listdir(self.root):
                 if _STEP_DIR.match(name) and name != step_dir_name(step):
                     storage.remove_tree(storage.join(self.root, name))
         acc.wait_for_everyone()
+        self.step, self.map = step, float(score)
         return True
