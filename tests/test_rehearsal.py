@@ -135,3 +135,22 @@ def test_unsized_data_is_a_clear_error(tmp_path, splits):
     path.write_text("task: cprfl\ndata: {location: shards/nowhere}\n")
     with pytest.raises(ValueError, match="cannot size the plan.*data.dataset"):
         plan_config(str(path), splits_dir=splits)
+
+
+def test_a_selection_without_periodic_evaluations_is_refused(splits):
+    """The rehearsal agrees with the loop: checkpoint.select needs an evaluation before the
+    end (the plan) and eval_every_steps at all (the config, at load)."""
+    select = ["checkpoint.select=val", "data.val_split=val"]
+    result = plan_config(
+        "configs/finetune/coco_lt_cprfl_official.yaml",
+        overrides=[*select, "eval_every_steps=1000000"],
+        splits_dir=splits,
+    )
+    refused = [str(p) for p in result.problems if p.key == "eval_every_steps"]
+    assert len(refused) == 1 and "checkpoint.select=val picks among the periodic" in refused[0]
+    with pytest.raises(ValueError, match="checkpoint.select=val .* eval_every_steps=0"):
+        plan_config(
+            "configs/finetune/coco_lt_cprfl_official.yaml",
+            overrides=[*select, "eval_every_steps=0"],
+            splits_dir=splits,
+        )

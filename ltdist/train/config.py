@@ -83,6 +83,11 @@ class CheckpointConfig:
     # Resuming unpickles Accelerate / DeepSpeed files: only from checkpoints this run wrote,
     # unless this says the location is trusted (ltdist.train.checkpoint).
     trusted: bool = False
+    # Which weights the final evaluation and the export hold (docs/method.md, Evaluation):
+    # "last" = the run's final ones; "val" = the best periodic evaluation's on
+    # data.val_split; "test" = the best on data.eval_split (the papers' practice, optimistic:
+    # the reported number picked its own weights).
+    select: Literal["last", "val", "test"] = "last"
 
 
 @dataclass
@@ -160,6 +165,19 @@ class TrainConfig:
             )
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("set epochs >= 1 or max_steps >= 1")
+        select = self.checkpoint.select
+        if select == "val" and not self.data.val_split:
+            raise ValueError(
+                "checkpoint.select=val picks the best weights on the validation split, but "
+                "data.val_split is not set (pack.val_fraction carves one from train)"
+            )
+        if select == "test" and not self.data.eval_split:
+            raise ValueError("checkpoint.select=test needs data.eval_split (the test split)")
+        if select != "last" and not self.eval_every_steps:
+            raise ValueError(
+                f"checkpoint.select={select} picks among the periodic evaluations, but "
+                "eval_every_steps=0 (only at the end): set eval_every_steps"
+            )
         if self.checkpoint.keep_last < 1:
             raise ValueError("checkpoint.keep_last must be >= 1")
         if self.model.backbone.kind == "qformer" and not self.model.init_from:

@@ -49,14 +49,10 @@ from ltdist.train.evaluation import evaluate_and_report, evaluate_split
 from ltdist.train.export import read_export_weights, save_export
 from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.resolve import resolve_config
+from ltdist.train.selection import BestWeights
 from ltdist.train.tasks import build_task
 
 log = logging.getLogger(__name__)
-
-# Which weights the final evaluation and the export hold: the run's last (EMA) weights. The
-# periodic evaluations only log; no checkpoint is picked on any split (the papers' code
-# picks the best on the test split).
-CHECKPOINT_SELECTION = "last"
 
 PACKAGES = {
     "torch": ("torch",),
@@ -115,6 +111,12 @@ def train(cfg: TrainConfig) -> dict:
             "EMA with ZeRO-3 is not supported: ZeRO-3 partitions the weights the average reads; "
             "use ZeRO-1/2 or ema_decay=0"
         )
+    if cfg.checkpoint.select != "last" and zero_stage(acc) == 3:
+        raise TrainingError(
+            f"checkpoint.select={cfg.checkpoint.select} with ZeRO-3 is not supported: the "
+            "selected weights are loaded back into the module, whose weights ZeRO-3 "
+            "partitions; use ZeRO-1/2 or checkpoint.select=last"
+        )
     write_rank_info(cfg, acc)
 
     from accelerate.utils import set_seed
@@ -151,6 +153,7 @@ def train(cfg: TrainConfig) -> dict:
         cfg.checkpoint.staging_dir,
     )
     step, history = _resume(cfg, acc, ckpt, loader, optimizer, scheduler, ema)
+    best = _best_weights(cfg, acc, step, history)
 
     if cfg.tracker != "none":
         acc.init_trackers("tb", config=_hparams(cfg))
@@ -240,8 +243,12 @@ def train(cfg: TrainConfig) -> dict:
                         loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}"
                     )
                     parts = {}
-                if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and step < total:
-                    history.append(_periodic_eval(acc, cfg, module, ema, step))
+                periodic = cfg.eval_every_steps and step % cfg.eval_every_steps == 0
+                # with a selection, the final weights are a candidate too
+                if (periodic and step < total) or (best is not None and step == total):
+                    history.append(
+                        _periodic_eval(acc, cfg, model, module, ema, space, step, best, total)
+                    )
                     model.train()
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     save()
@@ -262,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
         if not (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
             save()
     result = _finish(
-        acc, cfg, model, module, ema, space, history, step, time.perf_counter() - started
+        acc, cfg, model, module, ema, space, history, step, best, time.perf_counter() - started
     )
     acc.end_training()
     return result
@@ -398,26 +405,86 @@ def _log_step(acc, parts, step, scheduler, since: tuple[float, int], global_batc
     return record
 
 
-def _periodic_eval(acc, cfg: TrainConfig, module, ema, step: int) -> dict:
-    if not cfg.data.eval_split:
+def _best_weights(cfg: TrainConfig, acc, step: int, history: list) -> BestWeights | None:
+    """The selection's best so far: none for a fresh run (a previous run's best/ goes), the
+    killed run's pointer for a resumed one."""
+    select = cfg.checkpoint.select
+    if select == "last":
+        return None
+    split = cfg.data.val_split if select == "val" else cfg.data.eval_split
+    best = BestWeights(storage.join(cfg.output_dir, "best"), select, split)
+    if not step:
+        best.clear(acc)
+        return best
+    try:
+        best.load()
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    scored = [h["select_map"] for h in history if h.get("select_map") is not None]
+    if scored and best.step is None:
+        raise TrainingError(
+            f"the checkpoint records selection scores up to step {step} but {best.root} holds "
+            "no best weights (removed?): the selection cannot go on; use another output_dir"
+        )
+    if best.step is not None:
+        acc.print(f"selection: the best so far is step {best.step} ({split} mAP {best.map:.4f})")
+    return best
+
+
+def _periodic_eval(
+    acc, cfg: TrainConfig, model, module, ema, space, step: int, best, total: int
+) -> dict:
+    """mAP on the evaluation split (not at the last step: the final evaluation follows) and,
+    with a selection, on its split, keeping these weights when they beat the best so far."""
+    eval_split = cfg.data.eval_split if step < total else ""
+    splits = [s for s in dict.fromkeys((eval_split, best.split if best else "")) if s]
+    if not splits:
         return {"step": step}
+    record: dict = {"step": step}
     with ema.swapped(module) if ema is not None else contextlib.nullcontext():
         sync_buffers(acc, module)
-        logits, targets = evaluate_split(
-            acc,
-            module,
-            cfg.data.location,
-            cfg.data.eval_split,
-            cfg.data.eval_batch_size,
-            cfg.loader.image_size,
-            cfg.data.eval_limit,
-            cfg.loader.transform,
-        )
-    result = map_from_logits(logits, targets, load_label_space(cfg.data.location), cfg.eval.scoring)
-    summary = result.summary()
-    acc.log({f"eval/map_{k}": v for k, v in summary.items() if v is not None}, step=step)
-    acc.print(f"step {step}: {format_summary(result)}")
-    return {"step": step, "eval_map": summary}
+        results = {}
+        for split in splits:  # the selection split scored once when it is the eval split
+            logits, targets = evaluate_split(
+                acc,
+                module,
+                cfg.data.location,
+                split,
+                cfg.data.eval_batch_size,
+                cfg.loader.image_size,
+                cfg.data.eval_limit,
+                cfg.loader.transform,
+            )
+            results[split] = map_from_logits(logits, targets, space, cfg.eval.scoring)
+        if best is not None:
+            score = results[best.split].summary()["all"]
+            record["select_map"] = score
+            meta = {"weights": "ema" if ema is not None else "raw", "scoring": cfg.eval.scoring}
+            meta["checkpoint_selection"] = best.selection
+            if best.offer(
+                acc, step, score, lambda: _weights(acc, model, module, ema), space, cfg, meta
+            ):
+                acc.print(f"step {step}: the best so far on {best.split} (mAP {score:.4f})")
+    if eval_split:
+        summary = results[eval_split].summary()
+        acc.log({f"eval/map_{k}": v for k, v in summary.items() if v is not None}, step=step)
+        acc.print(f"step {step}: {format_summary(results[eval_split])}")
+        record["eval_map"] = summary
+    if best is not None and record["select_map"] is not None:
+        acc.log({f"select/map_all_{best.split}": record["select_map"]}, step=step)
+    return record
+
+
+def _weights(acc, model, module, ema) -> dict | None:
+    """The weights ``module`` is evaluated with, for an export (inside the EMA swap): the
+    float32 averages with EMA; gathered from ZeRO-3 (every rank takes part); None on the
+    other ranks."""
+    state = acc.get_state_dict(model) if zero_stage(acc) == 3 else None
+    if state is None and acc.is_main_process:
+        state = module.state_dict()
+        if ema is not None:  # the float32 averages, not their bf16 copies in the module
+            state.update({k: v for k, v in ema.state_dict().items() if k in state})
+    return state
 
 
 def _batch_audit(cfg: TrainConfig, acc):
@@ -443,20 +510,32 @@ def _hparams(cfg: TrainConfig) -> dict:
     return flat
 
 
-def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict:
-    """Final evaluation, thresholds, report, plots, export, metrics.json."""
+def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds) -> dict:
+    """Final evaluation, thresholds, report, plots, export, metrics.json: of the selected
+    weights (loaded back from their export) with a selection, else of the last ones."""
     out = cfg.output_dir
     metrics: dict = {"status": "completed", "task": cfg.task, "steps": step}
-    with ema.swapped(module) if ema is not None else contextlib.nullcontext():
-        state = acc.get_state_dict(model) if zero_stage(acc) == 3 else None
-        if state is None and acc.is_main_process:
-            state = module.state_dict()
-            if ema is not None:  # the float32 averages, not their bf16 copies in the module
-                state.update({k: v for k, v in ema.state_dict().items() if k in state})
+    kind = "EMA" if ema is not None else "final"
+    selected = best.record() if best is not None else None
+    if best is not None and selected is None:
+        log.warning("checkpoint.select: no evaluation scored a finite mAP; the last weights stand")
+    selection = selected["by"] if selected else "last"
+    swap = ema.swapped(module) if ema is not None and not selected else contextlib.nullcontext()
+    with swap:
+        if selected:
+            state = read_export_weights(best.folder)
+            module.load_state_dict(state)
+            state = state if acc.is_main_process else None
+            title = (
+                f"{cfg.task} ({kind} weights of step {best.step} of {step}, the best on "
+                f"{best.split}: mAP {100 * best.map:.2f})"
+            )
+        else:
+            state = _weights(acc, model, module, ema)
+            title = f"{cfg.task} ({kind} weights, step {step})"
         evaluation = {}
         if cfg.data.eval_split:
             sync_buffers(acc, module)
-            title = f"{cfg.task} ({'EMA' if ema is not None else 'final'} weights, step {step})"
             evaluation = evaluate_and_report(
                 acc,
                 module,
@@ -470,15 +549,18 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
                 val_split=cfg.data.val_split,
                 transform=cfg.loader.transform,
                 scoring=cfg.eval.scoring,
-                checkpoint_selection=CHECKPOINT_SELECTION,
+                checkpoint_selection=selection,
             )
     if acc.is_main_process:
         meta = {
-            "step": step,
+            "step": best.step if selected else step,
             "weights": "ema" if ema is not None else "raw",
-            "checkpoint_selection": CHECKPOINT_SELECTION,
+            "checkpoint_selection": selection,
             "global_threshold": 0.5,
         }
+        if selected:  # which step was picked, on which split, with which mAP
+            metrics["selection"] = meta["selection"] = selected
+            meta["steps_trained"] = step
         if evaluation:
             metrics["map"] = meta["map"] = evaluation["map"]
             metrics["scoring"] = meta["scoring"] = evaluation["scoring"]
@@ -488,7 +570,8 @@ def _finish(acc, cfg, model, module, ema, space, history, step, seconds) -> dict
             metrics["f1"] = evaluation["f1"]
             metrics["splits"] = evaluation["splits"]
             metrics["report"] = evaluation["report"]
-            history.append({"step": step, "eval_map": evaluation["map"]})
+            if not selected:  # the selected step's weights are not the last step's
+                history.append({"step": step, "eval_map": evaluation["map"]})
             if cfg.data.val_split:  # per-class thresholds picked on it
                 meta["thresholds"] = evaluation["thresholds"]
                 meta["threshold_split"] = cfg.data.val_split

@@ -258,7 +258,18 @@ def plan_training(
     eval_steps = list(range(every_eval, total, every_eval)) if every_eval else []
     ckpt_steps = list(range(every_ckpt, total, every_ckpt)) if every_ckpt else []
     suggestion = str(max(1, total // 10))
-    if every_eval and total and not eval_steps:
+    if run.checkpoint.select != "last" and total and not eval_steps:
+        # a selection among no candidates: fatal, unlike a periodic evaluation that only logs
+        problems.append(
+            Problem(
+                "eval_every_steps",
+                f"checkpoint.select={run.checkpoint.select} picks among the periodic "
+                f"evaluations, and eval_every_steps={every_eval} makes none before the end "
+                f"({total} steps)",
+                suggestion,
+            )
+        )
+    elif every_eval and total and not eval_steps:
         problems.append(
             Problem(
                 "eval_every_steps",

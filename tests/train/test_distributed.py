@@ -73,8 +73,9 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
     ]
     if task == "cprfl":
         overrides += ["model.backbone.kind=qformer", "model.cprfl.prompt_init=clip"]
-        # LMPT's scoring, in the periodic and the final evaluation
-        overrides += ["eval.scoring=softmax", "eval_every_steps=2"]
+        # LMPT's scoring, in the periodic and the final evaluation; the papers' checkpoint
+        # selection (the best on test), with 2 ranks taking part in the best's export
+        overrides += ["eval.scoring=softmax", "eval_every_steps=2", "checkpoint.select=test"]
     proc = launch("finetune.py", overrides, demo)
     log = proc.stdout + proc.stderr
     assert "initialised from" in log
@@ -95,14 +96,23 @@ def test_finetuning_from_the_pretraining_export(pretrained, demo, tmp_path, task
                 assert 1 <= h[f"dqr_w_{g}_min"] <= h[f"dqr_w_{g}_mean"] <= h[f"dqr_w_{g}_max"]
             assert h["dqr_w_tail_max"] > 1
     scoring = "softmax" if task == "cprfl" else "sigmoid"
-    assert (m["scoring"], m["checkpoint_selection"]) == (scoring, "last")
+    selection = "test" if task == "cprfl" else "last"
+    assert (m["scoring"], m["checkpoint_selection"]) == (scoring, selection)
     assert m["table"].startswith(f"AP scores: {scoring} (")
     if task == "cprfl":
-        assert [h["step"] for h in m["history"] if "eval_map" in h] == [2, 3]
+        # step 2's periodic evaluation scored test once, for the log and the selection; the
+        # final weights (step 3) were a candidate; the selected step is the argmax
+        assert [h["step"] for h in m["history"] if "eval_map" in h] == [2]
+        at = {h["step"]: h for h in m["history"] if "select_map" in h}
+        assert sorted(at) == [2, 3] and at[2]["select_map"] == at[2]["eval_map"]["all"]
+        scored = {step: h["select_map"] for step, h in at.items()}
+        best = max(scored, key=lambda s: (scored[s], -s))
+        assert m["selection"] == {"by": "test", "split": "test", "step": best, "map": scored[best]}
     assert m["splits"] == {"map": "test", "f1": "test", "thresholds": "test"}
     exported = load_export(str(out / "export"))
     assert exported.meta["weights"] == "ema"
-    assert (exported.meta["scoring"], exported.checkpoint_selection) == (scoring, "last")
+    assert (exported.meta["scoring"], exported.checkpoint_selection) == (scoring, selection)
+    assert exported.meta["step"] == (m["selection"]["step"] if task == "cprfl" else 3)
     assert len(exported.thresholds) == exported.label_space.num_classes
     assert exported.meta["threshold_split"] == "test"
     # the export records the settings it was built with (the pretraining's tokenizer and

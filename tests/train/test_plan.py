@@ -141,3 +141,17 @@ def test_refuse_rule_names_the_shape():
     assert keys(plan) == ["cluster.rescale"] and "1 x 8" in plan.problems[0].message
     _, same = plan_training(cfg, 1909, world_size=8)
     assert same.ok
+
+
+def test_a_selection_with_no_periodic_evaluation_before_the_end_is_refused():
+    """A periodic evaluation that never fires only warns; a selection among none is refused
+    (fatal in the loop, as in the rehearsal, which refuses every problem)."""
+    common = ["data.val_split=val", "max_steps=50", "checkpoint.every_steps=10"]
+    _, logs = plan_training(config(*common, "eval_every_steps=50"), 1000, 1)
+    assert keys(logs) == ["eval_every_steps"] and not logs.problems[0].fatal
+    common.append("checkpoint.select=val")
+    _, selects = plan_training(config(*common, "eval_every_steps=50"), 1000, 1)
+    assert keys(selects) == ["eval_every_steps"] and selects.problems[0].fatal
+    assert "checkpoint.select=val" in str(selects.problems[0])
+    _, fires = plan_training(config(*common, "eval_every_steps=10"), 1000, 1)
+    assert fires.ok and fires.eval_steps == [10, 20, 30, 40]

@@ -150,3 +150,22 @@ def test_cprfl_presets_say_which_reading_they_take(dataset):
     assert {g["lr"] for g in param_groups(model, official.optim, prefixes)} == {official.optim.lr}
     lrs = {g["name"]: g["lr"] for g in param_groups(model, paper.optim, prefixes)}
     assert lrs["backbone/decay"] == pytest.approx(0.1 * lrs["rest/decay"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["checkpoint.select=val", "eval_every_steps=5"],
+         "checkpoint.select=val picks the best weights on the validation split, but "
+         "data.val_split is not set"),
+        (["checkpoint.select=test", "data.eval_split=", "eval_every_steps=5"],
+         "checkpoint.select=test needs data.eval_split"),
+        (["checkpoint.select=val", "data.val_split=val"],
+         "checkpoint.select=val picks among the periodic evaluations, but eval_every_steps=0"),
+    ],
+)  # fmt: skip
+def test_a_selection_without_its_split_or_evaluations_is_refused_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(TrainConfig, overrides=[*overrides, "data.location=x"])
+    with pytest.raises(ConfigError, match="checkpoint: select: 'best' is not one of"):
+        load_config(TrainConfig, overrides=["checkpoint.select=best", "data.location=x"])
