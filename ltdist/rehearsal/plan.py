@@ -144,8 +144,15 @@ def data_sizes(cfg: TrainConfig, splits_dir: str = "") -> DataSizes:
         from ltdist.data.splits import load_split_records
 
         where = splits_dir or "data/splits"
-        n_train = len(load_split_records(d.dataset, where, "train"))
         n_eval = len(load_split_records(d.dataset, where, "test")) if d.eval_split else None
+        if d.planned_train_samples:
+            return DataSizes(
+                d.planned_train_samples,
+                n_eval,
+                f"data.planned_train_samples (an estimate until the shards exist); "
+                f"evaluation: the {d.dataset} test split in {where}",
+            )
+        n_train = len(load_split_records(d.dataset, where, "train"))
         return DataSizes(n_train, n_eval, f"{d.dataset} split files in {where}")
     raise ConfigError(
         f"cannot size the plan: no shard index at {loc} and data.dataset is "

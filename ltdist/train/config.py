@@ -32,6 +32,10 @@ class DataConfig:
     # The data set the shards hold (coco_lt, voc_lt, demo; "" = other): `ltdist rehearse`
     # sizes its plan from the split files before the shards exist.
     dataset: str = ""
+    # The training split's size for that plan when it is not the split file's (the pretraining
+    # corpus: COCO images with COCO-LT's labels); 0 = the split file's. The index wins once the
+    # shards exist.
+    planned_train_samples: int = 0
     train_split: str = "train"
     eval_split: str = "test"  # periodic and final mAP; "" = no evaluation
     val_split: str = ""  # picks per-class F1 thresholds; "" = a global threshold of 0.5
