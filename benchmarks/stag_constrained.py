@@ -25,18 +25,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from stag_bench import (  # benchmarks/, the script's folder
+    PAPER_WORDS,
+    SMOLLM2,
+    SPLITS_DIR,
+    coco_lt_config,
+    tail_records,
+    use_cpu_env,
+)
 
-CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process: compiles counted
-    "HF_HUB_OFFLINE": "1",
-}
 SETTINGS = {
     "free": dict(grammar=False, ban_absent_classes=False),
     "grammar": dict(grammar=True, ban_absent_classes=False),
@@ -150,44 +150,28 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=0, help="first N tail samples (0: all)")
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--model", default=str(ROOT / ".cache/llm/SmolLM2-135M-Instruct"))
-    parser.add_argument("--splits-dir", default=str(ROOT.parent / "shared" / "benchmarks"))
+    parser.add_argument("--model", default=str(SMOLLM2))
+    parser.add_argument("--splits-dir", default=str(SPLITS_DIR))
     parser.add_argument("--json", default="", help="write every output and the table here")
     args = parser.parse_args()
-    for name, value in CPU_ENV.items():
-        os.environ.setdefault(name, value)
+    use_cpu_env()
 
-    from ltdist.config import load_config
-    from ltdist.data.pack import load_records
     from ltdist.stag.config import StagConfig
     from ltdist.stag.describe import Describer
     from ltdist.stag.engines import VLLMEngine
     from ltdist.stag.grammar import ConstraintConfig
 
-    base = load_config(
-        StagConfig,
-        ROOT / "configs/stag/demo.yaml",
+    base = coco_lt_config(
+        args.splits_dir,
         [
-            "data.out=unused",
-            "data.source=benchmark",
-            "data.benchmark=coco_lt",
-            f"data.splits_dir={args.splits_dir}",
-            "data.text_only=true",
             f"engine.model={args.model}",
             f"engine.max_tokens={args.max_tokens}",
-            # the paper's 50-80 words, not the demo's shorter texts
-            "prompt.min_words=50",
-            "prompt.max_words=80",
-            "validation.min_words=50",
-            "validation.max_words=80",
+            *PAPER_WORDS,  # the paper's 50-80 words, not the demo's shorter texts
+            # the tagged prompt whose format the arms compare (the demo's paper-v1 asks for none)
+            "prompt.version=stag-v1",
         ],
     )
-    space, splits, _ = load_records(base.data)
-    records = [
-        r
-        for r in sorted(splits["train"], key=lambda r: r.key)
-        if any(space.is_tail(i) for i in r.label_ids)
-    ]
+    space, records = tail_records(base)
     if args.num:
         records = records[: args.num]
     tail_sets = {tuple(sorted(i for i in set(r.label_ids) if space.is_tail(i))) for r in records}

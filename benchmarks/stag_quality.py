@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from stag_bench import (  # benchmarks/, the script's folder
+    SMOLLM2,
+    SPLITS_DIR,
+    coco_lt_config,
+    tail_records,
+    use_cpu_env,
+)
 
-CPU_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "HF_HUB_OFFLINE": "1",
-}
 # version:temperature:repetition_penalty; the demo's decoding first
 ARMS = "stag-v1:0.7:1.0,paper-v1:0.7:1.0,stag-v1:0.3:1.0,stag-v1:0.7:1.2"
 
@@ -84,40 +83,20 @@ def main() -> None:
         help="NAME=FOLDER (repeatable); default SmolLM2-135M=.cache/llm/SmolLM2-135M-Instruct",
     )
     parser.add_argument("--arms", default=ARMS)
-    parser.add_argument("--splits-dir", default=str(ROOT.parent / "shared" / "benchmarks"))
+    parser.add_argument("--splits-dir", default=str(SPLITS_DIR))
     parser.add_argument("--json", default="", help="write the table and every text here")
     args = parser.parse_args()
-    for name, value in CPU_ENV.items():
-        os.environ.setdefault(name, value)
+    use_cpu_env()
 
-    from ltdist.config import load_config
-    from ltdist.data.pack import load_records
     from ltdist.stag.config import StagConfig
     from ltdist.stag.describe import Describer
     from ltdist.stag.engines import VLLMEngine
     from ltdist.stag.prompt import StagPromptConfig
 
-    models = dict(m.split("=", 1) for m in args.model) or {
-        "SmolLM2-135M": str(ROOT / ".cache/llm/SmolLM2-135M-Instruct")
-    }
+    models = dict(m.split("=", 1) for m in args.model) or {"SmolLM2-135M": str(SMOLLM2)}
     arms = [(v, float(t), float(rp)) for v, t, rp in (a.split(":") for a in args.arms.split(","))]
-    base = load_config(
-        StagConfig,
-        ROOT / "configs/stag/demo.yaml",
-        [
-            "data.out=unused",
-            "data.source=benchmark",
-            "data.benchmark=coco_lt",
-            f"data.splits_dir={args.splits_dir}",
-            "data.text_only=true",
-        ],
-    )
-    space, splits, _ = load_records(base.data)
-    tail = [
-        r
-        for r in sorted(splits["train"], key=lambda r: r.key)
-        if any(space.is_tail(i) for i in r.label_ids)
-    ]
+    base = coco_lt_config(args.splits_dir)
+    space, tail = tail_records(base)
     records = sorted(
         random.Random(args.seed).sample(tail, min(args.num, len(tail))), key=lambda r: r.key
     )
