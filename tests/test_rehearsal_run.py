@@ -118,3 +118,23 @@ def test_a_stag_rehearsal_overrides_only_the_engine_pool_and_inputs(tmp_path):
     images = sorted(Path(overrides["data.image_root"]).rglob("*.jpg"))
     assert len(images) == LIMIT + 8 and all(p.stat().st_size > 0 for p in images)
     assert any("train2017" in str(p) for p in images) and any("val2017" in str(p) for p in images)
+
+
+def test_a_stag_rehearsal_of_a_given_label_space_loads_with_its_standins(tmp_path):
+    """The corpus's STAG config keeps a given classes.json (`space_from: classes`): its
+    stand-ins provide one, and the shrunk config loads; it is the demo set's label space."""
+    from ltdist.config import load_config
+    from ltdist.labels import LabelSpace
+    from ltdist.rehearsal.stag_run import _standin_inputs, shrink_stag
+    from ltdist.stag.pipeline import StagConfig
+
+    path = "configs/stag/coco_lt_corpus.yaml"
+    cfg = load_config(StagConfig, path)
+    assert cfg.data.space_from == "classes"
+    data = _standin_inputs(cfg, str(tmp_path), str(SHARED))
+    overrides = [f"{o.key}={o.value}" for o in shrink_stag(cfg, str(tmp_path / "out"), data)]
+    shrunk = load_config(StagConfig, path, overrides)
+    space = LabelSpace.load(shrunk.data.classes)
+    names = (tmp_path / "demo" / "classes.txt").read_text().splitlines()
+    assert shrunk.data.classes.endswith("classes.json") and space.names == names
+    assert sum(space.frequency) > 0

@@ -161,8 +161,17 @@ def _standin_inputs(cfg, work: str, splits_dir: str) -> list[Override]:
 
     data = os.path.join(work, "demo")
     build_demo(data, small_demo_config())
+    classes = os.path.join(data, "classes.txt")
+    if d.space_from == "classes":  # a given label space (the corpus: the benchmark's)
+        from ltdist.data.manifest import read_class_names, read_manifest
+        from ltdist.labels import LabelSpace
+
+        names = read_class_names(classes)
+        train = read_manifest(os.path.join(data, "train.jsonl"), names).records
+        classes = os.path.join(data, "classes.json")
+        LabelSpace.from_label_sets(names, (r.label_ids for r in train)).save(classes)
     return [
-        Override("data.classes", os.path.join(data, "classes.txt"), "a small demo set"),
+        Override("data.classes", classes, "a small demo set"),
         Override("data.manifests.train", os.path.join(data, "train.jsonl"), ""),
         Override("data.manifests.test", os.path.join(data, "test.jsonl"), ""),
     ]
