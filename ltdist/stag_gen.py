@@ -42,10 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ltdist.stag.config import StagConfig
+    from ltdist.stag.config import StagConfig, StagError
+    from ltdist.stag.job_paths import missing_config_hint
     from ltdist.stag.pipeline import run_stag
     from ltdist.stag.report import quality_table
 
+    if args.config and (hint := missing_config_hint(args.config)):
+        raise StagError(hint)
     cfg = load_config(StagConfig, args.config, args.overrides)
     if args.print_config:
         print(dump_yaml(cfg), end="")

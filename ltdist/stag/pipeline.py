@@ -39,6 +39,7 @@ from ltdist.labels import LabelSpace
 from ltdist.stag import ray_pool
 from ltdist.stag.config import NOT_DESCRIBED, REPORT_FILE, SPLIT, StagConfig, StagError
 from ltdist.stag.describe import Describer, RowResult, derive_seed, wants_description
+from ltdist.stag.job_paths import check_job_paths
 from ltdist.stag.publish import Collector, ShardPublisher
 from ltdist.stag.ray_pool import cpu_engine_threads, plan_actors
 from ltdist.stag.report import (
@@ -71,6 +72,7 @@ def run_stag(cfg: StagConfig) -> dict:
     """Generate the training split's descriptions into ``cfg.data.out`` (resumable), pack the
     other splits plainly, and write ``stag_report.json``; returns the report."""
     started = time.time()
+    check_job_paths(cfg)  # `ray job submit --working-dir`: no input missing, no output lost
     ray_pool.actor_config(cfg)  # fail early on a missing model folder
     space, splits, problems = load_records(cfg.data)
     if SPLIT not in splits:

@@ -853,3 +853,105 @@ def test_actor_kill_is_retried_and_its_vllm_processes_go(killed_and_resumed):
     assert len(r["requests2"]) > r["requests_before_kill"]
     pids = {rec["pid"] for rec in r["requests2"]}
     assert r["victim"] in pids and len(pids) >= 3  # 2 actors + the restarted one
+
+
+# -- `ray job submit --working-dir .`: the README's command --------------------------------
+
+
+def template_overrides(demo: Path, out: Path) -> list[str]:
+    """The demo config on the small demo set with absolute paths, and the rule-based engine
+    on one CPU actor: deterministic, so equal configs give byte-identical shards."""
+    return [
+        f"data.out={out}",
+        f"data.classes={demo / 'classes.txt'}",
+        f"data.manifests.train={demo / 'train.jsonl'}",
+        f"data.manifests.test={demo / 'test.jsonl'}",
+        "data.samples_per_shard=20",
+        "engine.kind=template",
+        "describe=all",  # every row through the actor pool
+        "batch_size=20",
+        "num_actors=1",
+        "num_gpus_per_actor=0",
+        "progress=false",
+    ]
+
+
+def submit_with_working_dir(cluster: Cluster, overrides: list[str]) -> str:
+    """`ray job submit --working-dir . -- python -m ltdist.stag_gen --config ...` from the
+    repository root (the job runs in Ray's copy of it); waits for the job, returns its log."""
+    args = ["-m", "ltdist.stag_gen", "--config", "configs/stag/demo.yaml", *overrides]
+    cmd = [RAY, "job", "submit", f"--address={cluster.dashboard}", "--working-dir", "."]
+    proc = subprocess.run(
+        [*cmd, "--", PYTHON, *args],
+        cwd=ROOT,
+        env=dict(cluster.env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return f"rc {proc.returncode}\n{proc.stdout}{proc.stderr}"
+
+
+def split_files(out: Path) -> dict[str, str]:
+    """sha256 of classes.json and of every shard of both splits, by file name."""
+    files = [out / "classes.json"]
+    for split in ("train", "test"):
+        files += [
+            out / s["name"] for s in json.loads((out / f"{split}.index.json").read_text())["shards"]
+        ]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.gen_env
+def test_ray_job_with_working_dir_writes_the_shards_of_a_direct_run(
+    ray_cluster, demo_set, tmp_path
+):
+    from ltdist.data.shards import verify_split
+
+    # a direct run on the same cluster (not a job): the reference
+    direct = tmp_path / "direct"
+    args = ["-m", "ltdist.stag_gen", "--config", "configs/stag/demo.yaml"]
+    proc = subprocess.run(
+        [
+            PYTHON,
+            *args,
+            *template_overrides(demo_set, direct),
+            f"ray_address={ray_cluster.address}",
+        ],
+        cwd=ROOT,
+        env=dict(ray_cluster.env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the README's command, with absolute inputs and output
+    out = tmp_path / "from_job" / "shards"  # a folder that does not exist yet
+    log = submit_with_working_dir(ray_cluster, template_overrides(demo_set, out))
+    assert log.startswith("rc 0\n") and "succeeded" in log, log[-4000:]
+    # the shards are where the user asked, complete, and each the bytes of the direct run's
+    assert verify_split(str(out), "train") == [] and verify_split(str(out), "test") == []
+    index = read_index(out)
+    assert index["complete"] and index["num_input"] == 60 and index["num_shards"] == 3
+    assert split_files(out) == split_files(direct)
+    assert [s["sha256"] for s in index["shards"]] == [
+        s["sha256"] for s in read_index(direct)["shards"]
+    ]
+    report = json.loads((out / "stag_report.json").read_text())
+    assert report["complete"] and report["counts"]["generated"] == 60
+    assert report["run"]["samples"] == 60  # this job generated them (nothing was there)
+    print(f"\njob == direct, sha256 by file: {split_files(out)}")
+
+
+@pytest.mark.gen_env
+def test_ray_job_with_working_dir_refuses_relative_paths(ray_cluster, tmp_path):
+    # the command as a user first types it: the demo config's relative paths
+    log = submit_with_working_dir(ray_cluster, ["data.out=shards/demo_stag"])
+    assert not log.startswith("rc 0\n") and "failed" in log, log[-4000:]
+    error = log[log.index("stag_gen: error: ") :]
+    # the job ran in Ray's copy of the repository, and said so
+    assert "this Ray job was submitted with a working_dir (gcs://_ray_pkg_" in error
+    assert "/runtime_resources/working_dir_files/_ray_pkg_" in error
+    assert "data.out=shards/demo_stag: a relative output would be written into the copy" in error
+    assert "data.manifests.train=data/demo/train.jsonl: not in the copy" in error
+    assert "engine.model=.cache/llm/SmolLM2-135M-Instruct: not in the copy" in error
