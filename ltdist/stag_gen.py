@@ -3,7 +3,8 @@
 The STAG generation job (``ltdist.stag.pipeline.run_stag``): LLM scene descriptions for the
 training split on a Ray cluster, written as resumable shards plus ``stag_report.json``. Run it
 directly (joins RAY_ADDRESS or starts a local Ray) or through
-``ray job submit --address http://<head>:8265 -- python -m ltdist.stag_gen --config ...``.
+``ray job submit --address http://<head>:8265 --working-dir . -- python -m ltdist.stag_gen
+--config ...``, where inputs and outputs are absolute paths or URLs (ltdist.stag.job_paths).
 
 Exit status (ltdist.entry): 0 done, 2 a config or input problem (the message says which), 1
 anything else, with its traceback.
