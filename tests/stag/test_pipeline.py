@@ -8,7 +8,8 @@ that session's process group (SIGTERM, then SIGKILL) and then kills any process 
 line names the cluster's temp dir.
 
 Jobs go through ``ray job submit`` to the head's job server (``ray[default]``, which the
-generation environment installs).
+generation environment installs); the README's ``ray job submit --working-dir .`` runs there
+too, with the rule-based engine, against a direct run's shards.
 """
 
 from __future__ import annotations
