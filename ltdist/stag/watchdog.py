@@ -53,6 +53,8 @@ class Watchdog:
     Progress is whatever the engine reports through :meth:`progress` (tokens, decoding steps,
     requests): a long batch that keeps advancing is never stalled, however long it takes.
     ``on_stall`` is meant not to return (the actor exits); the thread stops after calling it.
+    While a batch runs, ``faulthandler`` ends the process when the thread itself has not run for
+    ``backstop_s`` (default ``timeout_s`` + 30 s): only a wedge that holds the GIL does that.
     """
 
     def __init__(
@@ -60,11 +62,13 @@ class Watchdog:
         timeout_s: float,
         on_stall: Callable[[dict], Any],
         clock: Callable[[], float] = time.monotonic,
+        backstop_s: float | None = None,
     ):
         if timeout_s <= 0:
             raise ValueError(f"Watchdog: timeout_s must be > 0, got {timeout_s}")
         self.timeout_s, self.on_stall, self.clock = timeout_s, on_stall, clock
         self.poll_s = min(1.0, timeout_s / 5)
+        self.backstop_s = timeout_s + 30 if backstop_s is None else backstop_s
         self._lock = threading.Lock()
         self._keys: list[str] | None = None
         self._started = self._last = 0.0
@@ -129,7 +133,7 @@ class Watchdog:
             with self._lock:
                 busy = self._keys is not None
             if busy:
-                faulthandler.dump_traceback_later(self.timeout_s + 5 * self.poll_s, exit=True)
+                faulthandler.dump_traceback_later(self.backstop_s, exit=True)
             else:
                 faulthandler.cancel_dump_traceback_later()
 

@@ -82,7 +82,7 @@ def test_a_wedge_that_holds_the_gil_still_ends_the_process():
     script = (
         "import re, sys, time\n"
         "from ltdist.stag.watchdog import Watchdog\n"
-        "dog = Watchdog(1.0, lambda seen: print('python path', flush=True))\n"
+        "dog = Watchdog(1.0, lambda seen: print('python path', flush=True), backstop_s=1.0)\n"
         "with dog.watch(['k']):\n"
         "    time.sleep(0.5)\n"  # the thread arms the backstop
         "    re.match(r'(a+)+$', 'a' * 64 + 'b')\n"
