@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
@@ -123,6 +124,13 @@ class EngineConfig:
     max_bad_words: int = 4096
     # transformers
     batch_size: int = 16
+    # The stall watchdog (ltdist.stag.watchdog): an actor whose batch makes no progress (no
+    # token generated, no request done) for this long is restarted and the batch retried;
+    # 0 = off. Generous: a step of a healthy engine takes well under a second.
+    stall_timeout_s: float = 300.0
+    # Retries of a batch whose try stalled or whose actor died, each on a restarted engine;
+    # then its rows are given up (status 'hung'), the rest is published and the run stops.
+    batch_retries: int = 2
 
     def __post_init__(self) -> None:
         if self.kind not in ENGINE_KINDS:
@@ -141,6 +149,8 @@ class EngineConfig:
             "max_num_seqs": self.max_num_seqs >= 0,
             "batch_size": self.batch_size >= 1,
             "max_bad_words": self.max_bad_words >= 0,
+            "stall_timeout_s": self.stall_timeout_s >= 0,
+            "batch_retries": self.batch_retries >= 0,
         }
         bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
         if bad:
@@ -193,7 +203,17 @@ def _check_torchvision() -> None:
         ) from e
 
 
-class _Closing:
+class _EngineBase:
+    """What every engine shares: a context manager, and ``on_progress``, the stall watchdog's
+    heartbeat, called as generation advances (vLLM: tokens per engine step; transformers: rows
+    per decoding step; template: per request)."""
+
+    on_progress: Callable[[int], None] | None = None
+
+    def _advanced(self, n: int) -> None:
+        if self.on_progress is not None and n > 0:
+            self.on_progress(n)
+
     def __enter__(self):
         return self
 
@@ -201,7 +221,7 @@ class _Closing:
         self.close()
 
 
-class VLLMEngine(_Closing):
+class VLLMEngine(_EngineBase):
     """``vllm.LLM``; every request of a ``generate`` call is submitted at once."""
 
     name = "vllm"
@@ -249,6 +269,22 @@ class VLLMEngine(_Closing):
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self._word_tokens = _WordTokens(self.tokenizer)
+        self._count_tokens()
+
+    def _count_tokens(self) -> None:
+        """Report each engine step's new tokens to ``on_progress``. ``LLM.generate`` shows
+        only finished requests (and a request may take minutes on a slow CPU), so the
+        engine-core client's ``get_output``, which every step of ``LLMEngine.step`` reads, is
+        wrapped on this instance (in-process and multiprocess clients alike)."""
+        core = self.llm.llm_engine.engine_core
+        get_output = core.get_output
+
+        def get_output_counted():
+            outputs = get_output()
+            self._advanced(sum(len(o.new_token_ids) for o in outputs.outputs))
+            return outputs
+
+        core.get_output = get_output_counted
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         from vllm import SamplingParams
@@ -337,7 +373,7 @@ class VLLMEngine(_Closing):
         gc.collect()
 
 
-class TransformersEngine(_Closing):
+class TransformersEngine(_EngineBase):
     """``AutoModelForCausalLM.generate`` over left-padded batches of ``cfg.batch_size``.
 
     Sampling (temperature, then top-p) is done per request by a logits processor that draws
@@ -445,6 +481,8 @@ class TransformersEngine(_Closing):
             processors.append(
                 _SeededSampler([r.seed for r in batch], cfg.temperature, cfg.top_p, self.lm.device)
             )
+        if self.on_progress is not None:
+            processors.append(_Heartbeat(self._advanced, len(batch)))
         if processors:
             kwargs["logits_processor"] = processors
         with torch.inference_mode():
@@ -512,6 +550,17 @@ class _BannedWords:
         return scores
 
 
+class _Heartbeat:
+    """A logits processor that changes nothing: each decoding step is progress of its rows."""
+
+    def __init__(self, advanced: Callable[[int], None], rows: int):
+        self.advanced, self.rows = advanced, rows
+
+    def __call__(self, input_ids, scores):
+        self.advanced(self.rows)
+        return scores
+
+
 class _SeededSampler:
     """A logits processor that samples each row with its own generator (temperature, top-p)."""
 
@@ -561,7 +610,7 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-class TemplateEngine(_Closing):
+class TemplateEngine(_EngineBase):
     """Rule-based descriptions ('rules-v1') from the request's labels: deterministic, no model.
 
     Tail labels come first, each tagged ``<tail> name </tail>``, then the other labels, then
@@ -578,7 +627,11 @@ class TemplateEngine(_Closing):
         self.min_words, self.max_words = min_words, max_words
 
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
-        return [self._describe(r) for r in requests]
+        out = []
+        for request in requests:
+            out.append(self._describe(request))
+            self._advanced(1)
+        return out
 
     def _describe(self, request: GenerationRequest) -> Generation:
         if request.labels is None and request.tail_labels is None:

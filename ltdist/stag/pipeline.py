@@ -49,6 +49,7 @@ from ltdist.stag.report import (
     quality_summary,
     quality_table,
 )
+from ltdist.stag.watchdog import HUNG
 
 # The names this module has always offered (the run's parts now live in their own modules).
 __all__ = [
@@ -142,6 +143,16 @@ def run_stag(cfg: StagConfig) -> dict:
     storage.write_bytes_atomic(
         storage.join(out, REPORT_FILE), json.dumps(report, indent=1).encode()
     )
+    if stats.not_published:
+        hung = sorted(k for k, why in stats.not_published.items() if why.startswith(HUNG))
+        raise StagError(
+            f"the engine stalled (or its actor died) on {len(hung)} rows in every one of "
+            f"{cfg.engine.batch_retries + 1} tries of their batch: {hung[:10]}"
+            f"{' ...' if len(hung) > 10 else ''}; everything else is published, and "
+            f"{REPORT_FILE} in {out} lists the {len(stats.not_published)} rows not written "
+            "(run.not_published) and every stall (run.engine_stalls). Rerun the same command "
+            "to generate the missing shards (engine.stall_timeout_s, engine.batch_retries)"
+        )
     log.info(
         "STAG done: %s; %s; this run %d samples in %.1f s (%.2f samples/s, %.0f tok/s)",
         out,
@@ -219,4 +230,5 @@ def _generate(
         stats.seconds = time.perf_counter() - start
         bar.close()
     collector.finish()
+    stats.not_published = collector.not_published()
     return stats

@@ -19,6 +19,7 @@ from ltdist.stag.grammar import GRAMMAR_VERSION
 from ltdist.stag.judge import judge_sample, shard_counts
 from ltdist.stag.report import RunStats, quality_counts
 from ltdist.stag.validate import count_words, reason_code, tail_mention_rate
+from ltdist.stag.watchdog import HUNG
 
 
 class ShardPublisher:
@@ -118,7 +119,8 @@ class ShardPublisher:
 
 class Collector:
     """Matches output rows to input rows (none unknown, none twice) and publishes a shard as
-    soon as its last row is in."""
+    soon as its last row is in. A shard with a ``hung`` row (its batch was given up) is not
+    published: a rerun generates it again."""
 
     def __init__(
         self, publisher: ShardPublisher, rows: list[dict], shard_size: dict, stats: RunStats
@@ -126,6 +128,7 @@ class Collector:
         self.publisher, self.shard_size, self.stats = publisher, shard_size, stats
         self.expected = {r["key"]: r["shard"] for r in rows}
         self.pending: dict[int, dict[str, RowResult]] = defaultdict(dict)
+        self.hung: dict[str, RowResult] = {}
 
     def add(self, res: RowResult) -> None:
         stats = self.stats
@@ -135,6 +138,8 @@ class Collector:
         if shard != res.shard:
             raise StagError(f"output row {res.key!r}: shard {res.shard} != {shard}")
         self.pending[shard][res.key] = res
+        if res.status == HUNG:
+            self.hung[res.key] = res
         stats.rows += 1
         stats.prompt_tokens += res.prompt_tokens
         stats.generated_tokens += res.generated_tokens
@@ -142,12 +147,27 @@ class Collector:
             entry = stats.workers.setdefault(res.worker, {**json.loads(res.worker), "rows": 0})
             entry["rows"] += 1
             entry["grammars_built"] = max(entry.get("grammars_built", 0), res.grammars_built)
-        if len(self.pending[shard]) == self.shard_size[shard]:
+        complete = len(self.pending[shard]) == self.shard_size[shard]
+        if complete and not any(r.status == HUNG for r in self.pending[shard].values()):
             self.publisher.publish(shard, self.pending.pop(shard))
             stats.shards_written.append(shard)
 
+    def not_published(self) -> dict[str, str]:
+        """The rows of the shards held back by hung rows, each with why it was not written."""
+        out = {}
+        for shard, rows in self.pending.items():
+            hung = sum(r.status == HUNG for r in rows.values())
+            for key, res in rows.items():
+                out[key] = (
+                    f"{HUNG}: {'; '.join(res.reasons)}"
+                    if res.status == HUNG
+                    else f"shard {shard} is not written: {hung} of its rows hung"
+                )
+        return out
+
     def finish(self) -> None:
-        if self.expected or self.pending:
+        """Raises when input rows did not come back (hung rows did: :meth:`not_published`)."""
+        if self.expected:
             raise StagError(
                 f"{len(self.expected)} input rows came back without output (e.g. "
                 f"{sorted(self.expected)[:5]}); rerun to regenerate the missing shards"

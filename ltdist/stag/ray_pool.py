@@ -4,7 +4,8 @@ Only this STAG module uses Ray, and it imports Ray inside the functions that nee
 rest of the package (and this module) imports in either environment. Each actor builds its
 engine once (start-up is expensive) and runs a :class:`~ltdist.stag.describe.Describer` on
 batch after batch; results come back in no order (``publish.Collector`` matches them to
-the input rows).
+the input rows). A batch whose engine makes no progress ends its actor, and a batch that
+keeps failing is given up (``ltdist.stag.watchdog``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from ltdist.labels import LabelSpace
 from ltdist.stag.config import StagConfig, StagError
 from ltdist.stag.describe import Describer, RowResult, make_engine
 from ltdist.stag.report import RunStats
+from ltdist.stag.watchdog import (
+    HUNG,
+    STALL_EXIT_CODE,
+    TEST_HANG_ENV,
+    BatchLedger,
+    HangForTest,
+    Watchdog,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +56,13 @@ class GenerateActor:
     Input batch columns: key, shard, label_ids, caption. Output: one row per input row with
     key, shard, status, attempts, token counts, ``result`` (JSON: description, text, reasons,
     repairs, engine) and ``worker`` (JSON: pid, node, actor id, GPU ids: which actor did it).
+
+    With a ``ledger`` (the run's :class:`BatchLedger` actor) every batch is registered before
+    it goes to the engine; one given up comes back as ``hung`` rows without being tried, and
+    with ``engine.stall_timeout_s`` a :class:`Watchdog` ends the actor when its batch stalls.
     """
 
-    def __init__(self, cfg: dict, space: dict):
+    def __init__(self, cfg: dict, space: dict, ledger: Any = None):
         import ray
 
         logging.basicConfig(level=logging.INFO)
@@ -68,7 +81,14 @@ class GenerateActor:
             }
         )
         start = time.perf_counter()
-        self.describer = Describer(self.cfg, self.space, make_engine(self.cfg))
+        engine = make_engine(self.cfg)
+        self.ledger, self.watchdog = ledger, None
+        if ledger is not None and self.cfg.engine.stall_timeout_s > 0:
+            self.watchdog = Watchdog(self.cfg.engine.stall_timeout_s, self._stalled)
+            engine.on_progress = self.watchdog.progress
+        if os.environ.get(TEST_HANG_ENV):
+            engine = HangForTest(engine, os.environ[TEST_HANG_ENV])
+        self.describer = Describer(self.cfg, self.space, engine)
         # when generation could begin: the report's generation-only rate starts here
         self.worker = json.dumps({**json.loads(self.worker), "ready_at": round(time.time(), 3)})
         log.info("engine ready in %.1f s (actor %s)", time.perf_counter() - start, self.worker)
@@ -85,11 +105,67 @@ class GenerateActor:
                 batch["key"], batch["shard"], batch["label_ids"], batch["caption"]
             )
         ]
-        results = self.describer.describe(rows)
+        results = self._describe(rows)
         out: dict[str, list] = {c: [getattr(r, c) for r in results] for c in _OUT_COLUMNS}
         out["result"] = [json.dumps({c: getattr(r, c) for c in _JSON_COLUMNS}) for r in results]
         out["worker"] = [self.worker] * len(results)
         return out
+
+    def _describe(self, rows: list[dict]) -> list[RowResult]:
+        import ray
+
+        if self.ledger is None:
+            return self.describer.describe(rows)
+        keys = [r["key"] for r in rows]
+        retries = self.cfg.engine.batch_retries
+        if not ray.get(self.ledger.begin.remote(keys, json.loads(self.worker), retries)):
+            log.error(
+                "batch of %d rows (%s ... %s) given up: %d tries stalled or died; its rows "
+                "are reported as '%s'",
+                len(keys),
+                keys[0],
+                keys[-1],
+                retries + 1,
+                HUNG,
+            )
+            reason = f"engine_stalled: {retries + 1} tries of its batch stalled or died"
+            return [
+                RowResult(r["key"], int(r["shard"]), status=HUNG, reasons=[reason]) for r in rows
+            ]
+        if self.watchdog is None:
+            results = self.describer.describe(rows)
+        else:
+            with self.watchdog.watch(keys):
+                results = self.describer.describe(rows)
+        ray.get(self.ledger.finish.remote(keys))
+        return results
+
+    def _stalled(self, seen: dict) -> None:
+        """The watchdog's verdict: say what was seen, record it, and end this process so that
+        Ray restarts the actor and retries the batch (``os._exit``: the engine may be wedged
+        in a call that never returns, and a clean shutdown could wait on it)."""
+        import ray
+
+        log.error(
+            "engine stalled: no progress for %.0f s (engine.stall_timeout_s=%g) on a batch of "
+            "%d rows (%s ... %s) after %.0f s and %d progress units; ending actor %s so that "
+            "Ray restarts it and retries the batch",
+            seen["seconds_without_progress"],
+            self.cfg.engine.stall_timeout_s,
+            len(seen["keys"]),
+            seen["keys"][0],
+            seen["keys"][-1],
+            seen["batch_seconds"],
+            seen["progress"],
+            self.worker,
+        )
+        try:
+            ray.get(self.ledger.stalled.remote(seen), timeout=30)
+        except Exception:  # the restart matters more than the record
+            log.exception("could not record the stall")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(STALL_EXIT_CODE)
 
 
 def _result_rows(batch: dict[str, Any]) -> Iterator[RowResult]:
@@ -229,11 +305,17 @@ def describe_on_ray(
         env = _actor_env(cfg, cpu_engine_threads(stats.cluster, n_actors) if cpu_engines else 0)
         if env:
             remote_args["runtime_env"] = {"env_vars": env}
+        # the run's batch ledger (module doc of ltdist.stag.watchdog); dies with the driver
+        ledger = ray.remote(num_cpus=0)(BatchLedger).remote()
         ds = ray.data.from_items(
             rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.batch_size))
         ).map_batches(
             GenerateActor,
-            fn_constructor_kwargs={"cfg": actor_config(cfg), "space": space.to_dict()},
+            fn_constructor_kwargs={
+                "cfg": actor_config(cfg),
+                "space": space.to_dict(),
+                "ledger": ledger,
+            },
             compute=ray.data.ActorPoolStrategy(size=n_actors),
             batch_size=cfg.batch_size,
             batch_format="numpy",
@@ -241,8 +323,14 @@ def describe_on_ray(
         )
         # prefetch_batches=0: a finished batch is handed over at once (with prefetching, Ray
         # Data holds it back until the next one is ready, which delays publishing shards)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            yield list(_result_rows(batch))
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+                yield list(_result_rows(batch))
+        finally:
+            try:
+                stats.engine_stalls = ray.get(ledger.summary.remote(), timeout=60)
+            except Exception:  # (the cluster may be gone) the run's own error matters more
+                log.exception("could not read the batch ledger")
     finally:
         if connected:
             ray.shutdown()

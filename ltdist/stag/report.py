@@ -53,6 +53,10 @@ class RunStats:
     num_actors: int = 0
     num_gpus_per_actor: float = 0.0
     cluster: dict[str, float] = field(default_factory=dict)
+    # batches whose tries stalled or died (BatchLedger.summary), and the rows not published:
+    # key -> reason (the given-up rows, and the rows of their shards)
+    engine_stalls: dict = field(default_factory=dict)
+    not_published: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         gen_s = self.seconds - (self.first_result_s or 0.0)
@@ -88,6 +92,8 @@ class RunStats:
             "num_gpus_per_actor": self.num_gpus_per_actor,
             "cluster_resources": self.cluster,
             "actors": sorted(self.workers.values(), key=lambda w: (w["node"], w["pid"])),
+            "engine_stalls": self.engine_stalls or {"restarts": 0, "stalls": 0, "batches": []},
+            "not_published": dict(sorted(self.not_published.items())),
         }
 
 

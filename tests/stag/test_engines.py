@@ -120,6 +120,18 @@ def test_vllm_repetition_penalty_reaches_sampling(vllm_engine, monkeypatch):
     assert reuse(penalised) < reuse(plain)
 
 
+@pytest.mark.gen_env
+def test_vllm_reports_every_steps_tokens_to_the_stall_watchdog(vllm_engine, monkeypatch):
+    """The watchdog's heartbeat (ltdist.stag.watchdog): one report per engine step with the
+    step's new tokens, not one per finished request, so a slow batch is seen advancing."""
+    steps: list[int] = []
+    monkeypatch.setattr(vllm_engine, "on_progress", steps.append)
+    out = vllm_engine.generate(requests_for(chat_prompts(vllm_engine.tokenizer, 3), seed0=11))
+    assert sum(steps) == sum(g.num_tokens for g in out)
+    assert len(steps) >= max(g.num_tokens for g in out)  # a step at a time
+    assert all(0 < n <= 3 for n in steps)  # at most one token per request and step
+
+
 # -- transformers --------------------------------------------------------------------------------
 
 
@@ -130,7 +142,10 @@ def test_transformers_engine_generates_reproducibly(smollm2_folder):
         assert isinstance(engine, TransformersEngine) and engine.name == "transformers"
         assert engine.tokenizer.padding_side == "left"
         prompts = chat_prompts(engine.tokenizer, 2)
+        steps: list[int] = []
+        engine.on_progress = steps.append  # the stall watchdog's heartbeat: rows per step
         first = engine.generate(requests_for(prompts, seed0=3))
+        assert steps == [2] * max(g.num_tokens for g in first)
         again = engine.generate(requests_for(prompts, seed0=3))
         other = engine.generate(requests_for(prompts, seed0=50))
     assert [g.key for g in first] == ["img000", "img001"]

@@ -956,3 +956,119 @@ def test_ray_job_with_working_dir_refuses_relative_paths(ray_cluster, tmp_path):
     assert "data.out=shards/demo_stag: a relative output would be written into the copy" in error
     assert "data.manifests.train=data/demo/train.jsonl: not in the copy" in error
     assert "engine.model=.cache/llm/SmolLM2-135M-Instruct: not in the copy" in error
+
+
+# -- a hung engine (ltdist.stag.watchdog) on the same cluster, with the template engine ---------
+
+
+@pytest.fixture(scope="module")
+def hung_and_resumed(ray_cluster, demo_set, tmp_path_factory):
+    """Run 1: 20 samples, 4 shards of 5 = 4 batches, 2 template-engine actors; the engine
+    really blocks (the LTDIST_STAG_TEST_HANG hook) on key 2 the first time only and on key 12
+    every time; stall timeout 3 s, one retry per batch. Run 2: the same command without the
+    hook. Drivers join the cluster directly (ray_address), as `ray job submit` would."""
+    keys = input_keys(demo_set)[:20]
+    work = tmp_path_factory.mktemp("hang")
+    out, hang = work / "out", work / "hang"
+    hang.mkdir()
+    (hang / keys[2]).write_text("once")
+    (hang / keys[12]).write_text("always")
+    runs = []
+    # run 2 has one batch left: one actor
+    for n, extra in ((1, [f"env.LTDIST_STAG_TEST_HANG={hang}"]), (2, ["num_actors=1"])):
+        requests = work / f"requests{n}.jsonl"
+        overrides = [
+            f"data.out={out}",
+            f"data.classes={demo_set / 'classes.txt'}",
+            f"data.manifests.train={demo_set / 'train.jsonl'}",
+            f"data.manifests.test={demo_set / 'test.jsonl'}",
+            "data.samples_per_shard=5",
+            "limit=20",
+            "engine.kind=template",
+            "engine.stall_timeout_s=3",
+            "engine.batch_retries=1",
+            "describe=all",
+            "batch_size=5",
+            "num_actors=2",
+            "num_gpus_per_actor=0",
+            "num_cpus_per_actor=0.5",
+            "progress=false",
+            f"ray_address={ray_cluster.address}",
+            f"record_requests={requests}",
+            *extra,
+        ]
+        args = ["-m", "ltdist.stag_gen", "--config", "configs/stag/demo.yaml", *overrides]
+        t0 = time.time()
+        proc = subprocess.run(
+            [PYTHON, *args],
+            cwd=ROOT,
+            env={**ray_cluster.env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        runs.append(
+            {
+                "rc": proc.returncode,
+                "log": proc.stdout + proc.stderr,
+                "report": json.loads((out / "stag_report.json").read_text()),
+                "index": read_index(out),
+                "shards": shard_keys(out),
+                "requests": request_log(requests),
+                "seconds": time.time() - t0,
+            }
+        )
+    return keys, runs
+
+
+@pytest.mark.gen_env
+def test_a_stalled_batch_is_retried_on_a_restarted_actor_and_a_hung_one_reported(
+    hung_and_resumed,
+):
+    keys, (run, _) = hung_and_resumed
+    once, always = keys[0:5], keys[10:15]  # the batches (= shards 0 and 2) of keys 2 and 12
+    assert run["rc"] == 2, run["log"][-4000:]  # stopped with an error that names the rows
+    assert f"{len(always)} rows" in run["log"] and all(k in run["log"] for k in always)
+    assert "engine stalled: no progress for" in run["log"]  # the actor said what it saw
+    stalls = run["report"]["run"]["engine_stalls"]
+    assert (stalls["restarts"], stalls["stalls"]) == (3, 3)  # 1 for `once`, 2 for `always`
+    assert stalls["rows_retried"] == once and stalls["rows_given_up"] == always
+    for batch in stalls["batches"]:
+        for t in batch["failed_tries"]:
+            assert t["why"] == "stalled" and t["progress"] == 0
+            assert t["seconds_without_progress"] >= 3
+    # sent to an engine: every batch once, plus the stalled tries (never a third for `always`)
+    sent = collections.Counter(tuple(r["keys"]) for r in run["requests"])
+    assert sent == {tuple(once): 2, tuple(always): 2, tuple(keys[5:10]): 1, tuple(keys[15:]): 1}
+    # each retry ran on a restarted actor: a new process; the stalled ones are gone
+    for batch in (once, always):
+        pids = [r["pid"] for r in run["requests"] if r["keys"] == batch]
+        assert len(set(pids)) == 2 and not alive(pids[0])
+    # nothing lost: published exactly once, or listed as not written with a reason
+    report, index = run["report"], run["index"]
+    assert sorted(run["shards"]) == [0, 1, 3] and report["missing_shards"] == [2]
+    written = [k for ks in run["shards"].values() for k in ks]
+    assert sorted(written) == keys[:10] + keys[15:] and len(set(written)) == len(written)
+    not_published = report["run"]["not_published"]
+    assert sorted(not_published) == always
+    assert all(why.startswith("hung: engine_stalled") for why in not_published.values())
+    assert not report["complete"] and index["num_input"] == 20
+    print(
+        f"\nhung-engine run: {run['seconds']:.0f} s, restarts {stalls['restarts']}, rows "
+        f"retried {stalls['rows_retried']}, given up {stalls['rows_given_up']}, "
+        f"shards written {sorted(run['shards'])}"
+    )
+
+
+@pytest.mark.gen_env
+def test_the_rerun_after_a_hung_batch_writes_every_sample_exactly_once(hung_and_resumed):
+    keys, (_, run) = hung_and_resumed
+    assert run["rc"] == 0, run["log"][-4000:]
+    assert [r["keys"] for r in run["requests"]] == [keys[10:15]]  # only the missing shard
+    written = [k for ks in run["shards"].values() for k in ks]
+    assert sorted(written) == keys and len(set(written)) == len(written)
+    report = run["report"]
+    assert report["complete"] and report["num_written"] == 20
+    assert report["run"]["engine_stalls"]["restarts"] == 0
+    assert report["run"]["not_published"] == {} and report["run"]["shards_written"] == [2]
+    assert [r["engine_stalls"]["restarts"] for r in report["runs"]] == [3, 0]
