@@ -16,8 +16,8 @@ ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs 
 ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
                      [--shapes 1x8,8x8] [--splits-dir DIR]   a config's plan at a cluster shape,
                      then (without --plan) its run here at reduced width
-ltdist export push   EXPORT REPO_ID [--private] [--revision BRANCH]   upload an export folder as
-                     a Hugging Face Hub model repo (needs HF_TOKEN or `hf auth login`)
+ltdist export push   EXPORT REPO_ID [--private] [--revision BRANCH] [--license ID]   upload an
+                     export folder as a Hugging Face Hub model repo (HF_TOKEN or `hf auth login`)
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def _rehearse(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from ltdist.train.hub import push
 
-    url = push(args.export, args.repo_id, args.private, args.revision or None)
+    url = push(args.export, args.repo_id, args.private, args.revision or None, args.license or None)
     print(f"pushed {args.export} to {args.repo_id}: {url}")
     return 0
 
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", help="ORG/NAME on the Hub")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", default="", help="a branch to push to (created from main)")
+    p.add_argument(
+        "--license", default="", help="a Hub licence id (apache-2.0, mit, ...) for the card"
+    )
     p.set_defaults(func=_push)
     return parser
 

@@ -11,6 +11,7 @@ what an earlier download left there.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -124,7 +125,8 @@ def _settings(cfg: TrainConfig, meta: Mapping) -> list[tuple[str, str]]:
         )
         rows.append(("CLIP tower (open_clip)", tower))
     if cfg.task == "cprfl":
-        rows.append(("head", m.head + (f" (prompts: {m.cprfl.prompt_init})" * (m.head == "cprfl"))))
+        prompts = f" (prompts: {m.cprfl.prompt_init})" if m.head == "cprfl" else ""
+        rows.append(("head", m.head + prompts))
         rows.append(("visual tokens", m.backbone.kind))
         rows.append(("loss", m.loss.kind))
     else:
@@ -132,7 +134,7 @@ def _settings(cfg: TrainConfig, meta: Mapping) -> list[tuple[str, str]]:
         rows.append(
             ("Q-Former", f"{q.num_layers} layers, width {q.hidden_size}, {q.num_queries} queries")
         )
-        rows.append(("text tokenizer", m.text_tokenizer))
+        rows.append(("text tokenizer", f"{m.text_tokenizer} (its files in {TOKENIZER}/)"))
         if cfg.task == "dpvlpa":
             rows.append(("loss", m.loss.kind))
     rows += [
@@ -256,7 +258,8 @@ def model_card(cfg: TrainConfig, space: LabelSpace, meta: Mapping) -> str:
         "- license: "
         + (
             meta.get("license")
-            or "not stated; add `license:` to the metadata above before "
+            or "not stated; `ltdist export push ... --license ID` (or `license:` in the "
+            "metadata above) sets it before "
             "publishing (the pretrained weights' own licences apply)"
         ),
         "",
@@ -269,10 +272,12 @@ def push(
     repo_id: str,
     private: bool = False,
     revision: str | None = None,
+    license: str | None = None,
     token: str | None = None,
 ) -> str:
     """Upload an export folder as the model repo ``repo_id`` (created when absent); returns
-    the commit's URL. Needs a token: ``HF_TOKEN`` or ``hf auth login``."""
+    the commit's URL. Needs a token: ``HF_TOKEN`` or ``hf auth login``. ``license`` (a Hub
+    licence id, e.g. ``apache-2.0``) is recorded in ``export.json`` and the card first."""
     from huggingface_hub import HfApi, get_token
 
     from ltdist.train.export import CLASSES, CONFIG, META, WEIGHTS, write_card
@@ -290,7 +295,13 @@ def push(
         if not storage.is_local(export):
             storage.download_tree(export, tmp)
             folder = tmp
-        if not os.path.exists(os.path.join(folder, CARD)):  # written before model cards
+        if license:
+            meta_path = os.path.join(folder, META)
+            with open(meta_path) as f:
+                meta = {**json.load(f), "license": license}
+            storage.write_bytes_atomic(meta_path, json.dumps(meta, indent=1).encode())
+            write_card(folder)
+        elif not os.path.exists(os.path.join(folder, CARD)):  # written before model cards
             write_card(folder)
             log.info("%s had no model card: wrote %s", export, os.path.join(folder, CARD))
         api = HfApi(token=token)

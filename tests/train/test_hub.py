@@ -191,7 +191,14 @@ def test_push_uploads_the_export_folder_as_it_stands(
     assert Path(upload["folder_path"]) == old
     sent = {f for f in _files(old) if any(fnmatch.fnmatch(f, p) for p in upload["allow_patterns"])}
     assert sent == _files(old) == EXPORT_FILES | TOKENIZER_FILES
-    assert ModelCard.load(old / "README.md").data.library_name == "ltdist"
+    card = ModelCard.load(old / "README.md")
+    assert (card.data.library_name, card.data.license) == ("ltdist", None)
+
+    assert main(["export", "push", str(old), "org/tiny", "--license", "apache-2.0"]) == 0
+    name, upload = hub_calls[-1]
+    assert name == "upload_folder" and upload["revision"] is None
+    assert ModelCard.load(old / "README.md").data.license == "apache-2.0"
+    assert json.loads((old / "export.json").read_text())["license"] == "apache-2.0"
 
 
 def test_push_without_a_token_says_how_to_get_one(
