@@ -198,7 +198,8 @@ def load_export(location: str, device: str | torch.device = "cpu") -> Exported:
             raise
         raise MissingInputError(
             f"{location} has no {TOKENIZER}/ folder (written before exports carried one) and "
-            f"its training tokenizer {model.text_tokenizer!r} cannot be loaded here: {e}. "
+            f"its training tokenizer {model.text_tokenizer!r} cannot be loaded here "
+            f"({str(e).rstrip('.')}). "
             "Load it once where it can be, or copy its files into the export's tokenizer/"
         ) from None
     state = read_export_weights(location)
