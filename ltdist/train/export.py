@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -42,6 +43,8 @@ from ltdist.models.clip import resolved_clip_config
 from ltdist.provenance import git_commit, package_versions
 from ltdist.train.config import ModelConfig, TrainConfig
 from ltdist.train.hub import CARD, TOKENIZER, is_hf, model_card, snapshot
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS, CLASSES, CONFIG, META = "model.safetensors", "classes.json", "config.json", "export.json"
@@ -109,12 +112,24 @@ def save_export(
 
 def _save_tokenizer(name_or_path: str, location: str) -> None:
     """The tokenizer the run used (a Hub id from the training node's cache, or a folder), as
-    its files: ``tokenizer_config.json``, the vocabulary, ``tokenizer.json``."""
+    its files: ``tokenizer_config.json``, the vocabulary, ``tokenizer.json``. Never from the
+    network (training loaded it already); one that is not here is left out with a warning."""
     from transformers import AutoTokenizer
 
     from ltdist.config import resolve_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(name_or_path), local_files_only=True)
+    except OSError as e:
+        log.warning(
+            "export %s: no %s/ folder, the tokenizer %r cannot be loaded (%s); predicting "
+            "from this export will need it",
+            location.rsplit("/", 1)[0],
+            TOKENIZER,
+            name_or_path,
+            e,
+        )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         storage.upload_tree(tmp, location)

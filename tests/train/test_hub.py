@@ -119,6 +119,21 @@ def test_an_export_without_tokenizer_or_card_still_loads(exports, tmp_path):
         )
 
 
+def test_a_tokenizer_not_on_this_machine_is_left_out_with_a_warning(tmp_path, caplog, monkeypatch):
+    """Exporting never goes to the network; predicting from such an export (offline) says what
+    is missing instead of failing deep inside transformers."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = load_config(TrainConfig, TINY, ["task=dpvlpa"])
+    task = build_task(cfg.task, cfg.model, _space())
+    absent = "no-such-org/no-such-tokenizer"
+    cfg.model.text_tokenizer = absent
+    save_export(str(tmp_path), task.state_dict(), _space(), cfg, {"step": 1})
+    assert _files(tmp_path) == EXPORT_FILES
+    assert f"no tokenizer/ folder, the tokenizer {absent!r} cannot be loaded" in caplog.text
+    with pytest.raises(MissingInputError, match="has no tokenizer/ folder"):
+        load_export(str(tmp_path))
+
+
 def _cache_repo(cache: Path, repo_id: str, export: Path, refs: dict[str, str]) -> None:
     """The Hub cache's layout for a downloaded model repo: snapshots/<commit>, refs/<name>."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
