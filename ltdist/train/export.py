@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ltdist import storage
-from ltdist.config import from_dict, to_dict
+from ltdist.config import from_dict, resolve_path, to_dict
 from ltdist.entry import InputError, MissingInputError
 from ltdist.eval.report import SELECTION_TEXT
 from ltdist.labels import LabelSpace
@@ -115,8 +115,6 @@ def _save_tokenizer(name_or_path: str, location: str) -> None:
     its files: ``tokenizer_config.json``, the vocabulary, ``tokenizer.json``. Never from the
     network (training loaded it already); one that is not here is left out with a warning."""
     from transformers import AutoTokenizer
-
-    from ltdist.config import resolve_path
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_path(name_or_path), local_files_only=True)
