@@ -172,6 +172,8 @@ def hub_calls(monkeypatch) -> list[tuple[str, dict]]:
     def record(name):
         def method(self, *args, **kwargs):
             calls.append((name, {"token": self.token, "args": args, **kwargs}))
+            if "folder_path" in kwargs:  # what is there while the upload runs
+                calls[-1][1]["files"] = _files(Path(kwargs["folder_path"]))
             return huggingface_hub.CommitInfo(
                 commit_url="https://huggingface.co/org/tiny/commit/c0ffee",
                 commit_message="",
@@ -214,6 +216,18 @@ def test_push_uploads_the_export_folder_as_it_stands(
     assert name == "upload_folder" and upload["revision"] is None
     assert ModelCard.load(old / "README.md").data.license == "apache-2.0"
     assert json.loads((old / "export.json").read_text())["license"] == "apache-2.0"
+
+
+def test_push_from_an_object_store_uploads_a_local_copy(exports, s3, hub_calls, monkeypatch):
+    from ltdist import storage
+    from ltdist.train.hub import push
+
+    storage.upload_tree(exports["dpvlpa"], f"{s3}/runs/export")
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    push(f"{s3}/runs/export", "org/tiny")
+    upload = hub_calls[-1][1]
+    assert upload["files"] == _files(exports["dpvlpa"])
+    assert not Path(upload["folder_path"]).exists()  # the copy is gone after the upload
 
 
 def test_push_without_a_token_says_how_to_get_one(
