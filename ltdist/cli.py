@@ -16,6 +16,8 @@ ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs 
 ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
                      [--shapes 1x8,8x8] [--splits-dir DIR]   a config's plan at a cluster shape,
                      then (without --plan) its run here at reduced width
+ltdist export push   EXPORT REPO_ID [--private] [--revision BRANCH] [--license ID]   upload an
+                     export folder as a Hugging Face Hub model repo (HF_TOKEN or `hf auth login`)
 """
 
 from __future__ import annotations
@@ -248,6 +250,14 @@ def _rehearse(args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from ltdist.train.hub import push
+
+    url = push(args.export, args.repo_id, args.private, args.revision or None, args.license or None)
+    print(f"pushed {args.export} to {args.repo_id}: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltdist", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -346,6 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits-dir", default="", help="the benchmark split files (data/splits)")
     p.add_argument("--work", default="runs/rehearsal", help="stand-in data and runs go here")
     p.set_defaults(func=_rehearse)
+
+    export = sub.add_parser("export", help="publish a training run's export").add_subparsers(
+        dest="export_command", required=True
+    )
+    p = export.add_parser(
+        "push", help="upload an export folder as a Hugging Face Hub model repo (created if new)"
+    )
+    p.add_argument("export", help="an export folder (<run>/export), local or an fsspec URL")
+    p.add_argument("repo_id", help="ORG/NAME on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default="", help="a branch to push to (created from main)")
+    p.add_argument(
+        "--license", default="", help="a Hub licence id (apache-2.0, mit, ...) for the card"
+    )
+    p.set_defaults(func=_push)
     return parser
 
 

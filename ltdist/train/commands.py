@@ -65,12 +65,17 @@ decision thresholds, for an exported checkpoint on a shard split."""
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     parser = _common(argparse.ArgumentParser(description=EVALUATE_DOC))
-    parser.add_argument("--export", required=True, help="an export folder (<run>/export)")
+    parser.add_argument(
+        "--export", required=True, help="an export: <run>/export, an fsspec URL or hf://ORG/NAME"
+    )
     parser.add_argument("--data", required=True, help="a shard folder with the export's classes")
     parser.add_argument("--split", default="test")
     parser.add_argument("--val-split", default="", help="pick per-class F1 thresholds on it")
     parser.add_argument(
-        "--out", default="", help="report folder (default <export>/../eval-<split>)"
+        "--out",
+        default="",
+        help="report folder (default <export>/../eval-<split>; for hf://ORG/NAME: "
+        "eval-NAME-<split> here)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
@@ -84,6 +89,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     entry.setup_logging(args.verbose)
     out = args.out or f"{args.export.rstrip('/').rsplit('/', 1)[0]}/eval-{args.split}"
+    if not args.out and args.export.startswith("hf://"):  # a Hub repo is not written to
+        out = f"eval-{args.export.rstrip('/').rsplit('/', 1)[-1].split('@')[0]}-{args.split}"
 
     def main() -> int:
         from ltdist.train.inference import evaluate_export
@@ -116,7 +123,9 @@ stderr with the reason and the exit status is 1."""
 
 def predict_main(argv: list[str] | None = None) -> int:
     parser = _common(argparse.ArgumentParser(description=PREDICT_DOC))
-    parser.add_argument("--export", required=True, help="an export folder (<run>/export)")
+    parser.add_argument(
+        "--export", required=True, help="an export: <run>/export, an fsspec URL or hf://ORG/NAME"
+    )
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--classes", default="", help="comma-separated class names (open vocab)")
     parser.add_argument("--classes-file", default="", help="one class name per line")

@@ -4,7 +4,9 @@ resume from there: one process, run as a user runs it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
 
 import pytest
 
@@ -44,6 +46,11 @@ def test_checkpoints_and_export_on_s3_and_resume_from_there(demo, s3, tmp_path):
 
     exported = load_export(storage.join(out, "export"))
     assert exported.config.output_dir == out and exported.meta["step"] == 3
+    assert {"README.md", "tokenizer"} <= set(storage.listdir(storage.join(out, "export")))
+    local_tokenizer = exported.module.tokenizer.name_or_path  # the export's, copied down
+    assert local_tokenizer.startswith(tempfile.gettempdir()) and "tokenizer.json" in os.listdir(
+        local_tokenizer
+    )
 
     proc = _train(demo, out, "max_steps=5", *common)
     assert "resumed from step 3" in proc.stdout + proc.stderr
