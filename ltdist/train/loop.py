@@ -455,6 +455,7 @@ def _periodic_eval(
                 cfg.loader.image_size,
                 cfg.data.eval_limit,
                 cfg.loader.transform,
+                cfg.loader.clip_preprocess(),
             )
             results[split] = map_from_logits(logits, targets, space, cfg.eval.scoring)
         if best is not None:
@@ -535,6 +536,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds) -
                 cfg.loader.image_size,
                 val_split=cfg.data.val_split,
                 transform=cfg.loader.transform,
+                preprocess=cfg.loader.clip_preprocess(),
                 scoring=cfg.eval.scoring,
                 checkpoint_selection=selection,
             )

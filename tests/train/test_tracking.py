@@ -92,6 +92,8 @@ def test_wandb_offline_run_holds_the_training_metrics(demo, tmp_path, no_tracker
             history.setdefault(row["_step"], {}).update(row)
     assert run.project == "ltdist" and run.display_name == "run" and list(run.tags) == ["tiny"]
     assert config["task"] == "pretrain" and config["loader.batch_size"] == 8
+    # the resolved image preprocessing (the tiny tower: OpenAI's), lists as text
+    assert config["loader.mean"] == "0.48145466,0.4578275,0.40821073"
     losses = _train_losses(out)
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, loss in losses.items():
@@ -116,6 +118,12 @@ def test_mlflow_local_store_run_holds_the_training_metrics(demo, tmp_path, no_tr
     assert logged == pytest.approx(_train_losses(out), rel=1e-6)
     assert sorted(logged) == list(range(1, STEPS + 1))
     assert run.data.metrics["eval/map_all"] == pytest.approx(result["map"]["all"], rel=1e-6)
+    # the run's image preprocessing, recorded where the export and metrics.json keep the config
+    exported = json.loads((out / "export" / "config.json").read_text())["loader"]
+    recorded = json.loads((out / "metrics.json").read_text())["provenance"]["config"]["loader"]
+    for loader in (exported, recorded):
+        assert loader["std"] == [0.26862954, 0.26130258, 0.27577711]
+        assert (loader["interpolation"], loader["resize_mode"]) == ("bicubic", "shortest")
 
 
 def test_an_unknown_tracker_is_refused_naming_the_key_and_the_choices():
