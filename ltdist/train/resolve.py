@@ -79,7 +79,10 @@ def image_preprocess(cfg: TrainConfig) -> tuple[LoaderConfig, str]:
         tower, why = m.clip, "model.clip"
     if tower is not None:
         prep = clip_preprocess(tower)
-        why = f"open_clip's preprocessing for {why} {tower.model_name} / {tower.pretrained!r}"
+        if tower.tiny or not tower.pretrained:
+            why = f"{why} has random weights: open_clip's defaults, OpenAI CLIP's"
+        else:
+            why = f"open_clip's preprocessing for {why} {tower.model_name} / {tower.pretrained!r}"
     filled = {
         "mean": loader.mean or prep.mean,
         "std": loader.std or prep.std,
