@@ -72,8 +72,8 @@ def start_tracking(acc, cfg: TrainConfig, tracking: Tracking) -> None:
 
             mlflow.set_tracking_uri(tracking.mlflow_uri)
     acc.init_trackers(tracking.project, config=hparams(cfg), init_kwargs=tracking.init_kwargs)
-    if tracking.mlflow_uri:
-        acc.print(f"mlflow: run stored in {tracking.mlflow_uri}")
+    where = tracking.mlflow_uri or tracking.init_kwargs.get("wandb", {}).get("dir")
+    acc.print(f"{tracking.log_with}: logging to {where or tracking.logging_dir}")
 
 
 def hparams(cfg: TrainConfig) -> dict:

@@ -75,10 +75,16 @@ def test_wandb_offline_run_holds_the_training_metrics(demo, tmp_path, no_tracker
     result = loop.train(
         _config(demo, out, "tracker=wandb", "tracker_init_kwargs.wandb.tags=[tiny]")
     )
+    import wandb
+
+    # W&B's service process writes the run file and may still hold part of it when the run's
+    # finish returns; it closes the file when it stops (at exit, or here)
+    wandb.teardown()
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    history, config, run = {}, {}, None
+    history, config, run, kinds = {}, {}, None, []
     for record in _wandb_records(run_file):
         kind = record.WhichOneof("record_type")
+        kinds.append(kind)
         if kind == "run":
             run = record.run
             config.update({u.key: json.loads(u.value_json) for u in run.config.update})
@@ -90,6 +96,7 @@ def test_wandb_offline_run_holds_the_training_metrics(demo, tmp_path, no_tracker
                 for i in record.history.item
             }
             history.setdefault(row["_step"], {}).update(row)
+    assert run is not None, f"{run_file} holds no run record: {kinds}"
     assert run.project == "ltdist" and run.display_name == "run" and list(run.tags) == ["tiny"]
     assert config["task"] == "pretrain" and config["loader.batch_size"] == 8
     # the resolved image preprocessing (the tiny tower: OpenAI's), lists as text
