@@ -44,7 +44,7 @@ make_env() {
     echo "$stamp" > "$venv/.stamp"
 }
 
-make_env train "train,dev,test-s3"
+make_env train "train,trackers,dev,test-s3"
 make_env gen "gen-cpu,dev"
 # The small real LLM for generation on CPU: GGUF -> a plain bf16 safetensors folder that vLLM
 # (gen env) loads; converted in the train env, where transformers' GGUF reader imports.

@@ -59,6 +59,24 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Image preprocessing presets (LoaderConfig.transform); each has a training and a test form.
 Transform = Literal["clip", "cprfl_official"]
+Interpolation = Literal["bicubic", "bilinear"]
+ResizeMode = Literal["shortest", "longest", "squash"]
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """The "clip" preset's resize and normalisation: what open_clip's preprocess config says
+    for the image tower's model and tag (``ltdist.models.clip.clip_preprocess``). The defaults
+    are OpenAI CLIP's (open_clip's own defaults, which the random and tiny towers keep).
+
+    ``resize_mode``: "shortest" = short side to the size, centre crop; "squash" = both sides
+    to the size, ignoring the aspect ratio; "longest" = long side to the size, centre pad
+    with black."""
+
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    interpolation: Interpolation = "bicubic"
+    resize_mode: ResizeMode = "shortest"
 
 
 @dataclass
@@ -70,10 +88,18 @@ class LoaderConfig:
     resampled: bool = False
     samples_per_epoch: int = 0  # global; required in resampled mode
     image_size: int = 224
-    # Preprocessing preset, in training and at evaluation: "clip" (short side to image_size,
-    # centre crop, CLIP mean/std) or "cprfl_official" (CPRFL's code: squash to image_size x
-    # image_size, values in [0, 1], no mean/std). See image_transform.
+    # Preprocessing preset, in training and at evaluation: "clip" (the CLIP tower's resize and
+    # mean/std below) or "cprfl_official" (CPRFL's code: squash to image_size x image_size,
+    # values in [0, 1], no mean/std). See image_transform.
     transform: Transform = "clip"
+    # The "clip" preset's mean/std, interpolation and resize mode (ClipPreprocess). Left empty,
+    # a training run fills them in from open_clip's preprocess config for the image tower's
+    # model and tag (ltdist.train.resolve), and its checkpoints and export record them; empty
+    # at load time (exports written before) = OpenAI CLIP's, short side, bicubic.
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    interpolation: Literal["", "bicubic", "bilinear"] = ""
+    resize_mode: Literal["", "shortest", "longest", "squash"] = ""
     # The preset's training augmentation, seeded per sample and epoch: clip = random resized
     # crop + flip; cprfl_official = Cutout + RandAugment.
     augment: bool = False
@@ -92,6 +118,26 @@ class LoaderConfig:
             raise ValueError(
                 f"loader.transform {self.transform!r} is not one of {get_args(Transform)}"
             )
+        given = [k for k in ("mean", "std", "interpolation", "resize_mode") if getattr(self, k)]
+        if given and self.transform != "clip":
+            raise ValueError(
+                f"loader.{given[0]} is a setting of loader.transform=clip; "
+                f"{self.transform} has its own resize and no mean/std"
+            )
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values and (len(values) != 3 or (key == "std" and min(values) <= 0)):
+                raise ValueError(f"loader.{key} must be 3 values (R, G, B), std > 0: {values}")
+
+    def clip_preprocess(self) -> ClipPreprocess:
+        """The "clip" preset's settings: the ones given, OpenAI CLIP's for the rest."""
+        given = {
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
+        return ClipPreprocess(**{k: v for k, v in given.items() if v})
 
 
 @dataclass(frozen=True)
@@ -226,20 +272,28 @@ def read_range(
 class ClipTransform:
     """CLIP-style preprocessing without torchvision (it does not import in the generation env).
 
-    Resize the short side to ``image_size`` (bicubic), centre crop, and return a uint8
-    (3, H, W) tensor; the collate step normalises whole batches (:func:`clip_normalize`), which
-    is cheaper than per image and sends 4x fewer bytes from the loader workers. With
-    ``augment``, a random resized crop (scale 0.5..1) and a horizontal flip drawn from the
-    per-sample ``rng``, so that a resumed run is exact.
+    Resize as ``preprocess.resize_mode`` says (default: the short side to ``image_size``,
+    bicubic, centre crop) and return a uint8 (3, H, W) tensor; the collate step normalises
+    whole batches with the preprocess's mean and std (:meth:`normalize`), which is cheaper than
+    per image and sends 4x fewer bytes from the loader workers. With ``augment``, first a
+    random resized crop (scale 0.5..1) and a horizontal flip drawn from the per-sample ``rng``,
+    so that a resumed run is exact.
     """
 
-    def __init__(self, image_size: int, augment: bool = False):
+    def __init__(
+        self, image_size: int, augment: bool = False, preprocess: ClipPreprocess | None = None
+    ):
         self.image_size, self.augment = image_size, augment
+        self.preprocess = preprocess or ClipPreprocess()
+        std = torch.tensor(self.preprocess.std).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -torch.tensor(self.preprocess.mean).view(1, 3, 1, 1) / std
 
     def __call__(self, img, rng: np.random.Generator | None = None):
         from PIL import Image
 
         size = self.image_size
+        resample = Image.BICUBIC if self.preprocess.interpolation == "bicubic" else Image.BILINEAR
         img = to_rgb(img)
         w, h = img.size
         if self.augment and rng is not None:
@@ -250,17 +304,28 @@ class ClipTransform:
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             w, h = img.size
-        if min(w, h) != size:
-            s = size / min(w, h)
-            img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        if img.size != (size, size):
-            left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
-            img = img.crop((left, top, left + size, top + size))
+        mode = self.preprocess.resize_mode
+        if mode == "squash":
+            if img.size != (size, size):
+                img = img.resize((size, size), resample)
+        elif mode == "longest":  # open_clip's ResizeKeepRatio(longest=1) + CenterCropOrPad
+            ratio = max(w, h) / size
+            img = img.resize((round(w / ratio), round(h / ratio)), resample)
+            canvas = Image.new("RGB", (size, size))
+            canvas.paste(img, ((size - img.size[0]) // 2, (size - img.size[1]) // 2))
+            img = canvas
+        else:
+            if min(w, h) != size:
+                s = size / min(w, h)
+                img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
+            if img.size != (size, size):
+                left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+                img = img.crop((left, top, left + size, top + size))
         return _uint8_chw(img)
 
-    @staticmethod
-    def normalize(images: torch.Tensor) -> torch.Tensor:
-        return clip_normalize(images)
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std."""
+        return images.float().mul_(self._scale).add_(self._shift)
 
 
 class SquashTransform:
@@ -323,11 +388,14 @@ def cutout(img, rng: np.random.Generator, factor: float = 0.5):
     return Image.fromarray(arr)
 
 
-def image_transform(name: str, image_size: int, augment: bool = False):
+def image_transform(
+    name: str, image_size: int, augment: bool = False, preprocess: ClipPreprocess | None = None
+):
     """The preprocessing preset ``name`` (``LoaderConfig.transform``): with ``augment`` its
-    training form, without it the test form that evaluation and prediction use."""
+    training form, without it the test form that evaluation and prediction use. ``preprocess``
+    is the "clip" preset's resize and mean/std (``LoaderConfig.clip_preprocess()``)."""
     if name == "clip":
-        return ClipTransform(image_size, augment)
+        return ClipTransform(image_size, augment, preprocess)
     if name == "cprfl_official":
         return SquashTransform(image_size, augment)
     raise ValueError(f"loader.transform {name!r} is not one of {get_args(Transform)}")
@@ -337,13 +405,12 @@ def _uint8_chw(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-_CLIP_SCALE = 1.0 / (255.0 * torch.tensor(CLIP_STD).view(1, 3, 1, 1))
-_CLIP_SHIFT = -torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+_OPENAI = ClipTransform(1)
 
 
 def clip_normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std with CLIP's mean and std."""
-    return images.float().mul_(_CLIP_SCALE).add_(_CLIP_SHIFT)
+    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std with OpenAI CLIP's mean and std."""
+    return _OPENAI.normalize(images)
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
@@ -466,7 +533,9 @@ class ShardLoader:
                 world_size,
                 max(1, cfg.num_workers),
             )
-        self.transform = transform or image_transform(cfg.transform, cfg.image_size, cfg.augment)
+        self.transform = transform or image_transform(
+            cfg.transform, cfg.image_size, cfg.augment, cfg.clip_preprocess()
+        )
         self.normalize = getattr(self.transform, "normalize", clip_normalize)
         self.tokenizer = tokenizer
         self.decode_images = decode_images
@@ -605,17 +674,19 @@ def eval_batches(
     world_size: int = 1,
     limit: int = 0,
     transform: str = "clip",
+    preprocess: ClipPreprocess | None = None,
 ) -> Iterator[EvalBatch]:
     """The one reader of a split for evaluation: every sample exactly once (the first ``limit``
     with ``limit``), in stored order, from a complete split whose shards are verified, through
-    the test form of the preprocessing preset ``transform`` (the training run's).
+    the test form of the preprocessing preset ``transform`` with ``preprocess`` (the training
+    run's: ``LoaderConfig.clip_preprocess()``).
 
     Batches go to the ranks round-robin and every rank gets the same number of them (the last
     ones padded), so the forward passes stay in lockstep as ZeRO-3 needs; one rank
     (``world_size=1``) gets them all. The last real batch may be short.
     """
     space = load_label_space(location)
-    prep = image_transform(transform, image_size)
+    prep = image_transform(transform, image_size, preprocess=preprocess)
     total = load_index(location, split).num_samples
     total = min(total, limit) if limit else total
     if total == 0:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltdist.data.loader import ClipPreprocess
+
 if TYPE_CHECKING:  # open_clip imports torchvision: load it only when a tower is built
     import open_clip
 
@@ -143,6 +145,35 @@ def resolve_quick_gelu(cfg: ClipTowerConfig) -> bool:
 
     tag = cfg.pretrained or "openai"
     return bool(open_clip.get_pretrained_cfg(cfg.model_name, tag).get("quick_gelu"))
+
+
+def clip_preprocess(cfg: ClipTowerConfig) -> ClipPreprocess:
+    """The images the tower expects: open_clip's preprocess config (mean, std, interpolation,
+    resize mode) for the model and pretrained tag, merged as ``open_clip.create_model`` merges
+    it (its defaults, then the tag's entry in its table; nothing is downloaded). A tiny or
+    random tower, a checkpoint path or a name open_clip's table lacks keeps the defaults
+    (OpenAI CLIP's), as open_clip does."""
+    if cfg.tiny or not cfg.pretrained:
+        return ClipPreprocess()
+    if ":" in cfg.model_name:  # hf-hub:, local-dir: keep theirs in a file open_clip fetches
+        log.warning(
+            "%s: its preprocessing is not looked up (OpenAI CLIP's is used); set loader.mean, "
+            "loader.std, loader.interpolation and loader.resize_mode as its config says",
+            cfg.model_name,
+        )
+        return ClipPreprocess()
+    from open_clip.pretrained import get_pretrained_cfg
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    tag_cfg = get_pretrained_cfg(cfg.model_name.replace("/", "-"), cfg.pretrained)
+    merged = merge_preprocess_dict(PreprocessCfg(), tag_cfg)
+    return ClipPreprocess(
+        mean=tuple(float(v) for v in merged["mean"]),
+        std=tuple(float(v) for v in merged["std"]),
+        # open_clip resizes with bilinear when told so, else bicubic ("random" at inference)
+        interpolation="bilinear" if merged["interpolation"] == "bilinear" else "bicubic",
+        resize_mode=merged["resize_mode"],
+    )
 
 
 def resolved_clip_config(cfg: ClipTowerConfig) -> ClipTowerConfig:

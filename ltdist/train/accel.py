@@ -21,9 +21,9 @@ class TrainingError(UserError, RuntimeError):
     """A run that cannot start or continue as configured (the message says why)."""
 
 
-def make_accelerator(cfg: TrainConfig, logging_dir: str):
+def make_accelerator(cfg: TrainConfig, project_dir: str, log_with: str | None, logging_dir: str):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     # CPU processes talk over gloo; a lone process (no launcher) needs no process group
     launched = (
@@ -36,8 +36,8 @@ def make_accelerator(cfg: TrainConfig, logging_dir: str):
     return Accelerator(
         mixed_precision=mixed_precision(cfg),
         gradient_accumulation_steps=cfg.optim.grad_accum,
-        log_with="tensorboard" if cfg.tracker == "tensorboard" else None,
-        project_dir=logging_dir,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=logging_dir),
         kwargs_handlers=[pg],
         step_scheduler_with_optimizer=False,  # stepped here once per optimizer step
     )

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ltdist.data.loader import LoaderConfig
 from ltdist.eval.metrics import Scoring
@@ -24,6 +24,19 @@ from ltdist.train.optim import OptimConfig
 from ltdist.train.plan import ClusterConfig
 
 Task = Literal["pretrain", "dpvlpa", "cprfl"]
+# Accelerate's trackers (ltdist.train.tracking says where each one writes).
+Tracker = Literal[
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "comet_ml",
+    "aim",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "trackio",
+    "none",
+]
 
 
 @dataclass
@@ -111,7 +124,13 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = off; CPRFL uses 0.998
     eval_every_steps: int = 0  # 0 = only at the end
     log_every_steps: int = 10
-    tracker: Literal["tensorboard", "none"] = "tensorboard"
+    tracker: Tracker = "tensorboard"
+    # The tracker's project (W&B project, MLflow experiment, TensorBoard subfolder); the run is
+    # named after output_dir's last folder unless tracker_init_kwargs names it.
+    tracker_project: str = "ltdist"
+    # Keyword arguments for the tracker's start, keyed by tracker as Accelerate's init_kwargs
+    # (e.g. {"wandb": {"entity": "lab", "tags": ["coco"]}, "mlflow": {"run_name": "x"}}).
+    tracker_init_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # A file whose appearance asks the run to checkpoint and stop (SLURM's pre-timeout signal
     # touches it); SIGUSR1 / SIGTERM to a training process do the same.
@@ -201,6 +220,14 @@ class TrainConfig:
             )
         if self.task == "pretrain" and self.model.init_from:
             raise ValueError("pretraining starts from CLIP + BERT; model.init_from is for phase 2")
+        stray = [k for k in self.tracker_init_kwargs if k != self.tracker]
+        if stray:
+            raise ValueError(
+                f"tracker_init_kwargs has keys {stray} but tracker={self.tracker}: its keys name "
+                "the tracker they are for"
+            )
+        if self.tracker != "none" and not self.tracker_project:
+            raise ValueError(f"tracker={self.tracker} needs a tracker_project (its project name)")
         self.optim.validate()
         self.loader.validate()
         self.cluster.validate()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ltdist import storage
-from ltdist.data.loader import eval_batches
+from ltdist.data.loader import ClipPreprocess, eval_batches
 from ltdist.data.shards import load_index, split_coverage
 from ltdist.eval import format_summary, write_report
 from ltdist.eval.metrics import Scoring, class_scores, map_from_logits
@@ -36,10 +36,12 @@ def evaluate_split(
     image_size: int,
     limit: int = 0,
     transform: str = "clip",
+    preprocess: ClipPreprocess | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C, float32) and targets (N, C) of a split, every sample once, in stored
     order, on every rank (each rank scores its batches, then all are gathered); images through
-    the test form of the training run's preprocessing preset ``transform``. The heads compute
+    the test form of the training run's preprocessing preset ``transform`` with its
+    ``preprocess`` (``LoaderConfig.clip_preprocess()``). The heads compute
     their logits in float32 with autocast off (``CPRFLHead.score``, ``DPVLPA.class_logits``,
     ``LinearHead``), so bf16 rounding of the logits cannot tie or reorder samples; the
     ``.float()`` here only guards a head that does not."""
@@ -48,7 +50,9 @@ def evaluate_split(
     mine: list[tuple[int, np.ndarray, np.ndarray]] = []
     was_training = module.training
     module.eval()
-    batches = eval_batches(location, split, batch_size, image_size, rank, world, limit, transform)
+    batches = eval_batches(
+        location, split, batch_size, image_size, rank, world, limit, transform, preprocess
+    )
     with torch.no_grad(), acc.autocast():
         for batch in batches:
             x = batch.images.to(acc.device)
@@ -85,6 +89,7 @@ def evaluate_and_report(
     thresholds: float | Sequence[float] = 0.5,
     thresholds_from: str = "",
     transform: str = "clip",
+    preprocess: ClipPreprocess | None = None,
     scoring: Scoring = "sigmoid",
 ) -> dict:
     """Score ``split`` (and ``val_split``, whose per-class F1-best thresholds then replace
@@ -92,15 +97,13 @@ def evaluate_and_report(
     the result: map (under ``scoring``), coverage, the tables, f1, thresholds and where they
     came from, and the protocol (``scoring``; ``checkpoint_selection``: which weights
     ``module`` holds, which only the caller knows, so it has no default). Images go through
-    the test form of the preprocessing preset ``transform``. Other ranks take part in the
+    the test form of the preprocessing preset ``transform`` with ``preprocess``. Other ranks
+    take part in the
     scoring and return {}."""
-    logits, targets = evaluate_split(
-        acc, module, location, split, batch_size, image_size, transform=transform
-    )
+    prep = {"transform": transform, "preprocess": preprocess}
+    logits, targets = evaluate_split(acc, module, location, split, batch_size, image_size, **prep)
     if val_split:
-        vl, vt = evaluate_split(
-            acc, module, location, val_split, batch_size, image_size, transform=transform
-        )
+        vl, vt = evaluate_split(acc, module, location, val_split, batch_size, image_size, **prep)
         thresholds, _ = best_f1_thresholds(class_scores(vl, "sigmoid"), vt, fallback=0.5)
         thresholds_from = val_split
     if not acc.is_main_process:

@@ -73,6 +73,7 @@ def evaluate_export(
         thresholds=exported.thresholds,
         thresholds_from=exported.meta.get("threshold_split") or "",
         transform=exported.config.loader.transform,
+        preprocess=exported.config.loader.clip_preprocess(),
         scoring=scoring or exported.config.eval.scoring,
         checkpoint_selection=exported.checkpoint_selection,
     )
@@ -132,7 +133,9 @@ def predict_images(
     else:
         thresholds = exported.thresholds
     loader_cfg = exported.config.loader
-    transform = image_transform(loader_cfg.transform, loader_cfg.image_size)  # the test form
+    transform = image_transform(  # the test form
+        loader_cfg.transform, loader_cfg.image_size, preprocess=loader_cfg.clip_preprocess()
+    )
     run = PredictionRun(names, thresholds)
     cut = np.asarray(thresholds)
 

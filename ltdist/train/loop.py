@@ -51,6 +51,7 @@ from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.resolve import resolve_config
 from ltdist.train.selection import BestWeights
 from ltdist.train.tasks import build_task
+from ltdist.train.tracking import plan_tracking, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     local_out = storage.is_local(cfg.output_dir)
-    logging_dir = cfg.output_dir if local_out else tempfile.mkdtemp(prefix="ltdist-tb-")
-    acc = make_accelerator(cfg, logging_dir)
+    local_dir = cfg.output_dir if local_out else tempfile.mkdtemp(prefix="ltdist-track-")
+    tracking = plan_tracking(cfg, local_dir)
+    acc = make_accelerator(cfg, local_dir, tracking.log_with, tracking.logging_dir)
     cfg, plan = _resolve(cfg, acc)
     if is_deepspeed(acc):
         configure_deepspeed(acc, cfg)
@@ -155,8 +157,7 @@ def train(cfg: TrainConfig) -> dict:
     step, history = _resume(cfg, acc, ckpt, loader, optimizer, scheduler, ema)
     best = _best_weights(cfg, acc, step, history)
 
-    if cfg.tracker != "none":
-        acc.init_trackers("tb", config=_hparams(cfg))
+    start_tracking(acc, cfg, tracking)
     audit = _batch_audit(cfg, acc)
     dtype = input_dtype(acc)
     global_batch = cfg.loader.batch_size * acc.num_processes * cfg.optim.grad_accum
@@ -454,6 +455,7 @@ def _periodic_eval(
                 cfg.loader.image_size,
                 cfg.data.eval_limit,
                 cfg.loader.transform,
+                cfg.loader.clip_preprocess(),
             )
             results[split] = map_from_logits(logits, targets, space, cfg.eval.scoring)
         if best is not None:
@@ -496,20 +498,6 @@ def _batch_audit(cfg: TrainConfig, acc):
     return open(os.path.join(folder, f"rank{acc.process_index}.jsonl"), "a", buffering=1)
 
 
-def _hparams(cfg: TrainConfig) -> dict:
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix.rstrip(".")] = value
-
-    walk("", to_dict(cfg))
-    return flat
-
-
 def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds) -> dict:
     """Final evaluation, thresholds, report, plots, export, metrics.json: of the selected
     weights (loaded back from their export) with a selection, else of the last ones."""
@@ -548,6 +536,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds) -
                 cfg.loader.image_size,
                 val_split=cfg.data.val_split,
                 transform=cfg.loader.transform,
+                preprocess=cfg.loader.clip_preprocess(),
                 scoring=cfg.eval.scoring,
                 checkpoint_selection=selection,
             )
@@ -562,6 +551,8 @@ def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds) -
             metrics["selection"] = meta["selection"] = selected
             meta["steps_trained"] = step
         if evaluation:
+            final = {f"eval/map_{k}": v for k, v in evaluation["map"].items() if v is not None}
+            acc.log(final, step=step)
             metrics["map"] = meta["map"] = evaluation["map"]
             metrics["scoring"] = meta["scoring"] = evaluation["scoring"]
             metrics["checkpoint_selection"] = evaluation["checkpoint_selection"]

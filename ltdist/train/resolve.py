@@ -15,7 +15,9 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ltdist.data.loader import ClipPreprocess, LoaderConfig
 from ltdist.data.shards import load_index
+from ltdist.models.clip import clip_preprocess
 from ltdist.train.config import ModelConfig, TrainConfig
 from ltdist.train.export import read_export_config
 from ltdist.train.plan import TrainingPlan, plan_training
@@ -46,7 +48,48 @@ def resolve_config(cfg: TrainConfig, world_size: int) -> ResolvedConfig:
         f"{key}: {old!r} -> {new!r} ({source})"
         for key, old, new in _differences("model", rescaled.model, model)
     ]
-    return ResolvedConfig(replace(rescaled, model=model), plan, changes)
+    resolved = replace(rescaled, model=model)
+    loader, why = image_preprocess(resolved)
+    changes += [
+        f"{key}: {old!r} -> {new!r} ({why})"
+        for key, old, new in _differences("loader", resolved.loader, loader)
+    ]
+    return ResolvedConfig(replace(resolved, loader=loader), plan, changes)
+
+
+def image_preprocess(cfg: TrainConfig) -> tuple[LoaderConfig, str]:
+    """``cfg.loader`` with the "clip" preset's mean/std, interpolation and resize mode filled in
+    where the config leaves them empty: the image tower's own (open_clip's preprocess config
+    for its model and tag; with ``init_from``, what the export recorded, since an export's
+    tower has no tag), so that the export records what the run used. Also: why."""
+    loader = cfg.loader
+    if loader.transform != "clip":
+        return loader, ""
+    m = cfg.model
+    if cfg.task == "cprfl" and m.backbone.kind == "resnet101":
+        return loader, ""  # not an open_clip tower: the preset's defaults, as before
+    if cfg.task == "cprfl" and m.backbone.kind == "clip":
+        tower, why = m.backbone.clip, "model.backbone.clip"
+    elif m.init_from:
+        src = read_export_config(m.init_from).loader
+        tower = None
+        prep = src.clip_preprocess() if src.transform == "clip" else ClipPreprocess()
+        why = f"as the export {m.init_from} preprocessed"
+    else:
+        tower, why = m.clip, "model.clip"
+    if tower is not None:
+        prep = clip_preprocess(tower)
+        if tower.tiny or not tower.pretrained:
+            why = f"{why} has random weights: open_clip's defaults, OpenAI CLIP's"
+        else:
+            why = f"open_clip's preprocessing for {why} {tower.model_name} / {tower.pretrained!r}"
+    filled = {
+        "mean": loader.mean or prep.mean,
+        "std": loader.std or prep.std,
+        "interpolation": loader.interpolation or prep.interpolation,
+        "resize_mode": loader.resize_mode or prep.resize_mode,
+    }
+    return replace(loader, **filled), why
 
 
 def init_model_config(m: ModelConfig) -> ModelConfig:

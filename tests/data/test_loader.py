@@ -210,6 +210,30 @@ def test_batches_hold_multi_hot_labels_clip_normalised_images_and_tokens(dataset
     assert batch["tokens"].tolist() == [len(f"txt {i}") for i in range(4)]
 
 
+def test_a_towers_own_mean_and_std_change_the_normalised_images(dataset):
+    """SigLIP's values (mean = std = 0.5, as a run resolves them from open_clip) instead of
+    OpenAI's: training batches and evaluation batches are normalised with them."""
+    from ltdist.data.loader import eval_batches
+
+    location, _ = dataset(8, 8)
+    siglip = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+    cfg = LoaderConfig(batch_size=4, num_workers=0, shuffle_buffer=1, image_size=8, **siglip)
+    train = next(iter(ShardLoader(location, "train", cfg)))["image"]
+    (evaluated, *_) = next(eval_batches(location, "train", 4, 8, preprocess=cfg.clip_preprocess()))
+    openai = next(eval_batches(location, "train", 4, 8)).images
+    for i in range(4):  # flat images of value i
+        np.testing.assert_allclose(train[i].numpy(), (i / 255.0 - 0.5) / 0.5, atol=1e-6)
+        np.testing.assert_allclose(evaluated[i].numpy(), (i / 255.0 - 0.5) / 0.5, atol=1e-6)
+    assert not torch.allclose(openai, evaluated, atol=0.1)
+
+
+def test_clip_settings_are_refused_for_the_cprfl_preset():
+    with pytest.raises(ValueError, match="loader.mean is a setting of loader.transform=clip"):
+        LoaderConfig(transform="cprfl_official", mean=(0.5, 0.5, 0.5)).validate()
+    with pytest.raises(ValueError, match="loader.std must be 3 values"):
+        LoaderConfig(std=(0.5, 0.0, 0.5)).validate()
+
+
 def test_incomplete_split_is_refused(tmp_path):
     from ltdist.data.shards import ShardWriter
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from ltdist.models.clip import (
     build_clip,
     build_towers,
     class_embeddings,
+    clip_preprocess,
     get_tokenizer,
     resolved_clip_config,
     without_weights,
@@ -294,3 +296,103 @@ def test_freeze_image_flag_reaches_the_tower():
     image, _ = build_towers(replace(TINY, freeze_image=False))
     assert not image.frozen
     assert ImageTower.from_config(TINY).frozen
+
+
+# (model, tag) -> open_clip's preprocess table entry: mean, std, interpolation, resize mode
+PREPROCESS = {
+    ("ViT-B-16", "openai"): ((0.48145466, 0.4578275, 0.40821073), "bicubic", "shortest"),
+    ("ViT-L-14", "laion2b_s32b_b82k"): ((0.5, 0.5, 0.5), "bicubic", "shortest"),
+    ("ViT-L-14-CLIPA", "datacomp1b"): ((0.485, 0.456, 0.406), "bilinear", "squash"),
+    ("ViT-B-16-SigLIP", "webli"): ((0.5, 0.5, 0.5), "bicubic", "squash"),
+}
+
+
+def _photo(w: int = 96, h: int = 64):
+    """A generated RGB image with detail (noise on a gradient), 3:2 so that the short side
+    resizes to whole pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, w)[None, :, None] + np.linspace(0, 50, h)[:, None, None]
+    pixels = np.clip(ramp + rng.integers(0, 56, (h, w, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize(("model", "tag"), list(PREPROCESS))
+def test_the_loader_preprocesses_as_open_clip_does_for_the_model_and_tag(model, tag):
+    """The tower's preprocessing comes from open_clip's table (no download) and the loader's
+    "clip" preset then makes the tensor open_clip's own preprocess makes (the transform
+    ``create_model_and_transforms`` returns for that model and tag)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from ltdist.data.loader import LoaderConfig, image_transform
+
+    prep = clip_preprocess(ClipTowerConfig(model_name=model, pretrained=tag))
+    mean, interpolation, resize_mode = PREPROCESS[(model, tag)]
+    assert prep.mean == pytest.approx(mean) and prep.interpolation == interpolation
+    assert prep.resize_mode == resize_mode
+    for size, mode in ((32, prep.resize_mode), (32, "longest")):
+        cfg = replace(prep, resize_mode=mode)
+        loader = LoaderConfig(image_size=size, mean=cfg.mean, std=cfg.std)
+        loader = replace(loader, interpolation=cfg.interpolation, resize_mode=mode)
+        ours = image_transform("clip", size, preprocess=loader.clip_preprocess())
+        x = ours.normalize(ours(_photo())[None])[0]
+        theirs = image_transform_v2(
+            PreprocessCfg(size=size, **{k: getattr(cfg, k) for k in vars(cfg)}), is_train=False
+        )
+        torch.testing.assert_close(x, theirs(_photo()), atol=2e-5, rtol=0)
+
+
+def test_random_and_tiny_towers_keep_openai_preprocessing():
+    from ltdist.data.loader import CLIP_MEAN, CLIP_STD, ClipPreprocess, LoaderConfig
+
+    openai = ClipPreprocess(CLIP_MEAN, CLIP_STD, "bicubic", "shortest")
+    assert clip_preprocess(TINY) == openai
+    assert clip_preprocess(ClipTowerConfig(model_name="ViT-B-16-SigLIP", pretrained="")) == openai
+    assert LoaderConfig().clip_preprocess() == openai  # an export written before records none
+    # bit for bit the normalisation of before (one multiply-add with these constants)
+    from ltdist.data.loader import image_transform
+
+    std, mean = torch.tensor(CLIP_STD).view(1, 3, 1, 1), torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    before = x.float().mul_(1.0 / (255.0 * std)).add_(-mean / std)
+    assert torch.equal(image_transform("clip", 8, preprocess=openai).normalize(x), before)
+
+
+def test_a_run_records_its_image_towers_preprocessing(tmp_path):
+    """The resolved config (what checkpoints and the export record) holds the image tower's
+    values: model.clip's, the CPRFL CLIP backbone's, an init_from export's; ResNet-101 and
+    the cprfl_official preset are left as they were."""
+    import json
+
+    from ltdist.config import to_dict
+    from ltdist.data.loader import CLIP_STD, LoaderConfig
+    from ltdist.train.config import TrainConfig
+    from ltdist.train.resolve import image_preprocess
+
+    def resolved(*overrides):
+        return image_preprocess(load_config(TrainConfig, None, ["data.location=x", *overrides]))
+
+    loader, why = resolved()  # ViT-B-16 / openai
+    assert loader.mean == pytest.approx(PREPROCESS[("ViT-B-16", "openai")][0])
+    assert loader.resize_mode == "shortest" and "ViT-B-16 / 'openai'" in why
+    siglip = [
+        "model.backbone.clip.model_name=ViT-B-16-SigLIP",
+        "model.backbone.clip.pretrained=webli",
+    ]
+    loader, why = resolved("task=cprfl", "model.backbone.kind=clip", *siglip)
+    assert (loader.mean, loader.std, loader.resize_mode) == ((0.5,) * 3, (0.5,) * 3, "squash")
+    assert "model.backbone.clip" in why
+    loader, _ = resolved("task=cprfl", "model.backbone.kind=clip", *siglip, "loader.mean=[0,0,0]")
+    assert loader.mean == (0.0, 0.0, 0.0) and loader.std == (0.5,) * 3  # what is set stays
+    loader, _ = resolved("task=cprfl", "loader.transform=cprfl_official")
+    assert loader == LoaderConfig(transform="cprfl_official")
+    loader, _ = resolved("task=cprfl")  # ResNet-101: the preset's defaults
+    assert (loader.mean, loader.resize_mode) == ((), "")
+
+    export = tmp_path / "export"
+    export.mkdir()
+    pre = load_config(TrainConfig, None, ["data.location=x", "loader.mean=[0.5,0.5,0.5]"])
+    (export / "config.json").write_text(json.dumps(to_dict(pre)))
+    loader, why = resolved("task=dpvlpa", f"model.init_from={export}")
+    assert loader.mean == (0.5,) * 3 and loader.std == CLIP_STD and "export" in why
