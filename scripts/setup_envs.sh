@@ -30,8 +30,8 @@ choose_device() {  # sets DEVICE and WHY
     local gpus
     if ! command -v nvidia-smi >/dev/null; then
         DEVICE=cpu WHY="no nvidia-smi on PATH"
-    elif ! gpus=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1); then
-        DEVICE=cpu WHY="nvidia-smi failed: ${gpus//$'\n'/ }"
+    elif ! gpus=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null); then
+        DEVICE=cpu WHY="nvidia-smi failed, no driver loaded?"
     elif [[ -z $gpus ]]; then
         DEVICE=cpu WHY="nvidia-smi lists no GPU"
     else
