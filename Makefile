@@ -1,9 +1,13 @@
 # The README's quick start: `make demo` (set up + run the pipeline on the demo set) and
-# `make test` (set up + run the tests in both environments).
+# `make test` (set up + run the tests in both environments). `make setup` builds for the GPU
+# when nvidia-smi lists one, else for the CPU; DEVICE=cpu|cuda decides instead, PLAN=1 only
+# says what it would do.
+DEVICE ?=
+PLAN ?=
 TRAIN := .venvs/train/bin
 GEN := .venvs/gen/bin
 PYTEST_ARGS ?=
-LINT_PATHS := $(wildcard ltdist tests benchmarks launchers)
+LINT_PATHS := $(wildcard ltdist tests benchmarks launchers scripts)
 
 # `make rehearse`: every shipped config's plan at its own shape and at cluster shapes, and its
 # run here at reduced width. The split files are fetched into SPLITS first (SPLITS_SOURCE: a
@@ -12,10 +16,19 @@ SPLITS ?= data/splits
 SPLITS_SOURCE ?=
 SHIPPED := $(foreach d,stag pretrain finetune,$(sort $(wildcard configs/$(d)/*.yaml)))
 
-.PHONY: setup demo table test test-train test-gen lint format bench clean-demo rehearse
+.PHONY: setup demo table test test-train test-gen lint format bench clean-demo rehearse \
+	check-constraints lock-constraints
 
 setup:
-	bash scripts/setup_envs.sh
+	DEVICE=$(DEVICE) bash scripts/setup_envs.sh $(if $(PLAN),--plan)
+
+# Every constraints set resolves against the registry as pinned (dry run: metadata only, nothing
+# installed); lock-constraints regenerates the CUDA sets (constraints/cuda/) by a real resolve.
+check-constraints:
+	$(TRAIN)/python scripts/constraints.py check
+
+lock-constraints:
+	$(TRAIN)/python scripts/constraints.py lock
 
 demo: setup
 	bash scripts/demo.sh

