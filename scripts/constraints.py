@@ -65,7 +65,9 @@ class ConstraintSet:
 
 
 SETS = {
-    "cpu/train": ConstraintSet("constraints/train.txt", ("train", "trackers", "dev", "test-s3"), ("gguf",)),
+    "cpu/train": ConstraintSet(
+        "constraints/train.txt", ("train", "trackers", "dev", "test-s3"), ("gguf",)
+    ),
     "cpu/gen": ConstraintSet("constraints/gen.txt", ("gen-cpu", "dev")),
     # DeepSpeed ships only a source distribution, so the training set cannot be resolved for
     # another platform's wheels: it is resolved for this host (CI: Linux x86_64, CPython 3.11).
