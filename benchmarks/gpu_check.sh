@@ -50,7 +50,7 @@ build_wheels() {
     # the STAG part's inputs, so that the folder is all the GPU machine needs beside the checkout
     local splits="$ROOT/../shared/benchmarks/coco_lt" tok="$ROOT/.cache/llm/SmolLM2-135M-Instruct"
     if [[ -d "$splits" ]]; then
-        mkdir -p "$dir/splits" && cp -r "$splits" "$dir/splits/"
+        mkdir -p "$dir/splits" && cp -r --no-preserve=mode "$splits" "$dir/splits/"
     fi
     if [[ -f "$tok/tokenizer.json" ]]; then
         mkdir -p "$dir/smollm2-tokenizer"
