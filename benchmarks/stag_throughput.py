@@ -1,7 +1,7 @@
 """Generated tokens/s of the whole STAG job vs. a bare ``vllm.LLM.generate`` on the same prompts.
 
     .venvs/gen/bin/python benchmarks/stag_throughput.py [--num 64] [--batch-size 64 16]
-        [--repeats 3]
+        [--repeats 3] [key=value ...]
 
 The prompts are the STAG prompts of the first ``--num`` real COCO-LT training images (labels +
 captions, text-only). A pipeline row is ``python -m ltdist.stag_gen``'s own report (local Ray,
@@ -11,7 +11,8 @@ one vLLM actor, one attempt per sample, so both sides generate once per prompt) 
 row does not time either) and end to end. The bare row builds one ``vllm.LLM`` with the same
 settings in this process and times one ``generate`` call over all prompts. Goal: pipeline at
 batch size = all prompts / bare >= 0.9; smaller batches show what the engine loses when it
-batches fewer sequences.
+batches fewer sequences. Trailing ``key=value`` overrides of the STAG config apply to both sides
+(benchmarks/gpu_check.py passes a random-weight model shape and GPU settings this way).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def stag_config(args, out: str, batch_size: int):
         # the paper's settings, not the demo's shorter texts or tail-only selection
         "describe=all",
         *PAPER_WORDS,
+        *args.overrides,
     ]
     return coco_lt_config(args.splits_dir, overrides, out=out)
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of pipeline rows + bare")
     parser.add_argument("--model", default=str(SMOLLM2))
     parser.add_argument("--splits-dir", default=str(SPLITS_DIR))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the STAG config")
     args = parser.parse_args()
     use_cpu_env()
 

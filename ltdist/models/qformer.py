@@ -58,7 +58,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,10 +107,11 @@ class QFormerConfig:
             )
 
 
-@dataclass
-class QFormerOutput:
+class QFormerOutput(NamedTuple):
     """Final hidden states: ``query_states`` (B, K, H) when image tokens were given,
-    ``text_states`` (B, T, H) when text was given (``None`` otherwise)."""
+    ``text_states`` (B, T, H) when text was given (``None`` otherwise). A named tuple, not a
+    dataclass: ZeRO-3's backward hooks find the tensors of tuples, not of dataclasses (with a
+    dataclass they never gather ``query_tokens`` again, and the backward fails)."""
 
     query_states: Tensor | None
     text_states: Tensor | None

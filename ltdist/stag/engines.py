@@ -111,6 +111,9 @@ class EngineConfig:
     seed: int = 0  # engine-wide seed (vLLM's global generator, the model init)
     dtype: str = "auto"
     # vLLM
+    # how vLLM loads the weights; "dummy": random weights of the folder's config.json shape
+    # (benchmarks of a model shape without its weights: benchmarks/gpu_check.py)
+    load_format: str = "auto"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
@@ -155,6 +158,11 @@ class EngineConfig:
         bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"EngineConfig: invalid {', '.join(bad)}")
+        if self.load_format != "auto" and self.kind != "vllm":
+            raise ValueError(
+                f"EngineConfig.load_format={self.load_format!r} is vLLM's: it needs kind=vllm, "
+                f"not {self.kind!r}"
+            )
 
 
 @runtime_checkable
@@ -243,6 +251,7 @@ class VLLMEngine(_EngineBase):
             dtype=cfg.dtype,
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
+            load_format=cfg.load_format,
             structured_outputs_config={"backend": cfg.structured_outputs_backend},
         )
         # read by vLLM (and cached) when the engine starts; a value set by the user wins

@@ -436,3 +436,17 @@ def test_minilm_encode_text_equals_bert(minilm, minilm_folder):
         folded = model.encode_text(ids, mask)[1]
         load_bert_weights(model, minilm_folder)  # back to the BLIP-2 init for other tests
     assert _close(folded[valid], reference[valid], atol=1e-5)
+
+
+def test_qformer_output_tensors_are_visible_to_zero3_hooks():
+    """ZeRO-3 gathers a module's parameters again for its backward through hooks on the tensors
+    of its output; it cannot see into a dataclass (then ``query_tokens`` stays partitioned and
+    the backward fails: the GPU check's dry run, benchmarks/gpu_check.py)."""
+    zero_utils = pytest.importorskip("deepspeed.runtime.zero.utils")
+    from ltdist.models.qformer import QFormerOutput
+
+    out = QFormerOutput(query_states=torch.ones(1, 2, 4), text_states=torch.zeros(1, 3, 4))
+    seen = []
+    same = zero_utils.apply_to_tensors_only(lambda t: seen.append(t.shape) or t, out)
+    assert seen == [(1, 2, 4), (1, 3, 4)]
+    assert same.query_states.shape == (1, 2, 4) and same.text_states.shape == (1, 3, 4)

@@ -287,6 +287,10 @@ def test_engine_config_rejects_unknown_kinds_and_bad_values():
         EngineConfig(top_p=0, batch_size=0)
     with pytest.raises(ValueError, match="repetition_penalty=0"):
         EngineConfig(repetition_penalty=0)
+    # random weights of a model's shape are vLLM's load format: no other engine has it
+    assert EngineConfig(load_format="dummy").load_format == "dummy"
+    with pytest.raises(ValueError, match="load_format='dummy' is vLLM's.*'transformers'"):
+        EngineConfig(kind="transformers", load_format="dummy")
 
 
 @pytest.mark.both_envs
