@@ -1,10 +1,12 @@
 """What a training step costs in FLOPs, counted from the modules, and what share of the device's
 peak the loop achieves (MFU).
 
-The count is one real forward + backward of the task under ``torch.utils.flop_counter`` on a
-synthetic batch at the configured image size and text length, made once at the start, before
-the model is wrapped. It counts matrix products and convolutions (2 m n k per product; norms,
-softmax and element-wise work are not counted, as is the convention for MFU), split into:
+The count runs the task's own forward + backward once at the start, before the model is
+wrapped, on a synthetic batch at the configured image size and text length, and adds up every
+matrix product and convolution with ``torch.utils.flop_counter``'s formulas (2 m n k per
+product; norms, softmax and element-wise work are not counted, as is the convention for MFU).
+The products themselves are not computed (the counter answers them with tensors of the right
+shape), so a count at the real shapes costs less than one forward pass. It is split into:
 
 - ``frozen_forward``: the forward of modules without a trainable parameter (the frozen CLIP
   tower): no backward runs through them. A run that reads their output from a cache skips it
@@ -24,7 +26,8 @@ so the same products are counted one by one.
 The count is made at micro-batches 1 and 2: FLOPs = fixed + batch x per sample. The fixed part
 is work done once per step whatever the batch (DP-VLPA adaptation re-encodes every class prompt
 each step); terms that grow with the square of the batch (the contrastive losses' b x B
-similarities, far below 0.1% at the papers' shapes) are extrapolated linearly.
+similarities, ~1e-5 of a step at the papers' shapes) are extrapolated linearly, and the small
+negative fixed part they leave is dropped.
 """
 
 from __future__ import annotations
@@ -218,18 +221,71 @@ def _formulas() -> dict:
 _HEAVY = re.compile(r"mm|conv|attention|matmul|einsum|linear")
 
 
-class _Uncounted(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records heavy ops that have no FLOP formula."""
+def _shape_only_ops() -> set:
+    aten = torch.ops.aten
+    return {
+        aten.mm,
+        aten.addmm,
+        aten.bmm,
+        aten.baddbmm,
+        aten.convolution,
+        aten.convolution_backward,
+        aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    }
 
-    def __init__(self, known) -> None:
+
+class _Counter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Adds up the FLOPs of every op with a formula (``torch.utils.flop_counter``'s, with the
+    attention ones above) and records heavy ops that have none.
+
+    Unless ``compute``, it answers the matrix products with uninitialised tensors of their
+    output's shape (found on the meta device) instead of computing them: the count needs
+    shapes alone, and no value they produce steers control flow in these models (masks come
+    from the inputs), so a count at the real shapes costs a fraction of a step on a CPU.
+    """
+
+    def __init__(self, compute: bool) -> None:
+        from torch.utils.flop_counter import flop_registry, shape_wrapper
+
         super().__init__()
-        self.known, self.missed = known, Counter()
+        self.formulas = {
+            **flop_registry,
+            **{op: shape_wrapper(f) for op, f in _formulas().items()},
+        }
+        self.skip = set() if compute else _shape_only_ops()
+        self.total, self.missed = 0, Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         packet = func._overloadpacket
-        if packet not in self.known and _HEAVY.search(packet.__name__):
+        if packet in self.skip and not func._schema.is_mutable:
+            out = _empty_like_output(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+        formula = self.formulas.get(packet)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        elif _HEAVY.search(packet.__name__):
             self.missed[str(packet)] += 1
-        return func(*args, **(kwargs or {}))
+        return out
+
+
+def _empty_like_output(func, args, kwargs):
+    """``func``'s output as uninitialised tensors: shapes from a run on the meta device."""
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    device = next(t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+
+    def meta(x):
+        return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+    def empty(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+
+    return tree_map(empty, func(*tree_map(meta, args), **tree_map(meta, kwargs)))
 
 
 def _frozen_roots(module: nn.Module) -> dict[str, nn.Module]:
@@ -248,49 +304,50 @@ def _frozen_roots(module: nn.Module) -> dict[str, nn.Module]:
     return roots
 
 
-def count_flops(module: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> tuple[FlopSplit, dict]:
+def count_flops(
+    module: nn.Module, loss_fn: Callable[[], torch.Tensor], compute: bool = False
+) -> tuple[FlopSplit, dict]:
     """One ``loss_fn()`` (a forward of ``module`` to a scalar) and its backward, counted:
-    (the split, FLOPs per frozen root module). Gradients it leaves are the caller's."""
-    from torch.utils.flop_counter import FlopCounterMode, flop_registry
-
-    formulas = _formulas()
+    (the split, FLOPs per frozen root module). The backward is that of ``module``'s trainable
+    parameters (what training computes), and leaves their ``.grad`` alone. The matrix products
+    are not computed unless ``compute`` (their values are garbage)."""
     roots = _frozen_roots(module)
     frozen = dict.fromkeys(roots, 0)
-    counter = FlopCounterMode(display=False, custom_mapping=formulas)
-    uncounted = _Uncounted({*flop_registry, *formulas})
+    counter = _Counter(compute)
     starts: dict[str, int] = {}
     hooks = []
     for name, mod in roots.items():
 
         def pre(_m, _a, name=name):
-            starts[name] = counter.get_total_flops()
+            starts[name] = counter.total
 
         def post(_m, _a, _o, name=name):
-            frozen[name] += counter.get_total_flops() - starts.pop(name)
+            frozen[name] += counter.total - starts.pop(name)
 
         hooks += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    flush = torch.set_flush_denormal(True)  # leftover bytes must not slow what still runs
     try:
-        with counter, uncounted:
+        with counter:
             loss = loss_fn()
-        forward = counter.get_total_flops()
-        backward = 0
-        if loss.requires_grad:  # else nothing in it trains
-            with counter, uncounted:
-                loss.backward()
-            backward = counter.get_total_flops()
+            forward = counter.total
+            params = [p for p in module.parameters() if p.requires_grad]
+            if loss.requires_grad:  # else nothing in it trains; gradients returned, not stored
+                torch.autograd.grad(loss, params, allow_unused=True)
     finally:
+        if flush:
+            torch.set_flush_denormal(False)
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in hooks:
             h.remove()
-    if uncounted.missed:
+    if counter.missed:
         log.warning(
             "FLOP count: no formula for %s; the count misses their work",
-            ", ".join(f"{op} ({n} calls)" for op, n in uncounted.missed.items()),
+            ", ".join(f"{op} ({n} calls)" for op, n in counter.missed.items()),
         )
     frozen_total = sum(frozen.values())
-    split = FlopSplit(frozen_total, forward - frozen_total, backward)
+    split = FlopSplit(frozen_total, forward - frozen_total, counter.total - forward)
     return split, {k: v for k, v in frozen.items() if v}
 
 
@@ -326,12 +383,10 @@ def count_step_flops(
     make_batch: Callable[[int], Mapping],
 ) -> StepFlops:
     """A task's micro-step FLOPs: forward + backward of ``task(make_batch(b))["loss"]`` at
-    b = 1 and 2, in eval mode (no dropout draws, no BatchNorm statistics updated); the
-    gradients it makes are dropped. Every rank of a run counts (the losses' gathers are
-    collectives)."""
+    b = 1 and 2, in eval mode (no dropout draws, no BatchNorm statistics updated). Every rank
+    of a run counts (the losses' gathers are collectives)."""
     started = time.perf_counter()
     was_training = task.training
-    grads = {p: p.grad for p in task.parameters()}
     task.eval()
     try:
         counts, frozen_names = [], set()
@@ -340,13 +395,9 @@ def count_step_flops(
             split, frozen = count_flops(task, lambda batch=batch: task(batch)["loss"])
             counts.append(split)
             frozen_names |= set(frozen)
-            for p in task.parameters():
-                p.grad = None
     finally:
         task.train(was_training)
-        for p, g in grads.items():
-            p.grad = g
     one, two = counts
     sample = two.combine(one, 1, -1)
-    fixed = one.combine(sample, 1, -1)
+    fixed = FlopSplit(*(max(0, v) for v in one.combine(sample, 1, -1).as_dict().values()))
     return StepFlops(sample, fixed, tuple(sorted(frozen_names)), time.perf_counter() - started)

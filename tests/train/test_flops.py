@@ -8,21 +8,41 @@ import pytest
 import torch
 from torch import nn
 
+from ltdist.config import load_config
+from ltdist.labels import LabelSpace
 from ltdist.models.clip import ClipTowerConfig, ImageTower
 from ltdist.models.qformer import QFormerConfig, QFormerLayer
+from ltdist.train.config import TrainConfig
 from ltdist.train.flops import (
     Peak,
     count_flops,
     count_step_flops,
     device_peak,
     matmul_precision,
+    synthetic_batch,
     throughput,
 )
+from ltdist.train.tasks import build_task
+
+from .conftest import TINY
 
 
 def mm(m: int, n: int, k: int) -> int:
     """FLOPs of an (m, k) x (k, n) product."""
     return 2 * m * n * k
+
+
+class _QueryLayer(nn.Module):
+    """One Q-Former layer on its learnable query tokens."""
+
+    def __init__(self, cfg: QFormerConfig) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.hidden_size))
+        self.layer = QFormerLayer(cfg, has_cross_attention=True)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        queries = self.queries.expand(image.shape[0], -1, -1)
+        return self.layer(queries, self.queries.shape[1], image, None).sum()
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])  # math attention vs CPU flash attention
@@ -31,11 +51,10 @@ def test_one_qformer_layer_matches_a_hand_count(mode):
     cfg = QFormerConfig(
         hidden_size=H, num_heads=4, intermediate_size=inner, num_queries=K, vision_width=C
     )
-    layer = QFormerLayer(cfg, has_cross_attention=True).train(mode == "train")
-    queries = torch.randn(b, K, H, requires_grad=True)  # the query tokens: trainable
+    layer = _QueryLayer(cfg).train(mode == "train")
     image = torch.randn(b, N, C)  # the frozen tower's tokens: no gradient
 
-    split, frozen = count_flops(layer, lambda: layer(queries, K, image, None).sum())
+    split, frozen = count_flops(layer, lambda: layer(image))
 
     self_attn = 4 * mm(b * K, H, H) + 2 * b * mm(K, K, H)  # q k v out; QK^T and A V
     cross_kv = 2 * mm(b * N, H, C)  # keys and values from the visual tokens
@@ -48,6 +67,7 @@ def test_one_qformer_layer_matches_a_hand_count(mode):
     assert (split.frozen_forward, split.trainable_forward) == (0, forward)
     assert split.trainable_backward == backward
     assert frozen == {}
+    assert all(p.grad is None for p in layer.parameters())  # the count stores no gradient
 
 
 def _tiny_tower(frozen: bool) -> ImageTower:
@@ -131,6 +151,31 @@ def test_a_step_splits_into_per_sample_and_fixed_work():
     cached = flops.without_frozen_forward()
     assert cached.per_sample(8).total == pytest.approx(at8.total - mm(1, W, 12))
     assert task.training and all(p.grad is None for p in task.parameters())
+
+
+@pytest.mark.parametrize("task", ["pretrain", "dpvlpa", "cprfl"])
+def test_counting_from_shapes_equals_counting_while_computing(task):
+    """The count answers matrix products with zeros of their shape: the same FLOPs as
+    computing them, on each task's real code path (tiny sizes)."""
+    extra = ["model.backbone.tiny=true", "model.backbone.pretrained=false"]
+    cfg = load_config(TrainConfig, TINY, [f"task={task}", *extra])
+    names = [f"class{i}" for i in range(5)]
+    space = LabelSpace.from_label_sets(names, [[0, 1], [2], [3, 4], [0, 4], [1]])
+    module = build_task(task, cfg.model, space).eval()
+    text = cfg.model.max_text_tokens if module.needs_text else 0
+    batch = synthetic_batch(3, cfg.loader.image_size, len(names), text)
+    rng = torch.random.get_rng_state()
+    counts = [
+        count_flops(module, lambda: module(batch)["loss"], compute=compute)
+        for compute in (True, False)
+    ]
+    assert counts[0] == counts[1]
+    assert torch.equal(torch.random.get_rng_state(), rng)  # a run's random stream is untouched
+    assert all(p.grad is None for p in module.parameters())
+    split, frozen = counts[0]
+    assert split.trainable_backward > 0
+    if task != "cprfl":  # the CPRFL head here trains its ResNet
+        assert list(frozen) == ["model.image_tower"] and split.frozen_forward > 0
 
 
 def test_mfu_against_the_peak_table():
