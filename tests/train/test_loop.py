@@ -67,3 +67,6 @@ def test_a_window_keeps_means_and_the_extremes_of_ranges(other_rank):
     assert record["tflops_per_device"] == pytest.approx(tflops / acc.num_processes)
     assert record["mfu"] == pytest.approx(tflops / acc.num_processes / 989.4)
     assert acc.logged["train/mfu"] == record["mfu"]
+    line = loop._step_line(record, 10, h100)
+    assert line.startswith("step 3/10: loss ") and " TFLOP/s (" in line
+    assert line.endswith(f"MFU {100 * record['mfu']:.1f}% of 989.4 (H100 SXM bf16 dense)")
