@@ -182,6 +182,8 @@ def test_mfu_against_the_peak_table():
     h100 = device_peak("NVIDIA H100 80GB HBM3", "bf16")
     assert h100 == Peak(989.4, "H100 SXM bf16 dense")
     assert device_peak("NVIDIA H100 PCIe", "bf16").tflops == 756.0
+    assert device_peak("NVIDIA H100 NVL", "bf16").tflops == 835.5  # not the SXM row
+    assert device_peak("NVIDIA H200", "bf16") == Peak(989.4, "H200 SXM bf16 dense")
     assert device_peak("NVIDIA A100-SXM4-40GB", "tf32").tflops == 156.0
     assert device_peak("NVIDIA A10", "bf16").tflops == 125.0
     assert device_peak("NVIDIA A10G", "bf16").tflops is None  # not an A10
