@@ -4,10 +4,10 @@
         [--batch-size 64] [--steps 20] [--peak-tflops 989] [key=value ...]
 
 Synthetic batches (random images and descriptions of ``max_text_tokens`` tokens) isolate the
-model from the data path; ``--real-data`` streams the configured shards instead. FLOPs per step
-are counted once with ``torch.utils.flop_counter`` (forward + backward of the trainable path);
-MFU = counted FLOP/s / the device's peak (``--peak-tflops``; bf16 dense H100 SXM 989, H200 989,
-A100 312). Prints a table; run it when an issue asks for a figure.
+model from the data path; ``--real-data`` streams the configured shards instead. FLOPs per
+sample are the training loop's count (``ltdist.train.flops``: frozen forward, trainable forward,
+backward); MFU = achieved FLOP/s / the device's dense peak at the run's precision (the table
+there, or ``--peak-tflops``). Prints a table; run it when an issue asks for a figure.
 """
 
 from __future__ import annotations
@@ -20,24 +20,15 @@ import torch
 from ltdist.config import load_config
 from ltdist.data.shards import load_label_space
 from ltdist.train.config import TrainConfig
+from ltdist.train.flops import (
+    count_step_flops,
+    device_peak,
+    matmul_precision,
+    synthetic_batch,
+    throughput,
+)
 from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.tasks import build_task
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
-
-
-def synthetic_batch(cfg: TrainConfig, task, batch_size: int, device) -> dict:
-    size = cfg.loader.image_size
-    c = task.class_ids.shape[0] if hasattr(task, "class_ids") else task.head.num_classes
-    batch = {
-        "image": torch.randn(batch_size, 3, size, size, device=device),
-        "labels": (torch.rand(batch_size, c, device=device) < 0.05).float(),
-    }
-    if getattr(task, "needs_text", False):
-        ids = torch.randint(1000, 20000, (batch_size, cfg.model.max_text_tokens), device=device)
-        ids[:, 0], ids[:, -1] = 101, 102
-        batch["tokens"] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return batch
 
 
 def main(argv=None) -> None:
@@ -56,6 +47,9 @@ def main(argv=None) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     space = load_label_space(cfg.data.location)
     task = build_task(cfg.task, cfg.model, space).to(device).train()
+    text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
+    size, classes = cfg.loader.image_size, len(space.names)
+    flops = count_step_flops(task, lambda b: synthetic_batch(b, size, classes, text, device))
     optimizer = build_optimizer(task, cfg.optim, task.backbone_prefixes, task.no_decay_names)
     scheduler = build_scheduler(optimizer, cfg.optim, args.steps + args.warmup + 1)
     if args.real_data:
@@ -69,7 +63,7 @@ def main(argv=None) -> None:
             tokenizer=task.tokenizer if getattr(task, "needs_text", False) else None,
         )
         stream = iter(loader)
-    fixed = synthetic_batch(cfg, task, bs, device)
+    fixed = synthetic_batch(bs, size, classes, text, device)
 
     def next_batch() -> dict:
         if not args.real_data:
@@ -94,11 +88,6 @@ def main(argv=None) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops_per_step = counter.get_total_flops()
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -110,8 +99,9 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
-    achieved = flops_per_step * args.steps / seconds / 1e12
+    peak = device_peak(name, matmul_precision(cfg.mixed_precision), args.peak_tflops)
+    per_sample = flops.per_sample(bs)
+    achieved = throughput(per_sample.total, bs * args.steps / seconds, 1, peak)
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     total = sum(p.numel() for p in task.parameters())
     rows = [
@@ -121,9 +111,17 @@ def main(argv=None) -> None:
         ("data", "shards" if args.real_data else "synthetic"),
         ("samples/s", f"{bs * args.steps / seconds:.1f}"),
         ("step time (ms)", f"{1000 * seconds / args.steps:.1f}"),
-        ("GFLOP per step", f"{flops_per_step / 1e9:.2f}"),
-        ("achieved TFLOP/s", f"{achieved:.2f}"),
-        ("MFU", f"{100 * achieved / peak:.1f}% of {peak:.0f}" if peak else "n/a (--peak-tflops)"),
+        ("GFLOP per sample", f"{per_sample.total / 1e9:.4g}"),
+        ("  frozen forward", f"{per_sample.frozen_forward / 1e9:.4g}"),
+        ("  trainable forward", f"{per_sample.trainable_forward / 1e9:.4g}"),
+        ("  backward", f"{per_sample.trainable_backward / 1e9:.4g}"),
+        ("achieved TFLOP/s", f"{achieved['tflops']:.4g}"),
+        (
+            "MFU",
+            f"{100 * achieved['mfu']:.1f}% of {peak.tflops:g} ({peak.source})"
+            if "mfu" in achieved
+            else f"n/a ({peak.source})",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -143,6 +143,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 0
     seed: int = 0
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    # One device's dense peak TFLOP/s for MFU; 0 = from the GPU's name and the run's precision
+    # (ltdist.train.flops.PEAKS). Set it for a GPU the table lacks, or for a CPU.
+    peak_tflops: float = 0.0
     progress: bool = True
 
     def validate(self) -> None:
@@ -179,6 +182,8 @@ class TrainConfig:
             clip.validate()
         if self.task == "cprfl" and self.model.backbone.kind == "clip":
             self.model.backbone.clip.validate()
+        if self.peak_tflops < 0:
+            raise ValueError(f"peak_tflops must be >= 0 (0: the device's), got {self.peak_tflops}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.data.location:

@@ -47,6 +47,15 @@ from ltdist.train.config import TrainConfig
 from ltdist.train.ema import EMA
 from ltdist.train.evaluation import evaluate_and_report, evaluate_split
 from ltdist.train.export import read_export_weights, save_export
+from ltdist.train.flops import (
+    Peak,
+    StepFlops,
+    count_step_flops,
+    device_peak,
+    matmul_precision,
+    synthetic_batch,
+    throughput,
+)
 from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.resolve import resolve_config
 from ltdist.train.selection import BestWeights
@@ -127,6 +136,8 @@ def train(cfg: TrainConfig) -> dict:
     space = load_label_space(cfg.data.location)
     task = _build_task(cfg, space, acc)
     set_seed(cfg.seed, device_specific=True)  # dropout differs per rank
+    flops, peak = _count_flops(cfg, task, space, acc)
+    flops_per_sample = flops.per_sample(cfg.loader.batch_size).total
 
     loader = ShardLoader(
         cfg.data.location,
@@ -155,6 +166,7 @@ def train(cfg: TrainConfig) -> dict:
         cfg.checkpoint.staging_dir,
     )
     step, history = _resume(cfg, acc, ckpt, loader, optimizer, scheduler, ema)
+    first_step = step
     best = _best_weights(cfg, acc, step, history)
 
     start_tracking(acc, cfg, tracking)
@@ -191,7 +203,9 @@ def train(cfg: TrainConfig) -> dict:
         where = ckpt.save(step, trainer_state, ema.state_dict() if ema is not None else None, files)
         acc.print(f"checkpoint: {where}")
 
-    with _StopRequest(cfg.preempt_file) as stop:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with _StopRequest(cfg.preempt_file) as stop, logging_redirect_tqdm():
         model.train()
         while step < total and status == "completed":
             for batch in loader:
@@ -237,12 +251,16 @@ def train(cfg: TrainConfig) -> dict:
                     ema.update(module)
                 bar.update(1)
                 if step % cfg.log_every_steps == 0 or step == total:
-                    record = _log_step(acc, parts, step, scheduler, since, global_batch)
+                    record = _log_step(
+                        acc, parts, step, scheduler, since, global_batch, flops_per_sample, peak
+                    )
                     since = (time.perf_counter(), step)
                     history.append(record)
                     bar.set_postfix(
                         loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}"
                     )
+                    if acc.is_main_process:
+                        log.info("%s", _step_line(record, total, peak))
                     parts = {}
                 periodic = cfg.eval_every_steps and step % cfg.eval_every_steps == 0
                 # with a selection, the final weights are a candidate too
@@ -269,9 +287,19 @@ def train(cfg: TrainConfig) -> dict:
             return {"status": status, "step": step}
         if not (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
             save()
-    result = _finish(
-        acc, cfg, model, module, ema, space, history, step, best, time.perf_counter() - started
-    )
+    seconds = time.perf_counter() - started
+    samples_per_s = (step - first_step) * global_batch / max(seconds, 1e-9)
+    cost = {
+        "flops": flops.record(cfg.loader.batch_size),
+        "throughput": {
+            "samples_per_s": samples_per_s,
+            **throughput(flops_per_sample, samples_per_s, acc.num_processes, peak),
+            "peak_tflops": peak.tflops,
+            "peak": peak.source,
+            "measured_over": "the training loop's wall time (evaluations, checkpoints included)",
+        },
+    }
+    result = _finish(acc, cfg, model, module, ema, space, history, step, best, seconds, cost)
     acc.end_training()
     return result
 
@@ -299,6 +327,25 @@ def _build_task(cfg: TrainConfig, space, acc):
                     f"config's initial {module.init_temperature} is not used)"
                 )
     return task
+
+
+def _count_flops(cfg: TrainConfig, task, space, acc) -> tuple[StepFlops, Peak]:
+    """The task's FLOPs per micro-step (counted on the training device, before it is wrapped)
+    and the peak MFU is measured against; both said once."""
+    task.to(acc.device)
+    text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
+    size, classes = cfg.loader.image_size, len(space.names)
+    flops = count_step_flops(
+        task, lambda b: synthetic_batch(b, size, classes, text, acc.device, cfg.seed)
+    )
+    name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
+    peak = device_peak(name, matmul_precision(acc.mixed_precision), cfg.peak_tflops)
+    acc.print(f"FLOPs: {flops.describe(cfg.loader.batch_size)} (counted in {flops.seconds:.1f} s)")
+    if peak.tflops:
+        acc.print(f"MFU against {peak.source}: {peak.tflops:g} TFLOP/s per device")
+    else:
+        acc.print(f"MFU not reported ({peak.source}): TFLOP/s only")
+    return flops, peak
 
 
 def _resume(cfg: TrainConfig, acc, ckpt, loader, optimizer, scheduler, ema) -> tuple[int, list]:
@@ -386,10 +433,21 @@ def _check_resumable(state: dict, cfg: TrainConfig, acc) -> None:
         )
 
 
-def _log_step(acc, parts, step, scheduler, since: tuple[float, int], global_batch) -> dict:
+def _log_step(
+    acc,
+    parts,
+    step,
+    scheduler,
+    since: tuple[float, int],
+    global_batch,
+    flops_per_sample: float = 0.0,
+    peak: Peak | None = None,
+) -> dict:
     """Losses averaged over the window and the ranks, except that a part named ``*_min`` /
     ``*_max`` (a range, e.g. DP-VLPA's DQR weights) keeps its minimum / maximum; samples/s
-    over the window since the last record (``since`` = its time and step)."""
+    over the window since the last record (``since`` = its time and step), and with
+    ``flops_per_sample`` the achieved TFLOP/s (all devices and per device) and MFU against
+    ``peak`` where it is known."""
     names = sorted(parts)
     reduce = {
         k: np.min if k.endswith("_min") else np.max if k.endswith("_max") else np.mean
@@ -402,8 +460,22 @@ def _log_step(acc, parts, step, scheduler, since: tuple[float, int], global_batc
     record = {"step": step, **dict(zip(names, values))}
     record["lr"] = float(scheduler.get_last_lr()[0])
     record["samples_per_s"] = (step - since[1]) * global_batch / seconds
+    if flops_per_sample:
+        peak = peak or Peak(None, "")
+        record |= throughput(flops_per_sample, record["samples_per_s"], acc.num_processes, peak)
     acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
     return record
+
+
+def _step_line(record: dict, total: int, peak: Peak) -> str:
+    """One log line per record: loss, samples/s, TFLOP/s, MFU."""
+    line = f"step {record['step']}/{total}: loss {record['loss']:.4f}, "
+    line += f"{record['samples_per_s']:.2f} samples/s"
+    if "tflops" in record:
+        line += f", {record['tflops']:.3g} TFLOP/s ({record['tflops_per_device']:.3g} per device)"
+    if "mfu" in record:
+        line += f", MFU {100 * record['mfu']:.1f}% of {peak.tflops:g} ({peak.source})"
+    return line
 
 
 def _best_weights(cfg: TrainConfig, acc, step: int, history: list) -> BestWeights | None:
@@ -498,9 +570,10 @@ def _batch_audit(cfg: TrainConfig, acc):
     return open(os.path.join(folder, f"rank{acc.process_index}.jsonl"), "a", buffering=1)
 
 
-def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds) -> dict:
+def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds, cost) -> dict:
     """Final evaluation, thresholds, report, plots, export, metrics.json: of the selected
-    weights (loaded back from their export) with a selection, else of the last ones."""
+    weights (loaded back from their export) with a selection, else of the last ones; ``cost``
+    (FLOPs per sample, achieved TFLOP/s and MFU) goes into metrics.json as it is."""
     out = cfg.output_dir
     metrics: dict = {"status": "completed", "task": cfg.task, "steps": step}
     kind = "EMA" if ema is not None else "final"
@@ -581,6 +654,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds) -
             )
         metrics.update(
             train_seconds=round(seconds, 1),
+            **cost,
             world_size=acc.num_processes,
             distributed_type=str(acc.distributed_type),
             zero_stage=zero_stage(acc),

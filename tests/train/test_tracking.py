@@ -5,6 +5,7 @@ stored is read back with the trackers' own formats and client; plus the config's
 from __future__ import annotations
 
 import json
+import logging
 import struct
 import zlib
 from pathlib import Path
@@ -110,11 +111,12 @@ def test_wandb_offline_run_holds_the_training_metrics(demo, tmp_path, no_tracker
 
 
 @pytest.mark.slow
-def test_mlflow_local_store_run_holds_the_training_metrics(demo, tmp_path, no_tracker_env):
+def test_mlflow_local_store_run_holds_the_training_metrics(demo, tmp_path, no_tracker_env, caplog):
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "run"
-    result = loop.train(_config(demo, out, "tracker=mlflow", "tracker_project=tiny-exp"))
+    with caplog.at_level(logging.INFO, logger="ltdist.train.loop"):
+        result = loop.train(_config(demo, out, "tracker=mlflow", "tracker_project=tiny-exp"))
     store = out / "mlflow" / "mlflow.db"
     assert store.is_file()
     client = MlflowClient(f"sqlite:///{store}")
@@ -125,6 +127,22 @@ def test_mlflow_local_store_run_holds_the_training_metrics(demo, tmp_path, no_tr
     assert logged == pytest.approx(_train_losses(out), rel=1e-6)
     assert sorted(logged) == list(range(1, STEPS + 1))
     assert run.data.metrics["eval/map_all"] == pytest.approx(result["map"]["all"], rel=1e-6)
+    # FLOPs per sample (counted once, split), achieved TFLOP/s per record; no MFU on a CPU
+    flops = result["flops"]
+    parts = ("frozen_forward", "trainable_forward", "trainable_backward")
+    assert flops["per_sample"] == pytest.approx(sum(flops[k] for k in parts))
+    assert flops["frozen_forward"] > 0 and flops["frozen_modules"] == ["model.image_tower"]
+    assert flops["trainable_backward"] > flops["trainable_forward"] > 0
+    for rec in (h for h in result["history"] if "loss" in h):
+        assert rec["tflops"] == pytest.approx(rec["samples_per_s"] * flops["per_sample"] / 1e12)
+        assert rec["tflops_per_device"] == rec["tflops"] and "mfu" not in rec
+    tflops = client.get_metric_history(run.info.run_id, "train/tflops")
+    assert sorted(m.step for m in tflops) == list(range(1, STEPS + 1))
+    speed = result["throughput"]
+    assert speed["tflops"] == pytest.approx(speed["samples_per_s"] * flops["per_sample"] / 1e12)
+    assert "mfu" not in speed and speed["peak_tflops"] is None
+    lines = [r.getMessage() for r in caplog.records if "TFLOP/s" in r.getMessage()]
+    assert len(lines) == STEPS and lines[-1].startswith(f"step {STEPS}/{STEPS}: loss ")
     # the run's image preprocessing, recorded where the export and metrics.json keep the config
     exported = json.loads((out / "export" / "config.json").read_text())["loader"]
     recorded = json.loads((out / "metrics.json").read_text())["provenance"]["config"]["loader"]
