@@ -178,7 +178,8 @@ def test_setup_chooses_the_device_and_its_constraints(setup_copy, nvidia_smi, de
     folder, gen = (
         ("constraints/cuda/", "gen,dev") if chosen == "cuda" else ("constraints/", "gen-cpu,dev")
     )
-    assert f"would build .venvs/train (ltdist[train,trackers,dev,test-s3], {folder}train.txt)" in out.stdout
+    train = "train,trackers,dev,test-s3"
+    assert f"would build .venvs/train (ltdist[{train}], {folder}train.txt)" in out.stdout
     assert f"would build .venvs/gen (ltdist[{gen}], {folder}gen.txt)" in out.stdout
     assert not (setup_copy[0] / ".venvs").exists()  # a plan builds nothing
 
