@@ -56,6 +56,12 @@ class DataConfig:
     eval_limit: int = 0  # evaluate on the first N samples only (periodic checks); 0 = all
     # The learnability control: each batch's label rows permuted across its images.
     shuffle_labels: bool = False
+    # Train on the frozen image tower's tokens, computed once (ltdist.train.token_cache), not
+    # on the images: a token cache folder, or "auto" (<location>/tokens); "" = images. A cache
+    # that is missing or partial is built first (every rank its shards); one built for another
+    # tower, tag, size, preprocessing or dtype is refused, naming the field.
+    token_cache: str = ""
+    token_cache_dtype: Literal["bf16", "fp16"] = "bf16"
 
 
 @dataclass
@@ -218,6 +224,8 @@ class TrainConfig:
                 "model.linear_pool=cls takes a CLIP tower's class token: it needs "
                 f"model.backbone.kind=clip (got {self.model.backbone.kind}); use mean pooling"
             )
+        if self.data.token_cache:
+            self._validate_token_cache()
         if self.task == "pretrain" and self.model.init_from:
             raise ValueError("pretraining starts from CLIP + BERT; model.init_from is for phase 2")
         stray = [k for k in self.tracker_init_kwargs if k != self.tracker]
@@ -231,3 +239,22 @@ class TrainConfig:
         self.optim.validate()
         self.loader.validate()
         self.cluster.validate()
+
+    def _validate_token_cache(self) -> None:
+        """A cache holds the frozen DP-VLPA tower's deterministic view of each image."""
+        if self.task not in ("pretrain", "dpvlpa"):
+            raise ValueError(
+                f"data.token_cache serves DP-VLPA's frozen CLIP tower (task pretrain or "
+                f"dpvlpa); task={self.task} computes its tokens from the images"
+            )
+        if not self.model.clip.freeze_image:
+            raise ValueError(
+                "data.token_cache needs a frozen image tower: model.clip.freeze_image=false "
+                "trains it, so its tokens change every step"
+            )
+        if self.loader.augment:
+            raise ValueError(
+                "data.token_cache holds one deterministic view per image, but loader.augment="
+                "true draws a new crop and flip every epoch: set loader.augment=false or "
+                "data.token_cache=''"
+            )
