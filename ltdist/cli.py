@@ -16,9 +16,9 @@ ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs 
 ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
                      [--shapes 1x8,8x8] [--splits-dir DIR]   a config's plan at a cluster shape,
                      then (without --plan) its run here at reduced width
-ltdist features cache --config TRAIN_CONFIG [--out DIR] [--dtype bf16|fp16] [--split S]
-                     [key=value ...]   the frozen image tower's tokens, once, for training
-                     (resumable; several ranks with `accelerate launch -m ltdist.cli ...`)
+ltdist features cache --config TRAIN_CONFIG [--out DIR] [--dtype bf16|fp16] [--views K]
+                     [--split S] [key=value ...]   the frozen image tower's tokens, once, for
+                     training (resumable; several ranks: `accelerate launch -m ltdist.cli ...`)
 ltdist export push   EXPORT REPO_ID [--private] [--revision BRANCH] [--license ID]   upload an
                      export folder as a Hugging Face Hub model repo (HF_TOKEN or `hf auth login`)
 """
@@ -264,6 +264,8 @@ def _features_cache(args: argparse.Namespace) -> int:
         args.overrides.append(f"data.token_cache={args.out}")
     if args.dtype:
         args.overrides.append(f"data.token_cache_dtype={args.dtype}")
+    if args.views:
+        args.overrides.append(f"data.token_cache_views={args.views}")
     cfg = _load(TrainConfig, args)
     if cfg is None:
         return 0
@@ -410,9 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(p)
     p.add_argument("--out", default="", help="default: data.token_cache, else <location>/tokens")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="", help="default: the config's")
+    p.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        help="1: the deterministic view; K: epochs 0..K-1's augmentations (loader.augment=true)",
+    )
     p.add_argument("--split", default="", help="default: the training split")
     p.add_argument("--batch-size", type=int, default=0, help="default: data.eval_batch_size")
-    p.set_defaults(func=_features_cache)
+    p.set_defaults(func=_features_cache, trailing_overrides=True)
 
     export = sub.add_parser("export", help="publish a training run's export").add_subparsers(
         dest="export_command", required=True

@@ -230,6 +230,12 @@ def _rng(*parts) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def augment_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The random draws of a sample's augmentation in ``epoch`` (a token cache's view ``v`` is
+    the augmentation of epoch ``v``)."""
+    return _rng(seed, "augment", epoch, key)
+
+
 def read_range(
     plan: SamplePlan,
     start: int,
@@ -557,7 +563,7 @@ class ShardLoader:
         if self.token_cache is not None:
             item["image_tokens"] = cached_tokens(sample, self.token_cache, epoch)
         elif self.decode_images:
-            rng = _rng(self.cfg.seed, "augment", epoch, sample.key) if self.cfg.augment else None
+            rng = augment_rng(self.cfg.seed, epoch, sample.key) if self.cfg.augment else None
             item["image"] = self.transform(decode_image(sample), rng)
         return item
 

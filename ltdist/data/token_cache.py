@@ -63,6 +63,7 @@ class TokenManifest:
     resize_mode: str
     dtype: str
     views: int
+    augment_seed: int | None  # loader.seed for augmented views (views > 1), else None
     tower: dict  # the rest of model.clip that shapes the tokens (tiny sizes, quick_gelu)
     tower_weights_sha256: str  # the tower's own weights: a random init, a tag, an export
     image_shards_sha256: str  # the image shards the tokens were computed from
@@ -84,6 +85,7 @@ class TokenManifest:
         "resize_mode",
         "dtype",
         "views",
+        "augment_seed",
         "tower",
         "tower_weights_sha256",
         "image_shards_sha256",

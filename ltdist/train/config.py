@@ -62,6 +62,9 @@ class DataConfig:
     # tower, tag, size, preprocessing or dtype is refused, naming the field.
     token_cache: str = ""
     token_cache_dtype: Literal["bf16", "fp16"] = "bf16"
+    # Views per image: 1 = the deterministic transform (loader.augment=false); K > 1 = the
+    # augmentations of epochs 0..K-1 (loader.augment=true), epoch e reading view e % K.
+    token_cache_views: int = 1
 
 
 @dataclass
@@ -252,9 +255,18 @@ class TrainConfig:
                 "data.token_cache needs a frozen image tower: model.clip.freeze_image=false "
                 "trains it, so its tokens change every step"
             )
-        if self.loader.augment:
+        views = self.data.token_cache_views
+        if views < 1:
+            raise ValueError(f"data.token_cache_views must be >= 1, got {views}")
+        if self.loader.augment and views == 1:
             raise ValueError(
-                "data.token_cache holds one deterministic view per image, but loader.augment="
-                "true draws a new crop and flip every epoch: set loader.augment=false or "
-                "data.token_cache=''"
+                "data.token_cache with one view holds the deterministic view of each image, but "
+                "loader.augment=true draws a new crop and flip every epoch: set "
+                "data.token_cache_views to the number of epochs (view e is epoch e's "
+                "augmentation), or loader.augment=false"
+            )
+        if views > 1 and not self.loader.augment:
+            raise ValueError(
+                f"data.token_cache_views={views} caches augmented views, but loader.augment="
+                "false: without augmentation every view is the same; set views to 1"
             )

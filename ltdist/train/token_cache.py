@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ltdist import storage
-from ltdist.data.loader import decode_image, image_transform
+from ltdist.data.loader import augment_rng, decode_image, image_transform
 from ltdist.data.shards import ShardSample, ShardWriter, load_index, read_shard
 from ltdist.data.token_cache import (
     AUTO,
@@ -99,6 +99,7 @@ def expected_manifest(
         resize_mode=prep.resize_mode,
         dtype=dtype,
         views=views,
+        augment_seed=loader.seed if views > 1 else None,
         tower={
             k: v
             for k, v in sorted(vars(resolved_clip_config(clip)).items())
@@ -134,6 +135,7 @@ def build_token_cache(
     split: str = "",
     out: str = "",
     dtype: str = "",
+    views: int = 0,
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
@@ -146,6 +148,7 @@ def build_token_cache(
     are not written yet. ``announce`` receives the size estimate before any work starts."""
     split = split or cfg.data.train_split
     dtype = dtype or cfg.data.token_cache_dtype
+    views = views or cfg.data.token_cache_views
     location = out or cache_location(cfg.data.location, cfg.data.token_cache or AUTO)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -162,8 +165,8 @@ def build_token_cache(
             f"{cfg.data.location}: split {split!r} is incomplete (missing shards "
             f"{index.missing()[:10]}): finish writing it before caching its tokens"
         )
-    wanted = expected_manifest(cfg, tower, split, dtype)
-    estimate = size_estimate(index.num_samples, 1, wanted.num_tokens, wanted.token_dim)
+    wanted = expected_manifest(cfg, tower, split, dtype, views)
+    estimate = size_estimate(index.num_samples, views, wanted.num_tokens, wanted.token_dim)
     announce(f"token cache {location} ({split}): {estimate}")
     if read_manifest(location, split) is None:  # every rank writes the same bytes, atomically
         storage.write_bytes_atomic(manifest_location(location, split), wanted.to_json())
@@ -177,8 +180,12 @@ def build_token_cache(
     mine = [k for k in sorted(index.shards) if k % world_size == rank]
     todo = [k for k in mine if k not in writer.done()]
     result = CacheBuild(location, split, wanted, estimate, shards_kept=len(mine) - len(todo))
+    # one view: the test form; K views: the training form with the draws of epochs 0..K-1
     prep = image_transform(
-        cfg.loader.transform, cfg.loader.image_size, preprocess=cfg.loader.clip_preprocess()
+        cfg.loader.transform,
+        cfg.loader.image_size,
+        augment=views > 1,
+        preprocess=cfg.loader.clip_preprocess(),
     )
     batch = batch_size or cfg.data.eval_batch_size
     device = torch.device(device)
@@ -204,11 +211,19 @@ def build_token_cache(
         out_samples = []
         for i in range(0, len(samples), batch):
             chunk = samples[i : i + batch]
-            images = prep.normalize(torch.stack([prep(decode_image(s)) for s in chunk]))
-            with torch.no_grad(), autocast:
-                tokens = tower(images.to(device)).float()  # (b, N, D)
-            for s, t in zip(chunk, tokens, strict=True):  # t: (N, D), stored as 1 view
-                data = encode_tokens(t[None], dtype)
+            decoded = [decode_image(s) for s in chunk]
+            per_view = []
+            for v in range(views):
+                draws = [augment_rng(cfg.loader.seed, v, s.key) for s in chunk]
+                draws = draws if views > 1 else [None] * len(chunk)
+                images = prep.normalize(
+                    torch.stack([prep(img, rng) for img, rng in zip(decoded, draws, strict=True)])
+                )
+                with torch.no_grad(), autocast:
+                    per_view.append(tower(images.to(device)).float())  # (b, N, D)
+            tokens = torch.stack(per_view, dim=1)  # (b, views, N, D)
+            for s, t in zip(chunk, tokens, strict=True):
+                data = encode_tokens(t, dtype)
                 out_samples.append(ShardSample(s.key, s.meta, text=s.text, image_tokens=data))
             bar.update(len(chunk))
         writer.write_shard(k, out_samples, info.rejected, {"image_sha256": info.sha256})
@@ -232,7 +247,8 @@ def open_token_cache(
     partial. Returns its location and manifest."""
     split = split or cfg.data.train_split
     location = cache_location(cfg.data.location, cfg.data.token_cache)
-    wanted = expected_manifest(cfg, tower, split, cfg.data.token_cache_dtype)
+    views = cfg.data.token_cache_views
+    wanted = expected_manifest(cfg, tower, split, cfg.data.token_cache_dtype, views)
     if read_manifest(location, split) is not None:
         check_manifest(location, split, wanted)  # refuse before any work
     if complete_index(location, split) is None:
@@ -250,4 +266,13 @@ def open_token_cache(
     check_manifest(location, split, wanted)
     if complete_index(location, split) is None:
         raise InputError(f"{location}: the token cache of {split!r} is still incomplete")
+    if views > 1 and cfg.epochs > views:
+        log.warning(
+            "%d epochs from %d cached views: epoch e reads view e %% %d, so augmentations repeat "
+            "from epoch %d (training from images draws new ones)",
+            cfg.epochs,
+            views,
+            views,
+            views,
+        )
     return location, wanted

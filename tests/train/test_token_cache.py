@@ -176,3 +176,56 @@ def test_the_cache_holds_the_towers_tokens_in_bf16(demo, one_rank, tmp_path):
         want = tower(prep.normalize(prep(decode_image(image))[None]))[0]
     got = fmt.decode_tokens(cached.image_tokens, manifest.shape, "bf16", cached.key)[0]
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_the_command_prints_the_size_first_and_resumes_a_finished_cache(demo, one_rank, capsys):
+    from accelerate.state import AcceleratorState
+
+    from ltdist import cli
+
+    before = _files(one_rank)
+    argv = ["features", "cache", "--config", str(TINY), f"data.location={demo}"]
+    try:
+        assert cli.main([*argv, "--out", str(one_rank), "loader.num_workers=1"]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    out = capsys.readouterr().out.splitlines()
+    size = f"token cache {one_rank} (train): 1200 samples x 1 view(s) x 17 tokens x 32 x 2 bytes"
+    assert out[0].startswith(size) and out[0].endswith("0.001 MB per sample, 1.3 MB in all")
+    assert out[1] == "rank 0: wrote 0 shards, 12 already done"
+    assert _files(one_rank) == before
+
+
+def test_k_views_are_the_augmentations_of_epochs_0_to_k_minus_1(demo, tmp_path):
+    """With loader.augment=true a cache of K views holds, per image, the augmented views that
+    training from images draws in epochs 0..K-1; epoch e reads view e % K."""
+    from ltdist.data.loader import ShardLoader
+
+    extra = ["loader.augment=true", "data.token_cache_views=2", "loader.num_workers=0"]
+    extra += ["loader.shuffle_shards=false", "loader.shuffle_buffer=0"]  # same images each epoch
+    cfg = _resolved(_config(demo, tmp_path, f"data.token_cache={tmp_path / 'k2'}", *extra))
+    tower = tc.training_tower(cfg)
+    built = tc.build_token_cache(cfg, tower, split="test")
+    assert built.manifest.shape == (2, 17, 32) and built.manifest.augment_seed == 0
+    assert "600 samples x 2 view(s)" in built.estimate
+
+    def first_batch(location: str, epoch: int, **kwargs) -> dict:
+        loader = ShardLoader(location, "test", cfg.loader, **kwargs)
+        loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
+        return next(iter(loader))
+
+    seen = {}
+    for epoch in (0, 1, 2):
+        cached = first_batch(built.location, epoch, token_cache=built.manifest)
+        assert cached["image_tokens"].shape == (8, 17, 32)
+        seen[epoch] = dict(zip(cached["key"], cached["image_tokens"], strict=True))
+        if epoch < 2:  # the tower on the images training from images draws in this epoch
+            images = first_batch(str(demo), epoch)
+            assert cached["key"] == images["key"]
+            with torch.no_grad():
+                want = tower(images["image"]).to(torch.bfloat16)
+            torch.testing.assert_close(cached["image_tokens"], want, atol=2e-2, rtol=2e-2)
+    assert list(seen[0]) == list(seen[1]) == list(seen[2])
+    for key in seen[0]:  # epoch 1: another crop; epoch 2 reads view 0 again
+        assert not torch.equal(seen[0][key], seen[1][key])
+        assert torch.equal(seen[0][key], seen[2][key])
