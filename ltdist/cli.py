@@ -254,8 +254,7 @@ def _rehearse(args: argparse.Namespace) -> int:
 
 
 def _features_cache(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
+    from ltdist.train.accel import command_state
     from ltdist.train.config import TrainConfig
     from ltdist.train.resolve import resolve_config
     from ltdist.train.token_cache import build_token_cache, training_tower
@@ -272,7 +271,7 @@ def _features_cache(args: argparse.Namespace) -> int:
     if not cfg.data.token_cache:
         cfg.data.token_cache = "auto"
     cfg.validate()  # the checks a run reading the cache makes (frozen tower, no augmentation)
-    state = PartialState()  # one process, or each rank of an accelerate / torchrun launch
+    state, barrier = command_state()  # one process, or each rank of a launch
     cfg = resolve_config(cfg, state.num_processes).config
     main = state.is_main_process
     result = build_token_cache(
@@ -291,7 +290,7 @@ def _features_cache(args: argparse.Namespace) -> int:
         f"{result.shards_kept} already done",
         flush=True,
     )
-    state.wait_for_everyone()
+    barrier()
     if main:
         print(f"token cache: {result.location} ({result.split}), {result.estimate}")
     return 0
