@@ -16,6 +16,9 @@ ltdist compare       [NAME=]RUN ... [--plot PNG]        group-mAP table of runs 
 ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-node G]
                      [--shapes 1x8,8x8] [--splits-dir DIR]   a config's plan at a cluster shape,
                      then (without --plan) its run here at reduced width
+ltdist features cache --config TRAIN_CONFIG [--out DIR] [--dtype bf16|fp16] [--views K]
+                     [--split S] [key=value ...]   the frozen image tower's tokens, once, for
+                     training (resumable; several ranks: `accelerate launch -m ltdist.cli ...`)
 ltdist export push   EXPORT REPO_ID [--private] [--revision BRANCH] [--license ID]   upload an
                      export folder as a Hugging Face Hub model repo (HF_TOKEN or `hf auth login`)
 """
@@ -250,6 +253,49 @@ def _rehearse(args: argparse.Namespace) -> int:
     return 1 if refused else 0
 
 
+def _features_cache(args: argparse.Namespace) -> int:
+    from ltdist.train.accel import command_state
+    from ltdist.train.config import TrainConfig
+    from ltdist.train.resolve import resolve_config
+    from ltdist.train.token_cache import build_token_cache, training_tower
+
+    if args.out:
+        args.overrides.append(f"data.token_cache={args.out}")
+    if args.dtype:
+        args.overrides.append(f"data.token_cache_dtype={args.dtype}")
+    if args.views:
+        args.overrides.append(f"data.token_cache_views={args.views}")
+    cfg = _load(TrainConfig, args)
+    if cfg is None:
+        return 0
+    if not cfg.data.token_cache:
+        cfg.data.token_cache = "auto"
+    cfg.validate()  # the checks a run reading the cache makes (frozen tower, no augmentation)
+    state, barrier = command_state()  # one process, or each rank of a launch
+    cfg = resolve_config(cfg, state.num_processes).config
+    main = state.is_main_process
+    result = build_token_cache(
+        cfg,
+        training_tower(cfg),
+        split=args.split,
+        rank=state.process_index,
+        world_size=state.num_processes,
+        device=state.device,
+        batch_size=args.batch_size,
+        progress=main,
+        announce=print if main else (lambda _: None),
+    )
+    print(
+        f"rank {state.process_index}: wrote {len(result.shards_written)} shards, "
+        f"{result.shards_kept} already done",
+        flush=True,
+    )
+    barrier()
+    if main:
+        print(f"token cache: {result.location} ({result.split}), {result.estimate}")
+    return 0
+
+
 def _push(args: argparse.Namespace) -> int:
     from ltdist.train.hub import push
 
@@ -356,6 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits-dir", default="", help="the benchmark split files (data/splits)")
     p.add_argument("--work", default="runs/rehearsal", help="stand-in data and runs go here")
     p.set_defaults(func=_rehearse)
+
+    features = sub.add_parser("features", help="frozen towers' outputs, computed once")
+    features = features.add_subparsers(dest="features_command", required=True)
+    p = features.add_parser(
+        "cache", help="write a training config's frozen image tower tokens beside its shards"
+    )
+    _config_arguments(p)
+    p.add_argument("--out", default="", help="default: data.token_cache, else <location>/tokens")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="", help="default: the config's")
+    p.add_argument(
+        "--views",
+        type=int,
+        default=0,
+        help="1: the deterministic view; K: epochs 0..K-1's augmentations (loader.augment=true)",
+    )
+    p.add_argument("--split", default="", help="default: the training split")
+    p.add_argument("--batch-size", type=int, default=0, help="default: data.eval_batch_size")
+    p.set_defaults(func=_features_cache, trailing_overrides=True)
 
     export = sub.add_parser("export", help="publish a training run's export").add_subparsers(
         dest="export_command", required=True

@@ -49,6 +49,7 @@ from ltdist.data.shards import (
     load_label_space,
     read_split,
 )
+from ltdist.data.token_cache import TokenManifest, decode_tokens
 from ltdist.entry import InputError
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,12 @@ class SamplePlan:
 def _rng(*parts) -> np.random.Generator:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def augment_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The random draws of a sample's augmentation in ``epoch`` (a token cache's view ``v`` is
+    the augmentation of epoch ``v``)."""
+    return _rng(seed, "augment", epoch, key)
 
 
 def read_range(
@@ -483,7 +490,8 @@ class ShardLoader:
     """Batches of one split for one process, resumable at the exact next batch.
 
     Iterating yields dicts: ``image`` (B, 3, H, W) float, ``labels`` (B, C) multi-hot float,
-    ``key`` and ``text`` lists, and ``tokens`` when a tokenizer is given. ``state_dict()`` is
+    ``key`` and ``text`` lists, and ``tokens`` when a tokenizer is given; from a token cache
+    ``image_tokens`` (B, N, D) instead of ``image``. ``state_dict()`` is
     the position of the next batch; ``load_state_dict`` restores it.
     """
 
@@ -500,6 +508,9 @@ class ShardLoader:
         transform: Callable | None = None,
         tokenizer: Callable[[list[str]], object] | None = None,
         decode_images: bool = True,
+        # ``location`` is a token cache (ltdist.data.token_cache) with this manifest: batches
+        # carry ``image_tokens`` (B, N, D) in the cache's dtype instead of ``image``
+        token_cache: TokenManifest | None = None,
     ):
         cfg.validate()
         if not 0 <= rank < world_size:
@@ -539,6 +550,7 @@ class ShardLoader:
         self.normalize = getattr(self.transform, "normalize", clip_normalize)
         self.tokenizer = tokenizer
         self.decode_images = decode_images
+        self.token_cache = token_cache
         self.epoch, self.step = 0, 0
 
     @property
@@ -548,8 +560,10 @@ class ShardLoader:
     def prepare(self, sample: ShardSample, epoch: int) -> dict:
         """Decode and transform one sample (runs in the loader workers)."""
         item = {"key": sample.key, "label_ids": sample.label_ids, "text": sample.text or ""}
-        if self.decode_images:
-            rng = _rng(self.cfg.seed, "augment", epoch, sample.key) if self.cfg.augment else None
+        if self.token_cache is not None:
+            item["image_tokens"] = cached_tokens(sample, self.token_cache, epoch)
+        elif self.decode_images:
+            rng = augment_rng(self.cfg.seed, epoch, sample.key) if self.cfg.augment else None
             item["image"] = self.transform(decode_image(sample), rng)
         return item
 
@@ -562,7 +576,9 @@ class ShardLoader:
             "text": [it["text"] for it in items],
             "labels": labels,
         }
-        if self.decode_images:
+        if self.token_cache is not None:
+            batch["image_tokens"] = torch.stack([it["image_tokens"] for it in items])
+        elif self.decode_images:
             images = torch.stack([it["image"] for it in items])
             batch["image"] = self.normalize(images) if images.dtype == torch.uint8 else images
         if self.tokenizer is not None:
@@ -636,6 +652,16 @@ class ShardLoader:
             raise InputError(
                 f"saved step {self.step} beyond {self.steps_per_epoch} steps per epoch"
             )
+
+
+def cached_tokens(sample: ShardSample, manifest: TokenManifest, epoch: int) -> torch.Tensor:
+    """A token cache sample's tokens (N, D) for ``epoch``: view ``epoch % views``."""
+    if sample.image_tokens is None:
+        raise ShardIntegrityError(
+            f"sample {sample.key} has no tokens: not a token cache shard (data.token_cache)"
+        )
+    views = decode_tokens(sample.image_tokens, manifest.shape, manifest.dtype, sample.key)
+    return views[epoch % manifest.views]
 
 
 def decode_image(sample: ShardSample):

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 IMAGE_EXTS = ("jpg", "png", "webp")
+# A token cache's member (visual tokens, raw little-endian 16-bit floats); at most 4 letters so
+# that a key of MAX_KEY_LENGTH still fits a tar name.
+TOKENS_EXT = "vtok"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 # A tar member is "<key>.<ext>" in a USTAR name field of 100 bytes; the longest ext is 4.
 MAX_KEY_LENGTH = 100 - len(".json")
@@ -52,13 +55,16 @@ _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 @dataclass
 class ShardSample:
-    """One sample as stored: key, image bytes (None in text-only data sets), json, txt."""
+    """One sample as stored: key, image bytes (None in text-only data sets), json, txt; a
+    token cache's shard holds the frozen tower's tokens instead of the image
+    (``ltdist.data.token_cache``)."""
 
     key: str
     meta: dict
     image: bytes | None = None
     image_ext: str | None = None
     text: str | None = None
+    image_tokens: bytes | None = None
 
     @property
     def label_ids(self) -> list[int]:
@@ -220,6 +226,8 @@ def encode_tar(samples: list[ShardSample]) -> bytes:
                         f"{s.key}: image extension {s.image_ext!r} not in {IMAGE_EXTS}"
                     )
                 members.append((s.image_ext, s.image))
+            if s.image_tokens is not None:
+                members.append((TOKENS_EXT, s.image_tokens))
             members.append(("json", json.dumps(s.meta, sort_keys=True).encode()))
             if s.text is not None:
                 members.append(("txt", s.text.encode()))
@@ -263,7 +271,12 @@ def _sample(raw: dict, where: str) -> ShardSample:
         ) from None
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     return ShardSample(
-        key=key, meta=meta, image=raw.get(ext) if ext else None, image_ext=ext, text=text
+        key=key,
+        meta=meta,
+        image=raw.get(ext) if ext else None,
+        image_ext=ext,
+        text=text,
+        image_tokens=raw.get(TOKENS_EXT),
     )
 
 

@@ -234,8 +234,23 @@ class DPVLPA(nn.Module):
         """Unit query features (B, K, D): normalize(vision_proj(qformer(tower(images))))."""
         with torch.no_grad() if self.tower_frozen else contextlib.nullcontext():
             tokens = self.image_tower(images)  # (B, N, Wv)
+        return self.encode_tokens(tokens)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Unit query features (B, K, D) from the frozen tower's tokens (B, N, Wv), e.g. read
+        from a token cache (``ltdist.data.token_cache``) instead of computed from images."""
         queries = self.qformer.encode_image(tokens)  # (B, K, H)
         return F.normalize(self.vision_proj(queries), dim=-1)
+
+    def _batch_queries(self, batch: Mapping) -> torch.Tensor:
+        """A batch's query features: from its cached ``image_tokens`` when it has them (the
+        tower is frozen, so they are what it would compute), else from its images."""
+        if "image_tokens" in batch:
+            if not self.tower_frozen:
+                raise ValueError("cached image tokens need a frozen image tower")
+            tokens = batch["image_tokens"]  # (B, N, Wv) in the cache's bf16 / fp16
+            return self.encode_tokens(tokens.to(self.vision_proj.weight.dtype))
+        return self.encode_image(_images(batch))
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -265,7 +280,7 @@ class DPVLPA(nn.Module):
 
     def pretrain_loss(self, batch: Mapping) -> dict[str, torch.Tensor]:
         """Phase 1: ``{"loss", "gcl", "qcl"}`` with loss = GCL + qcl_weight * QCL."""
-        queries = self.encode_image(_images(batch))  # (b, K, D)
+        queries = self._batch_queries(batch)  # (b, K, D)
         input_ids, attention_mask = self._text_inputs(batch)
         text_cls, words = self.encode_text(input_ids, attention_mask)
         mask = batch.get("word_mask")
@@ -410,7 +425,7 @@ class DPVLPA(nn.Module):
             )
         cfg = self.config
         targets = _targets(batch)
-        queries = self.encode_image(_images(batch))  # (b, K, D)
+        queries = self._batch_queries(batch)  # (b, K, D)
         logits, class_w = self._class_logits(queries, class_embeddings, None, None)  # (b, C)
         l_cls = (cls_loss or self.cls_loss)(logits, targets.to(logits.dtype))
         zero = logits.new_zeros(())

@@ -25,13 +25,8 @@ def make_accelerator(cfg: TrainConfig, project_dir: str, log_with: str | None, l
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    # CPU processes talk over gloo; a lone process (no launcher) needs no process group
-    launched = (
-        int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_USE_DEEPSPEED" in os.environ
-    )
-    backend = "gloo" if launched and not torch.cuda.is_available() else None
     pg = InitProcessGroupKwargs(
-        timeout=timedelta(seconds=cfg.collective_timeout_s), backend=backend
+        timeout=timedelta(seconds=cfg.collective_timeout_s), backend=_backend()
     )
     return Accelerator(
         mixed_precision=mixed_precision(cfg),
@@ -41,6 +36,30 @@ def make_accelerator(cfg: TrainConfig, project_dir: str, log_with: str | None, l
         kwargs_handlers=[pg],
         step_scheduler_with_optimizer=False,  # stepped here once per optimizer step
     )
+
+
+def _backend() -> str | None:
+    """CPU processes talk over gloo; a lone process (no launcher) needs no process group."""
+    launched = (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_USE_DEEPSPEED" in os.environ
+    )
+    return "gloo" if launched and not torch.cuda.is_available() else None
+
+
+def command_state():
+    """The process's place in a launch (``accelerate launch`` / ``torchrun``; one process
+    without) for a command that is not a training run, e.g. ``ltdist features cache``: an
+    Accelerate ``PartialState`` (rank, world, device) and a barrier across its processes."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState(backend=_backend())
+
+    def barrier() -> None:  # PartialState's own is a no-op for CPU processes
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    return state, barrier
 
 
 def mixed_precision(cfg: TrainConfig) -> str:

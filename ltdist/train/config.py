@@ -56,6 +56,15 @@ class DataConfig:
     eval_limit: int = 0  # evaluate on the first N samples only (periodic checks); 0 = all
     # The learnability control: each batch's label rows permuted across its images.
     shuffle_labels: bool = False
+    # Train on the frozen image tower's tokens, computed once (ltdist.train.token_cache), not
+    # on the images: a token cache folder, or "auto" (<location>/tokens); "" = images. A cache
+    # that is missing or partial is built first (every rank its shards); one built for another
+    # tower, tag, size, preprocessing or dtype is refused, naming the field.
+    token_cache: str = ""
+    token_cache_dtype: Literal["bf16", "fp16"] = "bf16"
+    # Views per image: 1 = the deterministic transform (loader.augment=false); K > 1 = the
+    # augmentations of epochs 0..K-1 (loader.augment=true), epoch e reading view e % K.
+    token_cache_views: int = 1
 
 
 @dataclass
@@ -223,6 +232,8 @@ class TrainConfig:
                 "model.linear_pool=cls takes a CLIP tower's class token: it needs "
                 f"model.backbone.kind=clip (got {self.model.backbone.kind}); use mean pooling"
             )
+        if self.data.token_cache:
+            self._validate_token_cache()
         if self.task == "pretrain" and self.model.init_from:
             raise ValueError("pretraining starts from CLIP + BERT; model.init_from is for phase 2")
         stray = [k for k in self.tracker_init_kwargs if k != self.tracker]
@@ -236,3 +247,31 @@ class TrainConfig:
         self.optim.validate()
         self.loader.validate()
         self.cluster.validate()
+
+    def _validate_token_cache(self) -> None:
+        """A cache holds the frozen DP-VLPA tower's deterministic view of each image."""
+        if self.task not in ("pretrain", "dpvlpa"):
+            raise ValueError(
+                f"data.token_cache serves DP-VLPA's frozen CLIP tower (task pretrain or "
+                f"dpvlpa); task={self.task} computes its tokens from the images"
+            )
+        if not self.model.clip.freeze_image:
+            raise ValueError(
+                "data.token_cache needs a frozen image tower: model.clip.freeze_image=false "
+                "trains it, so its tokens change every step"
+            )
+        views = self.data.token_cache_views
+        if views < 1:
+            raise ValueError(f"data.token_cache_views must be >= 1, got {views}")
+        if self.loader.augment and views == 1:
+            raise ValueError(
+                "data.token_cache with one view holds the deterministic view of each image, but "
+                "loader.augment=true draws a new crop and flip every epoch: set "
+                "data.token_cache_views to the number of epochs (view e is epoch e's "
+                "augmentation), or loader.augment=false"
+            )
+        if views > 1 and not self.loader.augment:
+            raise ValueError(
+                f"data.token_cache_views={views} caches augmented views, but loader.augment="
+                "false: without augmentation every view is the same; set views to 1"
+            )

@@ -60,6 +60,7 @@ from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.resolve import resolve_config
 from ltdist.train.selection import BestWeights
 from ltdist.train.tasks import build_task
+from ltdist.train.token_cache import open_token_cache, uses_token_cache
 from ltdist.train.tracking import plan_tracking, start_tracking
 
 log = logging.getLogger(__name__)
@@ -139,13 +140,25 @@ def train(cfg: TrainConfig) -> dict:
     flops, peak = _count_flops(cfg, task, space, acc)
     flops_per_sample = flops.per_sample(cfg.loader.batch_size).total
 
+    location, token_cache = cfg.data.location, None
+    if uses_token_cache(cfg):  # the frozen tower's tokens, computed once (built if missing)
+        location, token_cache = open_token_cache(
+            cfg,
+            task.model.image_tower,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            device=acc.device,
+            barrier=acc.wait_for_everyone,
+        )
+        acc.print(f"training on cached image tokens: {location}")
     loader = ShardLoader(
-        cfg.data.location,
+        location,
         cfg.data.train_split,
         cfg.loader,
         rank=acc.process_index,
         world_size=acc.num_processes,
         tokenizer=task.tokenizer if getattr(task, "needs_text", False) else None,
+        token_cache=token_cache,
     )
     if loader.steps_per_epoch // cfg.optim.grad_accum != plan.steps_per_epoch:
         raise RuntimeError(

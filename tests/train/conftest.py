@@ -103,12 +103,15 @@ def demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory, demo) -> Path:
-    """A tiny pretraining run with 2 processes, shared by the fine-tuning tests."""
+    """A tiny pretraining run with 2 processes, shared by the fine-tuning tests. It trains on
+    the frozen tower's cached tokens, which its 2 ranks build first into ``run/../tokens``
+    (tests/train/test_token_cache.py compares that cache with a 1-rank build)."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
     launch(
         "pretrain.py",
         [
             f"output_dir={out}",
+            f"data.token_cache={out.parent / 'tokens'}",
             "max_steps=4",
             "checkpoint.every_steps=2",
             "data.eval_limit=32",
