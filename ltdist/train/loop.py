@@ -351,6 +351,8 @@ def _count_flops(cfg: TrainConfig, task, space, acc) -> tuple[StepFlops, Peak]:
     flops = count_step_flops(
         task, lambda b: synthetic_batch(b, size, classes, text, acc.device, cfg.seed)
     )
+    if uses_token_cache(cfg):  # the frozen tower ran once, when the cache was built
+        flops = flops.without_frozen_forward()
     name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
     peak = device_peak(name, matmul_precision(acc.mixed_precision), cfg.peak_tflops)
     acc.print(f"FLOPs: {flops.describe(cfg.loader.batch_size)} (counted in {flops.seconds:.1f} s)")

@@ -68,6 +68,10 @@ def test_training_from_the_cache_gives_the_losses_from_images_and_resumes_exactl
     a, b = _losses(images), _losses(cached)
     assert b == pytest.approx(a, rel=2e-3, abs=2e-3)
     assert a != b  # the tokens really came from the bf16 cache
+    # the cached run does the image run's FLOPs less the tower's forward, which it never runs
+    fi, fc = images["flops"], cached["flops"]
+    assert fi["frozen_forward"] > 0 and fc["frozen_forward"] == 0 and fc["frozen_modules"] == []
+    assert fc["per_sample"] == fi["per_sample"] - fi["frozen_forward"]
 
     # stopped after step 3 (a checkpoint), then resumed: the uninterrupted run's losses exactly
     stop = tmp_path / "stop"
