@@ -4,10 +4,13 @@
         [--batch-size 64] [--steps 20] [--peak-tflops 989] [key=value ...]
 
 Synthetic batches (random images and descriptions of ``max_text_tokens`` tokens) isolate the
-model from the data path; ``--real-data`` streams the configured shards instead. FLOPs per
-sample are the training loop's count (``ltdist.train.flops``: frozen forward, trainable forward,
-backward); MFU = achieved FLOP/s / the device's dense peak at the run's precision (the table
-there, or ``--peak-tflops``). Prints a table; run it when an issue asks for a figure.
+model from the data path; ``--real-data`` streams the configured shards instead, and
+``--from-cache`` streams the frozen image tower's cached tokens of those shards (built first,
+untimed, under ``--cache-dir``; one deterministic view, so ``loader.augment`` is turned off).
+FLOPs per sample are the training loop's count (``ltdist.train.flops``: frozen forward,
+trainable forward, backward; a cached run has no frozen forward); MFU = achieved FLOP/s / the
+device's dense peak at the run's precision (the table there, or ``--peak-tflops``). Prints a
+table; run it when an issue asks for a figure.
 """
 
 from __future__ import annotations
@@ -39,9 +42,15 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=0.0)
     parser.add_argument("--real-data", action="store_true")
+    parser.add_argument("--from-cache", action="store_true", help="the tower's cached tokens")
+    parser.add_argument("--cache-dir", default="", help="default: <data.location>/tokens")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.from_cache:  # K = 1 cached view: the deterministic transform
+        args.real_data = True
+        overrides += ["loader.augment=false", f"data.token_cache={args.cache_dir or 'auto'}"]
+    cfg = load_config(TrainConfig, args.config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bs = args.batch_size or cfg.loader.batch_size
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
@@ -50,6 +59,14 @@ def main(argv=None) -> None:
     text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
     size, classes = cfg.loader.image_size, len(space.names)
     flops = count_step_flops(task, lambda b: synthetic_batch(b, size, classes, text, device))
+    location, token_cache, build_s = cfg.data.location, None, 0.0
+    if args.from_cache:
+        from ltdist.train.token_cache import open_token_cache
+
+        start = time.perf_counter()
+        location, token_cache = open_token_cache(cfg, task.model.image_tower, device=device)
+        build_s = time.perf_counter() - start
+        flops = flops.without_frozen_forward()  # the tower ran once, when the cache was built
     optimizer = build_optimizer(task, cfg.optim, task.backbone_prefixes, task.no_decay_names)
     scheduler = build_scheduler(optimizer, cfg.optim, args.steps + args.warmup + 1)
     if args.real_data:
@@ -57,10 +74,11 @@ def main(argv=None) -> None:
 
         cfg.loader.batch_size = bs
         loader = ShardLoader(
-            cfg.data.location,
+            location,
             cfg.data.train_split,
             cfg.loader,
             tokenizer=task.tokenizer if getattr(task, "needs_text", False) else None,
+            token_cache=token_cache,
         )
         stream = iter(loader)
     fixed = synthetic_batch(bs, size, classes, text, device)
@@ -108,7 +126,14 @@ def main(argv=None) -> None:
         ("device", name),
         ("task", f"{cfg.task} ({trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M)"),
         ("precision / batch", f"{cfg.mixed_precision} / {bs}"),
-        ("data", "shards" if args.real_data else "synthetic"),
+        (
+            "data",
+            f"token cache ({location}; opened or built in {build_s:.1f} s)"
+            if args.from_cache
+            else "shards"
+            if args.real_data
+            else "synthetic",
+        ),
         ("samples/s", f"{bs * args.steps / seconds:.1f}"),
         ("step time (ms)", f"{1000 * seconds / args.steps:.1f}"),
         ("GFLOP per sample", f"{per_sample.total / 1e9:.4g}"),

@@ -78,7 +78,7 @@ def test_dry_run_prints_every_row_and_skips_missing_packages(tmp_path):
     ).groups()
     assert float(tflops) > 0 and mfu == "no peak known here"
     cache = cells["pretraining samples/s: from the token cache"]
-    assert cache == "skipped: token cache not available in this ltdist" or float(cache) > 0
+    assert float(cache) > 0  # train_throughput.py --from-cache: built the cache, trained from it
 
 
 def test_training_overrides_are_keys_of_the_training_config(tmp_path):
