@@ -443,6 +443,14 @@ def test_a_non_finite_gradient_stops_the_run_at_its_step(demo, tmp_path, monkeyp
         return task
 
     monkeypatch.setattr(loop, "build_task", poisoned)
+    count_flops = loop._count_flops
+
+    def training_backwards_only(*args, **kwargs):  # the FLOP count's backward passes are not
+        counted = count_flops(*args, **kwargs)  # training steps: the hook counts those only
+        backwards.clear()
+        return counted
+
+    monkeypatch.setattr(loop, "_count_flops", training_backwards_only)
 
     def config(name: str, *extra: str) -> TrainConfig:
         overrides = [f"data.location={demo}", f"output_dir={tmp_path / name}", "max_steps=5"]
