@@ -23,13 +23,7 @@ import torch
 from ltdist.config import load_config
 from ltdist.data.shards import load_label_space
 from ltdist.train.config import TrainConfig
-from ltdist.train.flops import (
-    count_step_flops,
-    device_peak,
-    matmul_precision,
-    synthetic_batch,
-    throughput,
-)
+from ltdist.train.flops import count_run_flops, run_peak, synthetic_batch, throughput
 from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.tasks import build_task
 
@@ -58,7 +52,7 @@ def main(argv=None) -> None:
     task = build_task(cfg.task, cfg.model, space).to(device).train()
     text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
     size, classes = cfg.loader.image_size, len(space.names)
-    flops = count_step_flops(task, lambda b: synthetic_batch(b, size, classes, text, device))
+    flops = count_run_flops(cfg, task, classes, device)  # without the tower's forward if cached
     location, token_cache, build_s = cfg.data.location, None, 0.0
     if args.from_cache:
         from ltdist.train.token_cache import open_token_cache
@@ -66,7 +60,6 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         location, token_cache = open_token_cache(cfg, task.model.image_tower, device=device)
         build_s = time.perf_counter() - start
-        flops = flops.without_frozen_forward()  # the tower ran once, when the cache was built
     optimizer = build_optimizer(task, cfg.optim, task.backbone_prefixes, task.no_decay_names)
     scheduler = build_scheduler(optimizer, cfg.optim, args.steps + args.warmup + 1)
     if args.real_data:
@@ -117,7 +110,7 @@ def main(argv=None) -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = device_peak(name, matmul_precision(cfg.mixed_precision), args.peak_tflops)
+    peak = run_peak(device, cfg.mixed_precision, args.peak_tflops)
     per_sample = flops.per_sample(bs)
     achieved = throughput(per_sample.total, bs * args.steps / seconds, 1, peak)
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)

@@ -38,9 +38,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ltdist.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,13 @@ def device_peak(device_name: str, precision: Precision, override: float = 0.0) -
                 return Peak(None, f"{label} has no dense {precision} matrix units in the table")
             return Peak(value, f"{label} {precision} dense")
     return Peak(None, f"no peak for {device_name!r} in the table; set peak_tflops")
+
+
+def run_peak(device: torch.device, mixed_precision: str, override: float = 0.0) -> Peak:
+    """The peak a run on ``device`` at ``mixed_precision`` is measured against (``device_peak``
+    of the device's name)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return device_peak(name, matmul_precision(mixed_precision), override)
 
 
 def throughput(
@@ -401,3 +412,17 @@ def count_step_flops(
     sample = two.combine(one, 1, -1)
     fixed = FlopSplit(*(max(0, v) for v in one.combine(sample, 1, -1).as_dict().values()))
     return StepFlops(sample, fixed, tuple(sorted(frozen_names)), time.perf_counter() - started)
+
+
+def count_run_flops(cfg: TrainConfig, task: nn.Module, num_classes: int, device) -> StepFlops:
+    """A run's micro-step FLOPs as it trains: its task on synthetic batches of the config's
+    image size and text length, less the frozen tower's forward when the run reads that
+    tower's tokens from a cache (the tower ran once, when the cache was built)."""
+    from ltdist.train.token_cache import uses_token_cache
+
+    text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
+    size = cfg.loader.image_size
+    flops = count_step_flops(
+        task, lambda b: synthetic_batch(b, size, num_classes, text, device, cfg.seed)
+    )
+    return flops.without_frozen_forward() if uses_token_cache(cfg) else flops

@@ -47,15 +47,7 @@ from ltdist.train.config import TrainConfig
 from ltdist.train.ema import EMA
 from ltdist.train.evaluation import evaluate_and_report, evaluate_split
 from ltdist.train.export import read_export_weights, save_export
-from ltdist.train.flops import (
-    Peak,
-    StepFlops,
-    count_step_flops,
-    device_peak,
-    matmul_precision,
-    synthetic_batch,
-    throughput,
-)
+from ltdist.train.flops import Peak, StepFlops, count_run_flops, run_peak, throughput
 from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.resolve import resolve_config
 from ltdist.train.selection import BestWeights
@@ -346,15 +338,8 @@ def _count_flops(cfg: TrainConfig, task, space, acc) -> tuple[StepFlops, Peak]:
     """The task's FLOPs per micro-step (counted on the training device, before it is wrapped)
     and the peak MFU is measured against; both said once."""
     task.to(acc.device)
-    text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
-    size, classes = cfg.loader.image_size, len(space.names)
-    flops = count_step_flops(
-        task, lambda b: synthetic_batch(b, size, classes, text, acc.device, cfg.seed)
-    )
-    if uses_token_cache(cfg):  # the frozen tower ran once, when the cache was built
-        flops = flops.without_frozen_forward()
-    name = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
-    peak = device_peak(name, matmul_precision(acc.mixed_precision), cfg.peak_tflops)
+    flops = count_run_flops(cfg, task, len(space.names), acc.device)
+    peak = run_peak(acc.device, acc.mixed_precision, cfg.peak_tflops)
     acc.print(f"FLOPs: {flops.describe(cfg.loader.batch_size)} (counted in {flops.seconds:.1f} s)")
     if peak.tflops:
         acc.print(f"MFU against {peak.source}: {peak.tflops:g} TFLOP/s per device")
