@@ -9,14 +9,13 @@ set forgot, a pin nothing needs. CI runs the check itself on the shipped sets
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.setup_plan import copy_for_setup, plan_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("constraints", ROOT / "scripts" / "constraints.py")
@@ -104,20 +103,9 @@ def test_shipped_sets_pin_the_cuda_stack():
 def test_sets_install_what_setup_installs(tmp_path, device):
     """SETS (what the check resolves) and setup_envs.sh (what it installs) name the same pins
     and extras for each environment: the plan of a scratch copy, which builds nothing."""
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(ROOT / "scripts" / "setup_envs.sh", tmp_path / "scripts")
-    shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    shutil.copytree(ROOT / "constraints", tmp_path / "constraints")
-    env = {"PATH": os.environ["PATH"], "DEVICE": device}
-    out = subprocess.run(
-        ["bash", "scripts/setup_envs.sh", "--plan"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    plan = plan_setup(copy_for_setup(tmp_path), device=device)
+    assert plan.returncode == 0, plan.stderr
+    out = plan.stdout
     for name in ("train", "gen"):
         cset = constraints.SETS[f"{device}/{name}"]
         assert f"would build .venvs/{name} (ltdist[{','.join(cset.extras)}], {cset.path})" in out

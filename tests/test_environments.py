@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.setup_plan import copy_for_setup, plan_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 VENVS = {"train": ROOT / ".venvs" / "train", "gen": ROOT / ".venvs" / "gen"}
@@ -123,40 +124,12 @@ def test_running_in_the_generation_environment():
     import vllm  # noqa: F401
 
 
-# `make setup`'s choice of device, run as --plan (nothing built) in a scratch copy of the
-# repository with a PATH of only the tools the script uses, so that this machine's own
-# nvidia-smi, if any, is not seen; a stand-in nvidia-smi plays the GPU machine.
-SETUP_TOOLS = ("bash", "cat", "cut", "dirname", "head", "sha256sum", "sort")
 H100 = "echo 'NVIDIA H100 80GB HBM3, 580.95.05'"
 
 
 @pytest.fixture
 def setup_copy(tmp_path):
-    repo, tools = tmp_path / "repo", tmp_path / "bin"
-    (repo / "scripts").mkdir(parents=True)
-    shutil.copy(ROOT / "scripts" / "setup_envs.sh", repo / "scripts")
-    shutil.copy(ROOT / "pyproject.toml", repo)
-    shutil.copytree(ROOT / "constraints", repo / "constraints")
-    tools.mkdir()
-    for tool in SETUP_TOOLS:
-        (tools / tool).symlink_to(shutil.which(tool))
-    return repo, tools
-
-
-def plan_setup(setup_copy, nvidia_smi: str | None = None, device: str | None = None):
-    repo, tools = setup_copy
-    if nvidia_smi is not None:
-        (tools / "nvidia-smi").write_text(f"#!{shutil.which('bash')}\n{nvidia_smi}\n")
-        (tools / "nvidia-smi").chmod(0o755)
-    env = {"PATH": str(tools)} | ({"DEVICE": device} if device is not None else {})
-    return subprocess.run(
-        ["bash", "scripts/setup_envs.sh", "--plan"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return copy_for_setup(tmp_path)
 
 
 @pytest.mark.parametrize(
