@@ -1,7 +1,7 @@
 """Training throughput of a task: samples/s and model FLOPs utilisation (MFU), one process.
 
     python benchmarks/train_throughput.py --config configs/pretrain/coco_lt.yaml \\
-        [--batch-size 64] [--steps 20] [--peak-tflops 989] [key=value ...]
+        [--batch-size 64] [--steps 20] [--peak-tflops 989] [--breakdown] [key=value ...]
 
 Synthetic batches (random images and descriptions of ``max_text_tokens`` tokens) isolate the
 model from the data path; ``--real-data`` streams the configured shards instead, and
@@ -9,44 +9,114 @@ model from the data path; ``--real-data`` streams the configured shards instead,
 untimed, under ``--cache-dir``; one deterministic view, so ``loader.augment`` is turned off).
 FLOPs per sample are the training loop's count (``ltdist.train.flops``: frozen forward,
 trainable forward, backward; a cached run has no frozen forward); MFU = achieved FLOP/s / the
-device's dense peak at the run's precision (the table there, or ``--peak-tflops``). Prints a
-table; run it when an issue asks for a figure.
+device's dense peak at the run's precision (the table there, or ``--peak-tflops``).
+``--breakdown`` splits a step's time into data, frozen forward, trainable forward, loss,
+backward and optimizer (on a GPU every split point synchronises, which costs a little speed).
+Prints a table; run it when an issue asks for a figure. ``benchmarks/cache_speedup.py`` runs it
+per phase from images and from the cache, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from ltdist.config import load_config
 from ltdist.data.shards import load_label_space
 from ltdist.train.config import TrainConfig
-from ltdist.train.flops import count_run_flops, run_peak, synthetic_batch, throughput
+from ltdist.train.flops import (
+    StepFlops,
+    count_run_flops,
+    run_peak,
+    synthetic_batch,
+    throughput,
+)
 from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.tasks import build_task
 
+PARTS = ("data", "frozen forward", "trainable forward", "loss", "backward", "optimizer")
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--batch-size", type=int, default=0, help="default: the config's")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, default=0.0)
-    parser.add_argument("--real-data", action="store_true")
-    parser.add_argument("--from-cache", action="store_true", help="the tower's cached tokens")
-    parser.add_argument("--cache-dir", default="", help="default: <data.location>/tokens")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.from_cache:  # K = 1 cached view: the deterministic transform
-        args.real_data = True
-        overrides += ["loader.augment=false", f"data.token_cache={args.cache_dir or 'auto'}"]
-    cfg = load_config(TrainConfig, args.config, overrides)
+
+class StepClock:
+    """Where a step's wall time goes: ``PARTS``. The forward is split by hooks on the task's
+    frozen modules (the outermost ones without trainable parameters, as the FLOP count finds
+    them) and on its loss modules (classes of ``ltdist.losses``); time in neither is trainable
+    forward. Nested marked modules count for the outermost one only."""
+
+    def __init__(self, task: torch.nn.Module, device: torch.device):
+        from ltdist.train.flops import frozen_roots
+
+        self.device, self.seconds, self.steps = device, dict.fromkeys(PARTS, 0.0), 0
+        self._open: tuple[torch.nn.Module, float] | None = None
+        marked = {id(m): (m, "frozen forward") for m in frozen_roots(task).values()}
+        for m in task.modules():
+            if type(m).__module__.startswith("ltdist.losses"):
+                marked.setdefault(id(m), (m, "loss"))
+        self._forward_marks = 0.0  # time in marked modules during the current forward
+        for module, part in marked.values():
+            module.register_forward_pre_hook(self._enter)
+            module.register_forward_hook(lambda m, a, o, part=part: self._leave(m, part))
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _enter(self, module, _args) -> None:
+        if self._open is None:
+            self._open = (module, self.now())
+
+    def _leave(self, module, part: str) -> None:
+        if self._open is not None and self._open[0] is module:
+            elapsed = self.now() - self._open[1]
+            self.seconds[part] += elapsed
+            self._forward_marks += elapsed
+            self._open = None
+
+    def add(self, part: str, seconds: float) -> None:
+        if part == "trainable forward":  # the forward's time outside the marked modules
+            seconds, self._forward_marks = seconds - self._forward_marks, 0.0
+        self.seconds[part] += seconds
+
+    def per_step_ms(self) -> dict[str, float]:
+        return {k: 1000 * v / max(self.steps, 1) for k, v in self.seconds.items()}
+
+
+@dataclass
+class Measurement:
+    """One throughput run: what ``main`` prints, and what ``cache_speedup.py`` tabulates."""
+
+    rows: list[tuple[str, str]]
+    samples_per_s: float
+    batch_size: int
+    flops: StepFlops
+    breakdown_ms: dict[str, float] = field(default_factory=dict)
+
+
+def measure(
+    config: str,
+    overrides: list[str],
+    *,
+    batch_size: int = 0,
+    steps: int = 20,
+    warmup: int = 3,
+    peak_tflops: float = 0.0,
+    real_data: bool = False,
+    from_cache: bool = False,
+    cache_dir: str = "",
+    breakdown: bool = False,
+) -> Measurement:
+    """Train ``steps`` timed steps (after ``warmup``) of ``config`` and measure them."""
+    overrides = list(overrides)
+    if from_cache:  # K = 1 cached view: the deterministic transform
+        real_data = True
+        overrides += ["loader.augment=false", f"data.token_cache={cache_dir or 'auto'}"]
+    cfg = load_config(TrainConfig, config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bs = args.batch_size or cfg.loader.batch_size
+    bs = batch_size or cfg.loader.batch_size
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     space = load_label_space(cfg.data.location)
     task = build_task(cfg.task, cfg.model, space).to(device).train()
@@ -54,15 +124,15 @@ def main(argv=None) -> None:
     size, classes = cfg.loader.image_size, len(space.names)
     flops = count_run_flops(cfg, task, classes, device)  # without the tower's forward if cached
     location, token_cache, build_s = cfg.data.location, None, 0.0
-    if args.from_cache:
+    if from_cache:
         from ltdist.train.token_cache import open_token_cache
 
         start = time.perf_counter()
         location, token_cache = open_token_cache(cfg, task.model.image_tower, device=device)
         build_s = time.perf_counter() - start
     optimizer = build_optimizer(task, cfg.optim, task.backbone_prefixes, task.no_decay_names)
-    scheduler = build_scheduler(optimizer, cfg.optim, args.steps + args.warmup + 1)
-    if args.real_data:
+    scheduler = build_scheduler(optimizer, cfg.optim, steps + warmup + 1)
+    if real_data:
         from ltdist.data.loader import ShardLoader
 
         cfg.loader.batch_size = bs
@@ -77,7 +147,7 @@ def main(argv=None) -> None:
     fixed = synthetic_batch(bs, size, classes, text, device)
 
     def next_batch() -> dict:
-        if not args.real_data:
+        if not real_data:
             return fixed
         b = next(stream)
         return {
@@ -91,28 +161,49 @@ def main(argv=None) -> None:
             for k, v in b.items()
         }
 
+    clock = StepClock(task, device) if breakdown else None
+
     def step() -> None:
+        marks = [clock.now()] if clock else []
+        batch = next_batch()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = task(next_batch())["loss"]
+            if clock:
+                marks.append(clock.now())
+            loss = task(batch)["loss"]
+        if clock:
+            marks.append(clock.now())
         loss.backward()
+        if clock:
+            marks.append(clock.now())
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if clock:
+            marks.append(clock.now())
+            for part, (a, b) in zip(
+                ("data", "trainable forward", "backward", "optimizer"), zip(marks, marks[1:])
+            ):
+                clock.add(part, b - a)
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
+    if clock:  # the warmup's time is not the steady state
+        clock.seconds = dict.fromkeys(PARTS, 0.0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if clock:
+        clock.steps = steps
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = run_peak(device, cfg.mixed_precision, args.peak_tflops)
+    peak = run_peak(device, cfg.mixed_precision, peak_tflops)
     per_sample = flops.per_sample(bs)
-    achieved = throughput(per_sample.total, bs * args.steps / seconds, 1, peak)
+    samples_per_s = bs * steps / seconds
+    achieved = throughput(per_sample.total, samples_per_s, 1, peak)
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
     total = sum(p.numel() for p in task.parameters())
     rows = [
@@ -122,13 +213,13 @@ def main(argv=None) -> None:
         (
             "data",
             f"token cache ({location}; opened or built in {build_s:.1f} s)"
-            if args.from_cache
+            if from_cache
             else "shards"
-            if args.real_data
+            if real_data
             else "synthetic",
         ),
-        ("samples/s", f"{bs * args.steps / seconds:.1f}"),
-        ("step time (ms)", f"{1000 * seconds / args.steps:.1f}"),
+        ("samples/s", f"{samples_per_s:.1f}"),
+        ("step time (ms)", f"{1000 * seconds / steps:.1f}"),
         ("GFLOP per sample", f"{per_sample.total / 1e9:.4g}"),
         ("  frozen forward", f"{per_sample.frozen_forward / 1e9:.4g}"),
         ("  trainable forward", f"{per_sample.trainable_forward / 1e9:.4g}"),
@@ -141,11 +232,41 @@ def main(argv=None) -> None:
             else f"n/a ({peak.source})",
         ),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    breakdown_ms = clock.per_step_ms() if clock else {}
+    rows += [(f"  {part} (ms/step)", f"{ms:.1f}") for part, ms in breakdown_ms.items()]
     if device.type == "cuda":
-        print(f"{'peak memory (GiB)':<{width}}  {torch.cuda.max_memory_allocated() / 2**30:.1f}")
+        rows.append(("peak memory (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
+    return Measurement(rows, samples_per_s, bs, flops, breakdown_ms)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--batch-size", type=int, default=0, help="default: the config's")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=0.0)
+    parser.add_argument("--real-data", action="store_true")
+    parser.add_argument("--from-cache", action="store_true", help="the tower's cached tokens")
+    parser.add_argument("--cache-dir", default="", help="default: <data.location>/tokens")
+    parser.add_argument("--breakdown", action="store_true", help="split a step's time")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    result = measure(
+        args.config,
+        args.overrides,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        peak_tflops=args.peak_tflops,
+        real_data=args.real_data,
+        from_cache=args.from_cache,
+        cache_dir=args.cache_dir,
+        breakdown=args.breakdown,
+    )
+    width = max(len(k) for k, _ in result.rows)
+    for k, v in result.rows:
+        print(f"{k:<{width}}  {v}")
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ def _empty_like_output(func, args, kwargs):
     return tree_map(empty, func(*tree_map(meta, args), **tree_map(meta, kwargs)))
 
 
-def _frozen_roots(module: nn.Module) -> dict[str, nn.Module]:
+def frozen_roots(module: nn.Module) -> dict[str, nn.Module]:
     """The outermost submodules that hold parameters, none of them trainable."""
     roots: dict[str, nn.Module] = {}
 
@@ -322,7 +322,7 @@ def count_flops(
     (the split, FLOPs per frozen root module). The backward is that of ``module``'s trainable
     parameters (what training computes), and leaves their ``.grad`` alone. The matrix products
     are not computed unless ``compute`` (their values are garbage)."""
-    roots = _frozen_roots(module)
+    roots = frozen_roots(module)
     frozen = dict.fromkeys(roots, 0)
     counter = _Counter(compute)
     starts: dict[str, int] = {}

@@ -324,3 +324,29 @@ def test_cprfl_ablation_settings_reach_the_head(tmp_path):
     task.eval()
     with torch.no_grad():
         assert task.logits(torch.randn(2, 3, 64, 64)).shape == (2, space.num_classes)
+
+
+def test_class_prompts_are_cut_after_the_longest_with_the_same_embeddings():
+    """Adaptation encodes every class prompt each step: the prompts drop the padding columns
+    no prompt uses, and the class embeddings (float64) are those of the full-width prompts."""
+    cfg = load_config(TrainConfig, TINY, ["task=dpvlpa"]).model
+    space = LabelSpace.from_label_sets(
+        ["cat", "traffic_light", "potted plant with a long name"], [[0], [1], [2], [0, 2]]
+    )
+    task = build_task("dpvlpa", cfg, space, load_weights=False).double().eval()
+    full = task.tokenizer(tasks.class_prompts(space.display_names, task.template))
+    assert full["input_ids"].shape[1] == cfg.max_text_tokens
+    longest = int(full["attention_mask"].sum(1).max())
+    assert task.class_ids.shape == (3, longest) and longest < cfg.max_text_tokens
+    assert torch.equal(task.class_ids, full["input_ids"][:, :longest])
+    with torch.no_grad():
+        cut = task.class_embeddings()
+        padded = task.model.encode_classes(full["input_ids"], full["attention_mask"])
+        assert torch.allclose(cut, padded, rtol=0, atol=1e-12)
+        images = torch.randn(2, 3, cfg.clip.image_size, cfg.clip.image_size, dtype=torch.float64)
+        assert torch.allclose(
+            task.logits_for(images, space.display_names),
+            task.model(images, padded),
+            rtol=0,
+            atol=1e-10,
+        )
