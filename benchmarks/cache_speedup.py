@@ -6,12 +6,13 @@ FLOP bound, samples/s from images and from the cache side by side, and where a s
 
 Generates ``--images`` photo-like 640 x 480 JPEGs over COCO-LT's 80 classes with a 60-word
 description each, packs them into shards (one process, untimed), and writes a tokenizer with
-bert-base-uncased's shape (``gpu_check.bert_shaped_tokenizer``: no download). Each phase runs its
-shipped COCO-LT config (``PHASES``) through ``train_throughput.measure``, from the images and
-then from the tower's token cache (built first, untimed), both with ``loader.augment=false`` so
-the two read the same pixels. The bound is the FLOPs of a step from images over those of a step
-from the cache (``ltdist.train.flops``); the share of the bound is the measured speedup over it.
-``--toy`` swaps in tiny towers (``gpu_check.TOY_TRAIN``) for a quick check of the script.
+bert-base-uncased's shape (``gpu_check.bert_shaped_tokenizer``: no download). Each phase builds
+its shipped COCO-LT config (``PHASES``) twice with ``train_throughput.ThroughputRun``: reading
+the images, and reading the tower's token cache (built first, untimed). Their steps alternate,
+so a noisy neighbour slows both alike; both use ``loader.augment=false``, so they see the same
+pixels. The bound is the FLOPs of a step from images over those of a step from the cache
+(``ltdist.train.flops``); the share of the bound is the measured speedup over it. ``--toy``
+swaps in tiny towers (``gpu_check.TOY_TRAIN``) for a quick check of the script.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gpu_check  # noqa: E402  (benchmarks/ is no package: the tokenizer and toy towers)
 from pack_throughput import make_images  # noqa: E402
-from train_throughput import PARTS, Measurement, measure  # noqa: E402
+from train_throughput import PARTS, Measurement, ThroughputRun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = {
@@ -69,6 +71,8 @@ def generate_shards(work: Path, images: int, toy: bool) -> dict:
 
 
 def run_phase(phase: str, prep: dict, args) -> tuple[Measurement, Measurement]:
+    """The phase's steps from images and from the cache, interleaved (a noisy neighbour slows
+    both alike), each timed alone; samples/s at the median step time."""
     config, extra = PHASES[phase]
     overrides = [*gpu_check.train_overrides(prep, args.toy), *extra]
     overrides += [
@@ -77,17 +81,30 @@ def run_phase(phase: str, prep: dict, args) -> tuple[Measurement, Measurement]:
         "loader.samples_per_epoch=1000000",
         f"loader.num_workers={args.workers}",
     ]
-    kwargs = dict(
+    config = str(ROOT / config)
+    images = ThroughputRun(
+        config, overrides, batch_size=args.batch_size, real_data=True, breakdown=True
+    )
+    cache_dir = str(Path(prep["shards"]) / f"tokens-{phase}")
+    cached = ThroughputRun(
+        config,
+        overrides,
         batch_size=args.batch_size,
-        steps=args.steps,
-        warmup=args.warmup,
-        real_data=True,
+        from_cache=True,
+        cache_dir=cache_dir,
         breakdown=True,
     )
-    images = measure(str(ROOT / config), overrides, **kwargs)
-    cache_dir = str(Path(prep["shards"]) / f"tokens-{phase}")
-    cached = measure(str(ROOT / config), overrides, from_cache=True, cache_dir=cache_dir, **kwargs)
-    return images, cached
+    runs = (images, cached)
+    for _ in range(args.warmup):
+        for run in runs:
+            run.step()
+    for run in runs:
+        run.reset_clock()
+    seconds: tuple[list[float], list[float]] = ([], [])
+    for _ in range(args.steps):
+        for run, times in zip(runs, seconds):
+            times.append(run.step())
+    return images.measurement(median(seconds[0])), cached.measurement(median(seconds[1]))
 
 
 def bound(images: Measurement, cached: Measurement) -> float:

@@ -96,147 +96,169 @@ class Measurement:
     breakdown_ms: dict[str, float] = field(default_factory=dict)
 
 
-def measure(
-    config: str,
-    overrides: list[str],
-    *,
-    batch_size: int = 0,
-    steps: int = 20,
-    warmup: int = 3,
-    peak_tflops: float = 0.0,
-    real_data: bool = False,
-    from_cache: bool = False,
-    cache_dir: str = "",
-    breakdown: bool = False,
-) -> Measurement:
-    """Train ``steps`` timed steps (after ``warmup``) of ``config`` and measure them."""
-    overrides = list(overrides)
-    if from_cache:  # K = 1 cached view: the deterministic transform
-        real_data = True
-        overrides += ["loader.augment=false", f"data.token_cache={cache_dir or 'auto'}"]
-    cfg = load_config(TrainConfig, config, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bs = batch_size or cfg.loader.batch_size
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    space = load_label_space(cfg.data.location)
-    task = build_task(cfg.task, cfg.model, space).to(device).train()
-    text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
-    size, classes = cfg.loader.image_size, len(space.names)
-    flops = count_run_flops(cfg, task, classes, device)  # without the tower's forward if cached
-    location, token_cache, build_s = cfg.data.location, None, 0.0
-    if from_cache:
-        from ltdist.train.token_cache import open_token_cache
+class ThroughputRun:
+    """A task of ``config`` built for timed training steps on synthetic batches, the shards
+    (``real_data``) or the tower's token cache (``from_cache``, built first, untimed).
 
-        start = time.perf_counter()
-        location, token_cache = open_token_cache(cfg, task.model.image_tower, device=device)
-        build_s = time.perf_counter() - start
-    optimizer = build_optimizer(task, cfg.optim, task.backbone_prefixes, task.no_decay_names)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps + warmup + 1)
-    if real_data:
-        from ltdist.data.loader import ShardLoader
+    ``measure`` times consecutive steps; ``cache_speedup.py`` interleaves the steps of two runs
+    (``step``), so a noisy neighbour slows both alike."""
 
-        cfg.loader.batch_size = bs
-        loader = ShardLoader(
-            location,
-            cfg.data.train_split,
-            cfg.loader,
-            tokenizer=task.tokenizer if getattr(task, "needs_text", False) else None,
-            token_cache=token_cache,
+    def __init__(
+        self,
+        config: str,
+        overrides: list[str],
+        *,
+        batch_size: int = 0,
+        peak_tflops: float = 0.0,
+        real_data: bool = False,
+        from_cache: bool = False,
+        cache_dir: str = "",
+        breakdown: bool = False,
+    ):
+        overrides = list(overrides)
+        if from_cache:  # K = 1 cached view: the deterministic transform
+            real_data = True
+            overrides += ["loader.augment=false", f"data.token_cache={cache_dir or 'auto'}"]
+        self.cfg = cfg = load_config(TrainConfig, config, overrides)
+        self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = bs = batch_size or cfg.loader.batch_size
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        space = load_label_space(cfg.data.location)
+        self.task = task = build_task(cfg.task, cfg.model, space).to(device).train()
+        text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
+        size, classes = cfg.loader.image_size, len(space.names)
+        # the loop's count: without the tower's forward when cached
+        self.flops = count_run_flops(cfg, task, classes, device)
+        location, token_cache, build_s = cfg.data.location, None, 0.0
+        if from_cache:
+            from ltdist.train.token_cache import open_token_cache
+
+            start = time.perf_counter()
+            location, token_cache = open_token_cache(cfg, task.model.image_tower, device=device)
+            build_s = time.perf_counter() - start
+        self.optimizer = build_optimizer(
+            task, cfg.optim, task.backbone_prefixes, task.no_decay_names
         )
-        stream = iter(loader)
-    fixed = synthetic_batch(bs, size, classes, text, device)
+        # a long horizon: the steps this measures sit at the start of a real run's schedule
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, 1_000_000)
+        self.stream = None
+        if real_data:
+            from ltdist.data.loader import ShardLoader
 
-    def next_batch() -> dict:
-        if not real_data:
-            return fixed
-        b = next(stream)
+            cfg.loader.batch_size = bs
+            loader = ShardLoader(
+                location,
+                cfg.data.train_split,
+                cfg.loader,
+                tokenizer=task.tokenizer if getattr(task, "needs_text", False) else None,
+                token_cache=token_cache,
+            )
+            self.stream = iter(loader)
+        self.fixed = synthetic_batch(bs, size, classes, text, device)
+        self.clock = StepClock(task, device) if breakdown else None
+        self.peak = run_peak(device, cfg.mixed_precision, peak_tflops)
+        self.data = (
+            f"token cache ({location}; opened or built in {build_s:.1f} s)"
+            if from_cache
+            else "shards"
+            if real_data
+            else "synthetic"
+        )
+
+    def _next_batch(self) -> dict:
+        if self.stream is None:
+            return self.fixed
         return {
             k: (
-                v.to(device)
+                v.to(self.device)
                 if torch.is_tensor(v)
-                else {kk: vv.to(device) for kk, vv in v.items()}
+                else {kk: vv.to(self.device) for kk, vv in v.items()}
                 if isinstance(v, dict)
                 else v
             )
-            for k, v in b.items()
+            for k, v in next(self.stream).items()
         }
 
-    clock = StepClock(task, device) if breakdown else None
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
-    def step() -> None:
-        marks = [clock.now()] if clock else []
-        batch = next_batch()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    def step(self) -> float:
+        """One optimizer step; its wall time in seconds (synchronised)."""
+        clock, marks = self.clock, [self._sync()]
+        batch = self._next_batch()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             if clock:
                 marks.append(clock.now())
-            loss = task(batch)["loss"]
+            loss = self.task(batch)["loss"]
         if clock:
             marks.append(clock.now())
         loss.backward()
         if clock:
             marks.append(clock.now())
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        marks.append(self._sync())
         if clock:
-            marks.append(clock.now())
             for part, (a, b) in zip(
                 ("data", "trainable forward", "backward", "optimizer"), zip(marks, marks[1:])
             ):
                 clock.add(part, b - a)
+            clock.steps += 1
+        return marks[-1] - marks[0]
 
-    for _ in range(warmup):
-        step()
-    if clock:  # the warmup's time is not the steady state
-        clock.seconds = dict.fromkeys(PARTS, 0.0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if clock:
-        clock.steps = steps
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = run_peak(device, cfg.mixed_precision, peak_tflops)
-    per_sample = flops.per_sample(bs)
-    samples_per_s = bs * steps / seconds
-    achieved = throughput(per_sample.total, samples_per_s, 1, peak)
-    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in task.parameters())
-    rows = [
-        ("device", name),
-        ("task", f"{cfg.task} ({trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M)"),
-        ("precision / batch", f"{cfg.mixed_precision} / {bs}"),
-        (
-            "data",
-            f"token cache ({location}; opened or built in {build_s:.1f} s)"
-            if from_cache
-            else "shards"
-            if real_data
-            else "synthetic",
-        ),
-        ("samples/s", f"{samples_per_s:.1f}"),
-        ("step time (ms)", f"{1000 * seconds / steps:.1f}"),
-        ("GFLOP per sample", f"{per_sample.total / 1e9:.4g}"),
-        ("  frozen forward", f"{per_sample.frozen_forward / 1e9:.4g}"),
-        ("  trainable forward", f"{per_sample.trainable_forward / 1e9:.4g}"),
-        ("  backward", f"{per_sample.trainable_backward / 1e9:.4g}"),
-        ("achieved TFLOP/s", f"{achieved['tflops']:.4g}"),
-        (
-            "MFU",
-            f"{100 * achieved['mfu']:.1f}% of {peak.tflops:g} ({peak.source})"
-            if "mfu" in achieved
-            else f"n/a ({peak.source})",
-        ),
-    ]
-    breakdown_ms = clock.per_step_ms() if clock else {}
-    rows += [(f"  {part} (ms/step)", f"{ms:.1f}") for part, ms in breakdown_ms.items()]
-    if device.type == "cuda":
-        rows.append(("peak memory (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
-    return Measurement(rows, samples_per_s, bs, flops, breakdown_ms)
+    def reset_clock(self) -> None:
+        """Forget the split so far (the warmup's time is not the steady state)."""
+        if self.clock:
+            self.clock.seconds, self.clock.steps = dict.fromkeys(PARTS, 0.0), 0
+
+    def measure(self, steps: int, warmup: int) -> Measurement:
+        """``steps`` consecutive timed steps after ``warmup``."""
+        for _ in range(warmup):
+            self.step()
+        self.reset_clock()
+        start = self._sync()
+        for _ in range(steps):
+            self.step()
+        return self.measurement((self._sync() - start) / steps)
+
+    def measurement(self, step_seconds: float) -> Measurement:
+        """The table of this run at ``step_seconds`` per step."""
+        cfg, task, bs = self.cfg, self.task, self.batch_size
+        name = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        per_sample = self.flops.per_sample(bs)
+        samples_per_s = bs / step_seconds
+        achieved = throughput(per_sample.total, samples_per_s, 1, self.peak)
+        trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in task.parameters())
+        peak = self.peak
+        rows = [
+            ("device", name),
+            ("task", f"{cfg.task} ({trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M)"),
+            ("precision / batch", f"{cfg.mixed_precision} / {bs}"),
+            ("data", self.data),
+            ("samples/s", f"{samples_per_s:.1f}"),
+            ("step time (ms)", f"{1000 * step_seconds:.1f}"),
+            ("GFLOP per sample", f"{per_sample.total / 1e9:.4g}"),
+            ("  frozen forward", f"{per_sample.frozen_forward / 1e9:.4g}"),
+            ("  trainable forward", f"{per_sample.trainable_forward / 1e9:.4g}"),
+            ("  backward", f"{per_sample.trainable_backward / 1e9:.4g}"),
+            ("achieved TFLOP/s", f"{achieved['tflops']:.4g}"),
+            (
+                "MFU",
+                f"{100 * achieved['mfu']:.1f}% of {peak.tflops:g} ({peak.source})"
+                if "mfu" in achieved
+                else f"n/a ({peak.source})",
+            ),
+        ]
+        breakdown_ms = self.clock.per_step_ms() if self.clock else {}
+        rows += [(f"  {part} (ms/step)", f"{ms:.1f}") for part, ms in breakdown_ms.items()]
+        if self.device.type == "cuda":
+            memory = torch.cuda.max_memory_allocated() / 2**30
+            rows.append(("peak memory (GiB)", f"{memory:.1f}"))
+        return Measurement(rows, samples_per_s, bs, self.flops, breakdown_ms)
 
 
 def main(argv=None) -> None:
@@ -252,18 +274,17 @@ def main(argv=None) -> None:
     parser.add_argument("--breakdown", action="store_true", help="split a step's time")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    result = measure(
+    run = ThroughputRun(
         args.config,
         args.overrides,
         batch_size=args.batch_size,
-        steps=args.steps,
-        warmup=args.warmup,
         peak_tflops=args.peak_tflops,
         real_data=args.real_data,
         from_cache=args.from_cache,
         cache_dir=args.cache_dir,
         breakdown=args.breakdown,
     )
+    result = run.measure(args.steps, args.warmup)
     width = max(len(k) for k, _ in result.rows)
     for k, v in result.rows:
         print(f"{k:<{width}}  {v}")
