@@ -52,7 +52,7 @@ from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.resolve import resolve_config
 from ltdist.train.selection import BestWeights
 from ltdist.train.tasks import build_task
-from ltdist.train.token_cache import open_token_cache, uses_token_cache
+from ltdist.train.token_cache import frozen_source, open_token_cache, uses_token_cache
 from ltdist.train.tracking import plan_tracking, start_tracking
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,10 @@ def train(cfg: TrainConfig) -> dict:
     flops_per_sample = flops.per_sample(cfg.loader.batch_size).total
 
     location, token_cache = cfg.data.location, None
-    if uses_token_cache(cfg):  # the frozen tower's tokens, computed once (built if missing)
+    if uses_token_cache(cfg):  # the frozen source's tokens, computed once (built if missing)
         location, token_cache = open_token_cache(
             cfg,
-            task.model.image_tower,
+            frozen_source(task),
             rank=acc.process_index,
             world_size=acc.num_processes,
             device=acc.device,

@@ -50,7 +50,7 @@ def one_rank(demo, tmp_path_factory) -> Path:
     """The demo's training split cached in one straight build."""
     out = tmp_path_factory.mktemp("cache") / "one"
     cfg = _resolved(_config(demo, out.parent / "run", f"data.token_cache={out}"))
-    built = tc.build_token_cache(cfg, tc.training_tower(cfg))
+    built = tc.build_token_cache(cfg, tc.training_source(cfg))
     assert built.shards_written == list(range(12)) and built.shards_kept == 0
     return out
 
@@ -99,7 +99,7 @@ def test_training_from_the_cache_gives_the_losses_from_images_and_resumes_exactl
         ("loader.resize_mode=squash", "resize_mode", "'shortest'", "'squash'"),
         ("data.token_cache_dtype=fp16", "dtype", "'bf16'", "'fp16'"),
         ("model.clip.tiny_layers=2", "tower", "'tiny_layers': 1", "'tiny_layers': 2"),
-        ("seed=1", "tower_weights_sha256", "", "another random init seed"),
+        ("seed=1", "source_weights_sha256", "", "another random init seed"),
     ],
 )
 def test_a_cache_built_for_other_settings_is_refused_naming_the_field(
@@ -123,6 +123,88 @@ def test_a_cache_needs_the_frozen_tower_and_no_augmentation(demo, tmp_path):
             _config(demo, tmp_path, "data.token_cache=auto", extra)
 
 
+def _head_on_a_frozen_source(head: str, source: str, pretrained: Path | None) -> list[str]:
+    """A head of task=cprfl on a frozen CLIP tower, or on frozen pretrained Q-Former tokens
+    (the 2-rank pretraining run's export) with a trainable projection."""
+    extra = ["task=cprfl", f"model.head={head}", f"model.backbone.kind={source}"]
+    if source == "qformer":
+        extra += [f"model.init_from={pretrained / 'export'}", "model.backbone.freeze=true"]
+        extra += ["model.backbone.proj_dim=16"]
+    return extra
+
+
+@pytest.mark.parametrize(
+    ("head", "source"), [("linear", "clip"), ("cprfl", "clip"), ("linear", "qformer")]
+)
+def test_a_head_on_a_frozen_source_trains_the_same_from_its_cache(
+    demo, pretrained, tmp_path, head, source
+):
+    """task=cprfl reads the frozen source's tokens from a cache: the losses of training from
+    the images, step by step to the bf16 rounding of the tokens, without the source's FLOPs."""
+    extra = _head_on_a_frozen_source(head, source, pretrained)
+    images = loop.train(_config(demo, tmp_path / "images", *extra))
+    cache = tmp_path / "tokens"
+    cached = loop.train(_config(demo, tmp_path / "cached", f"data.token_cache={cache}", *extra))
+    manifest = fmt.read_manifest(str(cache), "train")
+    assert manifest.source == source
+    assert manifest.shape == ((1, 17, 32) if source == "clip" else (1, 4, 32))
+    a, b = _losses(images), _losses(cached)
+    assert b == pytest.approx(a, rel=2e-3, abs=2e-3)
+    assert a != b  # the tokens really came from the bf16 cache
+    # the frozen forward of these runs is the source's alone, and the cached run skips it
+    fi, fc = images["flops"], cached["flops"]
+    root = "backbone.source" if source == "qformer" else "backbone"  # clip: no projection
+    assert fi["frozen_modules"] == [root] and fi["frozen_forward"] > 0
+    assert fc["frozen_forward"] == 0 and fc["frozen_modules"] == []
+    assert fc["per_sample"] == fi["per_sample"] - fi["frozen_forward"]
+    if source == "qformer":  # the Q-Former's weights are the export's, and they stayed so
+        from ltdist.train.export import read_export_weights
+
+        exported = read_export_weights(str(pretrained / "export"))
+        trained = read_export_weights(str(tmp_path / "cached" / "export"))
+        for key in [k for k in exported if k.startswith("model.qformer.")][:5]:
+            mine = "backbone.source.qformer." + key.removeprefix("model.qformer.")
+            assert torch.equal(trained[mine], exported[key]), key
+
+
+def test_a_cache_of_another_source_or_weights_is_refused_naming_the_field(
+    demo, one_rank, pretrained, tmp_path
+):
+    """The DP-VLPA tower's cache (one_rank) is a CLIP source: Q-Former tokens refuse it by
+    kind; a CLIP tower of another seed by its weights' checksum."""
+    before = _files(one_rank)
+    for extra, field, wanted in [
+        (_head_on_a_frozen_source("linear", "qformer", pretrained), "source", "'qformer'"),
+        (
+            ["task=cprfl", "model.head=linear", "model.backbone.kind=clip", "seed=1"],
+            "source_weights_sha256",
+            "the token source's weights differ",
+        ),
+    ]:
+        cfg = _config(demo, tmp_path / field, f"data.token_cache={one_rank}", *extra)
+        with pytest.raises(InputError, match=f"built with {field}=") as err:
+            loop.train(cfg)
+        assert wanted in str(err.value)
+        assert not (tmp_path / field / "checkpoints").exists()
+    assert _files(one_rank) == before
+
+
+def test_a_cache_of_a_trainable_source_is_refused_naming_the_key_that_freezes_it(demo, tmp_path):
+    cprfl = ["task=cprfl", "data.token_cache=auto"]
+    for extra, key in [
+        (["model.backbone.kind=qformer", "model.init_from=x"], "model.backbone.freeze=true"),
+        (["model.backbone.kind=clip", "model.clip.freeze_image=false"], "model.clip.freeze_image"),
+        (["model.backbone.kind=resnet101"], "model.backbone.freeze=true"),
+    ]:
+        with pytest.raises(ValueError, match="needs a frozen") as err:
+            _config(demo, tmp_path, *cprfl, *extra)
+        assert key in str(err.value)
+    with pytest.raises(ValueError, match="model.backbone.freeze freezes the Q-Former"):
+        _config(
+            demo, tmp_path, "task=cprfl", "model.backbone.kind=clip", "model.backbone.freeze=true"
+        )
+
+
 def test_a_cache_built_on_two_ranks_is_byte_identical_to_one_built_on_one(pretrained, one_rank):
     """The shared 2-process pretraining run (tests/train/conftest.py) built its cache on both
     ranks at once, each its own shards, before training from it."""
@@ -140,7 +222,7 @@ def test_an_interrupted_build_resumes_without_rewriting_finished_shards(
 ):
     out = tmp_path / "tokens"
     cfg = _resolved(_config(demo, tmp_path / "run", f"data.token_cache={out}"))
-    tower = tc.training_tower(cfg)
+    tower = tc.training_source(cfg)
     real, reads = tc.read_shard, []
 
     def killed_at_the_fourth_shard(*args, **kwargs):
@@ -165,7 +247,7 @@ def test_an_interrupted_build_resumes_without_rewriting_finished_shards(
 
 def test_the_cache_holds_the_towers_tokens_in_bf16(demo, one_rank, tmp_path):
     cfg = _resolved(_config(demo, tmp_path, f"data.token_cache={one_rank}"))
-    tower = tc.training_tower(cfg)
+    tower = tc.training_source(cfg)
     manifest = fmt.read_manifest(str(one_rank), "train")
     assert (manifest.shape, manifest.dtype, manifest.num_samples) == ((1, 17, 32), "bf16", 1200)
     info = load_index(str(one_rank), "train").shards[0]
@@ -208,7 +290,7 @@ def test_k_views_are_the_augmentations_of_epochs_0_to_k_minus_1(demo, tmp_path):
     extra = ["loader.augment=true", "data.token_cache_views=2", "loader.num_workers=0"]
     extra += ["loader.shuffle_shards=false", "loader.shuffle_buffer=0"]  # same images each epoch
     cfg = _resolved(_config(demo, tmp_path, f"data.token_cache={tmp_path / 'k2'}", *extra))
-    tower = tc.training_tower(cfg)
+    tower = tc.training_source(cfg)
     built = tc.build_token_cache(cfg, tower, split="test")
     assert built.manifest.shape == (2, 17, 32) and built.manifest.augment_seed == 0
     assert "600 samples x 2 view(s)" in built.estimate
