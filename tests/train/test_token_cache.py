@@ -134,7 +134,8 @@ def _head_on_a_frozen_source(head: str, source: str, pretrained: Path | None) ->
 
 
 @pytest.mark.parametrize(
-    ("head", "source"), [("linear", "clip"), ("cprfl", "clip"), ("linear", "qformer")]
+    ("head", "source"),
+    [("linear", "clip"), ("cprfl", "clip"), ("linear", "qformer"), ("cprfl", "qformer")],
 )
 def test_a_head_on_a_frozen_source_trains_the_same_from_its_cache(
     demo, pretrained, tmp_path, head, source
