@@ -274,10 +274,13 @@ def _features_cache(args: argparse.Namespace) -> int:
     state, barrier = command_state()  # one process, or each rank of a launch
     cfg = resolve_config(cfg, state.num_processes).config
     main = state.is_main_process
+    split = args.split or cfg.data.train_split
     result = build_token_cache(
         cfg,
         training_source(cfg),
-        split=args.split,
+        split=split,
+        # another split is for evaluation, which reads the deterministic view
+        views=1 if split != cfg.data.train_split and not args.views else 0,
         rank=state.process_index,
         world_size=state.num_processes,
         device=state.device,
@@ -417,7 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="1: the deterministic view; K: epochs 0..K-1's augmentations (loader.augment=true)",
     )
-    p.add_argument("--split", default="", help="default: the training split")
+    p.add_argument(
+        "--split",
+        default="",
+        help="default: the training split; another (evaluation) split: one view unless --views",
+    )
     p.add_argument("--batch-size", type=int, default=0, help="default: data.eval_batch_size")
     p.set_defaults(func=_features_cache, trailing_overrides=True)
 

@@ -61,7 +61,8 @@ class DataConfig:
     # or Q-Former tokens (model.backbone.freeze). A token cache folder, or "auto"
     # (<location>/tokens); "" = images. A cache that is missing or partial is built first
     # (every rank its shards); one built for another source, weights, tag, size,
-    # preprocessing or dtype is refused, naming the field.
+    # preprocessing or dtype is refused, naming the field. Evaluation during training then
+    # reads caches of data.eval_split / data.val_split (one deterministic view) too.
     token_cache: str = ""
     token_cache_dtype: Literal["bf16", "fp16"] = "bf16"
     # Views per image: 1 = the deterministic transform (loader.augment=false); K > 1 = the

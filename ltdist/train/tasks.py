@@ -120,6 +120,10 @@ class _DPVLPATask(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images, self.class_embeddings())
 
+    def logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``logits`` from the frozen tower's cached tokens (B, N, Wv) of the images."""
+        return self.model.class_logits(self.model.encode_cached(tokens), self.class_embeddings())
+
     def logits_for(self, images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(class_prompts(names, self.template))
         device = self.class_ids.device

@@ -272,13 +272,15 @@ def open_token_cache(
     device: torch.device | str = "cpu",
     barrier: Callable[[], None] = lambda: None,
     split: str = "",
+    views: int = 0,
 ) -> tuple[str, TokenManifest]:
-    """The run's token cache of ``split`` (default: training), checked against its frozen token
-    ``source`` and preprocessing; built first (each rank its shards, then ``barrier``) when
-    missing or partial. Returns its location and manifest."""
+    """The run's token cache of ``split`` (default: training) with ``views`` views (default:
+    the config's; an evaluation split's: 1, the deterministic view), checked against its frozen
+    token ``source`` and preprocessing; built first (each rank its shards, then ``barrier``)
+    when missing or partial. Returns its location and manifest."""
     split = split or cfg.data.train_split
     location = cache_location(cfg.data.location, cfg.data.token_cache)
-    views = cfg.data.token_cache_views
+    views = views or cfg.data.token_cache_views
     wanted = expected_manifest(cfg, source, split, cfg.data.token_cache_dtype, views)
     if read_manifest(location, split) is not None:
         check_manifest(location, split, wanted)  # refuse before any work
@@ -288,6 +290,7 @@ def open_token_cache(
             source,
             split=split,
             out=location,
+            views=views,
             rank=rank,
             world_size=world_size,
             device=device,
