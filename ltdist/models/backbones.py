@@ -97,7 +97,7 @@ class QFormerTokens(nn.Module):
     """Q-Former query outputs as tokens: (B, 3, H, W) -> (B, K, hidden).
 
     The image tower is an ``ImageTower`` (frozen unless configured otherwise); the Q-Former is
-    trainable unless ``freeze_qformer``: then, as a frozen ``ImageTower``, it has no trainable
+    trainable unless ``freeze_qformer``: then, like a frozen ``ImageTower``, it has no trainable
     parameter, stays in eval mode and runs under ``torch.no_grad()``.
     """
 
