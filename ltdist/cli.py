@@ -17,7 +17,7 @@ ltdist rehearse      CONFIG ... [key=value ...] [--plan] [--nodes N --gpus-per-n
                      [--shapes 1x8,8x8] [--splits-dir DIR]   a config's plan at a cluster shape,
                      then (without --plan) its run here at reduced width
 ltdist features cache --config TRAIN_CONFIG [--out DIR] [--dtype bf16|fp16] [--views K]
-                     [--split S] [key=value ...]   the frozen image tower's tokens, once, for
+                     [--split S] [key=value ...]   the frozen token source's tokens, once, for
                      training (resumable; several ranks: `accelerate launch -m ltdist.cli ...`)
 ltdist export push   EXPORT REPO_ID [--private] [--revision BRANCH] [--license ID]   upload an
                      export folder as a Hugging Face Hub model repo (HF_TOKEN or `hf auth login`)
@@ -257,7 +257,7 @@ def _features_cache(args: argparse.Namespace) -> int:
     from ltdist.train.accel import command_state
     from ltdist.train.config import TrainConfig
     from ltdist.train.resolve import resolve_config
-    from ltdist.train.token_cache import build_token_cache, training_tower
+    from ltdist.train.token_cache import build_token_cache, training_source
 
     if args.out:
         args.overrides.append(f"data.token_cache={args.out}")
@@ -270,14 +270,17 @@ def _features_cache(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data.token_cache:
         cfg.data.token_cache = "auto"
-    cfg.validate()  # the checks a run reading the cache makes (frozen tower, no augmentation)
+    cfg.validate()  # the checks a run reading the cache makes (frozen source, no augmentation)
     state, barrier = command_state()  # one process, or each rank of a launch
     cfg = resolve_config(cfg, state.num_processes).config
     main = state.is_main_process
+    split = args.split or cfg.data.train_split
     result = build_token_cache(
         cfg,
-        training_tower(cfg),
-        split=args.split,
+        training_source(cfg),
+        split=split,
+        # another split is for evaluation, which reads the deterministic view
+        views=1 if split != cfg.data.train_split and not args.views else 0,
         rank=state.process_index,
         world_size=state.num_processes,
         device=state.device,
@@ -403,10 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default="runs/rehearsal", help="stand-in data and runs go here")
     p.set_defaults(func=_rehearse)
 
-    features = sub.add_parser("features", help="frozen towers' outputs, computed once")
+    features = sub.add_parser("features", help="frozen token sources' outputs, computed once")
     features = features.add_subparsers(dest="features_command", required=True)
     p = features.add_parser(
-        "cache", help="write a training config's frozen image tower tokens beside its shards"
+        "cache", help="write a training config's frozen token source's tokens beside its shards"
     )
     _config_arguments(p)
     p.add_argument("--out", default="", help="default: data.token_cache, else <location>/tokens")
@@ -417,7 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="1: the deterministic view; K: epochs 0..K-1's augmentations (loader.augment=true)",
     )
-    p.add_argument("--split", default="", help="default: the training split")
+    p.add_argument(
+        "--split",
+        default="",
+        help="default: the training split; another (evaluation) split: one view unless --views",
+    )
     p.add_argument("--batch-size", type=int, default=0, help="default: data.eval_batch_size")
     p.set_defaults(func=_features_cache, trailing_overrides=True)
 

@@ -49,7 +49,7 @@ from ltdist.data.shards import (
     load_label_space,
     read_split,
 )
-from ltdist.data.token_cache import TokenManifest, decode_tokens
+from ltdist.data.token_cache import TORCH_DTYPES, TokenManifest, decode_tokens
 from ltdist.entry import InputError
 
 log = logging.getLogger(__name__)
@@ -682,13 +682,14 @@ def decode_image(sample: ShardSample):
 class EvalBatch(NamedTuple):
     """One evaluation batch of one rank: ``index`` gives each row's position in the split's
     stored order; a ``padded`` batch is a stand-in that keeps the ranks in lockstep (score it,
-    drop the scores)."""
+    drop the scores). Read from a token cache, it has ``tokens`` and no ``images``."""
 
-    images: torch.Tensor  # (B, 3, S, S), normalised as the preprocessing preset says
+    images: torch.Tensor | None  # (B, 3, S, S), normalised as the preprocessing preset says
     targets: torch.Tensor  # (B, C) multi-hot
     keys: list[str]
     index: list[int]
     padded: bool = False
+    tokens: torch.Tensor | None = None  # (B, N, D) in the cache's dtype
 
 
 def eval_batches(
@@ -701,16 +702,23 @@ def eval_batches(
     limit: int = 0,
     transform: str = "clip",
     preprocess: ClipPreprocess | None = None,
+    token_cache: TokenManifest | None = None,
 ) -> Iterator[EvalBatch]:
     """The one reader of a split for evaluation: every sample exactly once (the first ``limit``
     with ``limit``), in stored order, from a complete split whose shards are verified, through
     the test form of the preprocessing preset ``transform`` with ``preprocess`` (the training
-    run's: ``LoaderConfig.clip_preprocess()``).
+    run's: ``LoaderConfig.clip_preprocess()``); or, with ``token_cache`` (``location`` is then
+    a token cache with this manifest, of one deterministic view), the cached tokens.
 
     Batches go to the ranks round-robin and every rank gets the same number of them (the last
     ones padded), so the forward passes stay in lockstep as ZeRO-3 needs; one rank
     (``world_size=1``) gets them all. The last real batch may be short.
     """
+    if token_cache is not None and token_cache.views != 1:
+        raise InputError(
+            f"{location}: the token cache of {split!r} holds {token_cache.views} augmented views; "
+            "evaluation reads the deterministic view (a cache of one view)"
+        )
     space = load_label_space(location)
     prep = image_transform(transform, image_size, preprocess=preprocess)
     total = load_index(location, split).num_samples
@@ -721,7 +729,7 @@ def eval_batches(
     rounds = math.ceil(math.ceil(total / batch_size) / world_size)
     samples = read_split(location, split)
     for r in range(rounds):
-        images, targets, keys, index = [], [], [], []
+        inputs, rows, keys, index = [], [], [], []  # inputs: images, or cached tokens
         for n in range(r * per_round, min(total, (r + 1) * per_round)):
             sample = next(samples, None)
             if sample is None:  # read_split verifies each shard; this is a belt and braces
@@ -730,16 +738,22 @@ def eval_batches(
                 )
             if (n // batch_size) % world_size != rank:
                 continue
-            images.append(prep(decode_image(sample)))
+            if token_cache is not None:
+                inputs.append(cached_tokens(sample, token_cache, 0))
+            else:
+                inputs.append(prep(decode_image(sample)))
             row = torch.zeros(space.num_classes)
             row[sample.label_ids] = 1.0
-            targets.append(row)
+            rows.append(row)
             keys.append(sample.key)
             index.append(n)
-        if images:
-            yield EvalBatch(prep.normalize(torch.stack(images)), torch.stack(targets), keys, index)
-        else:  # this rank has no batch in the last round
-            blank = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
-            yield EvalBatch(
-                prep.normalize(blank), torch.zeros(1, space.num_classes), [], [], padded=True
-            )
+        padded = not inputs  # this rank has no batch in the last round: a stand-in
+        targets = torch.stack(rows) if rows else torch.zeros(1, space.num_classes)
+        if token_cache is not None:
+            blank = torch.zeros(token_cache.shape[1:], dtype=TORCH_DTYPES[token_cache.dtype])
+            tokens = torch.stack(inputs) if inputs else blank[None]
+            yield EvalBatch(None, targets, keys, index, padded, tokens=tokens)
+        else:
+            blank = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
+            images = torch.stack(inputs) if inputs else blank[None]
+            yield EvalBatch(prep.normalize(images), targets, keys, index, padded)

@@ -1,5 +1,6 @@
-"""The token cache's format: a frozen image tower's output tokens stored once, read by training
-instead of the images (``ltdist.train.token_cache`` builds it).
+"""The token cache's format: a frozen token source's output tokens (a CLIP image tower's, or a
+frozen Q-Former's over one) stored once, read by training instead of the images
+(``ltdist.train.token_cache`` builds it).
 
 A cache is a shard folder of its own (docs/design.md, "Token caches"): the same split names,
 shard names, keys, sample order and per-sample ``json`` / ``txt`` as the image shards, with a
@@ -26,7 +27,7 @@ from ltdist.entry import InputError, MissingInputError
 
 CacheDtype = Literal["bf16", "fp16"]
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the source's kind; its weights, token count and width compared
 AUTO = "auto"  # data.token_cache: <data location>/tokens
 
 
@@ -53,6 +54,7 @@ class TokenManifest:
 
     split: str
     # compared, in this order, when a run opens the cache (the first difference is named)
+    source: str  # "clip": a CLIP image tower; "qformer": Q-Former queries over one
     model_name: str
     pretrained: str
     image_size: int
@@ -65,16 +67,18 @@ class TokenManifest:
     views: int
     augment_seed: int | None  # loader.seed for augmented views (views > 1), else None
     tower: dict  # the rest of model.clip that shapes the tokens (tiny sizes, quick_gelu)
-    tower_weights_sha256: str  # the tower's own weights: a random init, a tag, an export
+    # the whole source's weights (a Q-Former's with its tower's): a random init, a tag, an export
+    source_weights_sha256: str
+    num_tokens: int
+    token_dim: int
     image_shards_sha256: str  # the image shards the tokens were computed from
     # recorded only
-    num_tokens: int = 0
-    token_dim: int = 0
     num_samples: int = 0
     versions: dict = field(default_factory=dict)
     format_version: int = MANIFEST_VERSION
 
     COMPARED = (
+        "source",
         "model_name",
         "pretrained",
         "image_size",
@@ -87,7 +91,9 @@ class TokenManifest:
         "views",
         "augment_seed",
         "tower",
-        "tower_weights_sha256",
+        "source_weights_sha256",
+        "num_tokens",
+        "token_dim",
         "image_shards_sha256",
     )
 
@@ -110,7 +116,10 @@ def read_manifest(location: str, split: str) -> TokenManifest | None:
     try:
         data = json.loads(storage.read_bytes(path))
         if data.get("format_version") != MANIFEST_VERSION:
-            raise InputError(f"{path}: manifest format {data.get('format_version')!r} unsupported")
+            raise InputError(
+                f"{path}: manifest format {data.get('format_version')!r}, this ltdist reads "
+                f"{MANIFEST_VERSION}: rebuild the cache (remove it, or set another folder)"
+            )
         return TokenManifest(**data)
     except (ValueError, TypeError) as e:
         if isinstance(e, InputError):
@@ -128,15 +137,15 @@ def mismatch(found: TokenManifest, wanted: TokenManifest) -> tuple[str, object, 
 
 
 _WHY = {
-    "tower_weights_sha256": "the tower's weights differ (another random init seed, another "
-    "init_from export or checkpoint)",
+    "source_weights_sha256": "the token source's weights differ (another random init seed, "
+    "another init_from export or checkpoint)",
     "image_shards_sha256": "the image shards changed since the cache was built",
 }
 
 
 def check_manifest(location: str, split: str, wanted: TokenManifest) -> None:
-    """Refuse a cache built for another tower, tag, size, preprocessing, dtype or shard set,
-    naming the field and both values."""
+    """Refuse a cache built for another source, weights, tag, size, preprocessing, dtype or
+    shard set, naming the field and both values."""
     found = read_manifest(location, split)
     if found is None:
         raise MissingInputError(

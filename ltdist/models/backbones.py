@@ -20,6 +20,7 @@ weights expect ImageNet's mean and std: the loader's choice, not this module's.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -41,6 +42,10 @@ class BackboneConfig:
     pretrained: bool = True  # resnet101: torchvision ImageNet weights (else random init)
     weights: str = "IMAGENET1K_V2"  # resnet101: a ResNet101_Weights member (IMAGENET1K_V1 too)
     proj_dim: int = 2048  # trainable Linear(token_dim, proj_dim) on top; 0 = none
+    # kind='qformer': freeze the Q-Former too (the CLIP tower under it follows
+    # model.clip.freeze_image), so only the projection and the head train: a head on fixed
+    # pretrained features, which a token cache (data.token_cache) can then hold.
+    freeze: bool = False
     # resnet101: a random ResNet with one Bottleneck per stage (pretrained, weights ignored),
     # like ClipTowerConfig.tiny: runs the ResNet-101 code path quickly on a CPU.
     tiny: bool = False
@@ -91,17 +96,34 @@ class ResNetTokens(nn.Module):
 class QFormerTokens(nn.Module):
     """Q-Former query outputs as tokens: (B, 3, H, W) -> (B, K, hidden).
 
-    The image tower stays frozen (it is a ``ImageTower``); the Q-Former is trainable
-    unless frozen by the caller.
+    The image tower is an ``ImageTower`` (frozen unless configured otherwise); the Q-Former is
+    trainable unless ``freeze_qformer``: then, like a frozen ``ImageTower``, it has no trainable
+    parameter, stays in eval mode and runs under ``torch.no_grad()``.
     """
 
-    def __init__(self, image_tower: nn.Module, qformer: nn.Module):
+    def __init__(self, image_tower: nn.Module, qformer: nn.Module, freeze_qformer: bool = False):
         super().__init__()
         self.image_tower, self.qformer = image_tower, qformer
         self.token_dim = qformer.hidden_size
+        self.num_tokens = qformer.config.num_queries
+        self.qformer_frozen = freeze_qformer
+        if freeze_qformer:
+            qformer.requires_grad_(False)
+            qformer.eval()
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True) -> QFormerTokens:
+        super().train(mode)
+        if self.qformer_frozen:
+            self.qformer.eval()  # no dropout: its tokens are fixed
+        return self  # the image tower keeps itself in eval mode when frozen
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.qformer.encode_image(self.image_tower(images))  # (B, K, hidden)
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            return self.qformer.encode_image(self.image_tower(images))  # (B, K, hidden)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self(images)
@@ -117,8 +139,12 @@ class TokenBackbone(nn.Module):
         self.token_dim = proj_dim or source.token_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.source.tokens(images)  # (B, N, source dim)
-        return self.proj(x) if self.proj is not None else x
+        return self.project(self.source.tokens(images))
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The source's tokens (B, N, source dim), computed or read from a token cache, to the
+        backbone's (B, N, token_dim)."""
+        return self.proj(tokens) if self.proj is not None else tokens
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self(images)

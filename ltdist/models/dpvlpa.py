@@ -242,14 +242,18 @@ class DPVLPA(nn.Module):
         queries = self.qformer.encode_image(tokens)  # (B, K, H)
         return F.normalize(self.vision_proj(queries), dim=-1)
 
+    def encode_cached(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Unit query features (B, K, D) from a token cache's tokens (B, N, Wv) in bf16 / fp16:
+        the tower is frozen, so they are what it would compute from the images."""
+        if not self.tower_frozen:
+            raise ValueError("cached image tokens need a frozen image tower")
+        return self.encode_tokens(tokens.to(self.vision_proj.weight.dtype))
+
     def _batch_queries(self, batch: Mapping) -> torch.Tensor:
-        """A batch's query features: from its cached ``image_tokens`` when it has them (the
-        tower is frozen, so they are what it would compute), else from its images."""
+        """A batch's query features: from its cached ``image_tokens`` when it has them, else
+        from its images."""
         if "image_tokens" in batch:
-            if not self.tower_frozen:
-                raise ValueError("cached image tokens need a frozen image tower")
-            tokens = batch["image_tokens"]  # (B, N, Wv) in the cache's bf16 / fp16
-            return self.encode_tokens(tokens.to(self.vision_proj.weight.dtype))
+            return self.encode_cached(batch["image_tokens"])
         return self.encode_image(_images(batch))
 
     def encode_text(

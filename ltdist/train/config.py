@@ -56,10 +56,13 @@ class DataConfig:
     eval_limit: int = 0  # evaluate on the first N samples only (periodic checks); 0 = all
     # The learnability control: each batch's label rows permuted across its images.
     shuffle_labels: bool = False
-    # Train on the frozen image tower's tokens, computed once (ltdist.train.token_cache), not
-    # on the images: a token cache folder, or "auto" (<location>/tokens); "" = images. A cache
-    # that is missing or partial is built first (every rank its shards); one built for another
-    # tower, tag, size, preprocessing or dtype is refused, naming the field.
+    # Train on the frozen token source's tokens, computed once (ltdist.train.token_cache), not
+    # on the images: DP-VLPA's image tower; task=cprfl's CLIP tower (model.clip.freeze_image)
+    # or Q-Former tokens (model.backbone.freeze). A token cache folder, or "auto"
+    # (<location>/tokens); "" = images. A cache that is missing or partial is built first
+    # (every rank its shards); one built for another source, weights, tag, size,
+    # preprocessing or dtype is refused, naming the field. Evaluation during training then
+    # reads caches of data.eval_split / data.val_split (one deterministic view) too.
     token_cache: str = ""
     token_cache_dtype: Literal["bf16", "fp16"] = "bf16"
     # Views per image: 1 = the deterministic transform (loader.augment=false); K > 1 = the
@@ -222,6 +225,13 @@ class TrainConfig:
                 "model.backbone.kind=qformer takes the Q-Former of a pretrained export: "
                 "set model.init_from"
             )
+        if self.model.backbone.freeze and not (
+            self.task == "cprfl" and self.model.backbone.kind == "qformer"
+        ):
+            raise ValueError(
+                "model.backbone.freeze freezes the Q-Former of task=cprfl with "
+                "model.backbone.kind=qformer; a CLIP tower is frozen by model.clip.freeze_image"
+            )
         if self.model.head != "cprfl" and self.task != "cprfl":
             raise ValueError(
                 f"model.head={self.model.head} is a head of task=cprfl; task={self.task} has "
@@ -249,11 +259,20 @@ class TrainConfig:
         self.cluster.validate()
 
     def _validate_token_cache(self) -> None:
-        """A cache holds the frozen DP-VLPA tower's deterministic view of each image."""
-        if self.task not in ("pretrain", "dpvlpa"):
+        """A cache holds the tokens of the task's frozen token source (DP-VLPA's CLIP tower;
+        the cprfl task's CLIP tower or Q-Former tokens) for each image."""
+        kind = self.model.backbone.kind
+        if self.task == "cprfl" and kind == "resnet101":
             raise ValueError(
-                f"data.token_cache serves DP-VLPA's frozen CLIP tower (task pretrain or "
-                f"dpvlpa); task={self.task} computes its tokens from the images"
+                "data.token_cache needs a frozen token source, but model.backbone.kind="
+                "resnet101 trains its ResNet with the head: use kind=clip "
+                "(model.clip.freeze_image=true) or kind=qformer with model.backbone.freeze=true"
+            )
+        if self.task == "cprfl" and kind == "qformer" and not self.model.backbone.freeze:
+            raise ValueError(
+                "data.token_cache needs a frozen token source, but model.backbone.kind=qformer "
+                "trains its Q-Former: set model.backbone.freeze=true to freeze it (then only "
+                "the projection and the head train)"
             )
         if not self.model.clip.freeze_image:
             raise ValueError(

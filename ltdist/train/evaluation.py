@@ -12,7 +12,7 @@ score depends on how many classes an image has, so no fixed cut-off suits it).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from ltdist import storage
 from ltdist.data.loader import ClipPreprocess, eval_batches
 from ltdist.data.shards import load_index, split_coverage
+from ltdist.data.token_cache import TokenManifest
 from ltdist.eval import format_summary, write_report
 from ltdist.eval.metrics import Scoring, class_scores, map_from_logits
 from ltdist.eval.report import format_f1_summary
@@ -37,11 +38,14 @@ def evaluate_split(
     limit: int = 0,
     transform: str = "clip",
     preprocess: ClipPreprocess | None = None,
+    caches: Mapping[str, tuple[str, TokenManifest]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C, float32) and targets (N, C) of a split, every sample once, in stored
     order, on every rank (each rank scores its batches, then all are gathered); images through
     the test form of the training run's preprocessing preset ``transform`` with its
-    ``preprocess`` (``LoaderConfig.clip_preprocess()``). The heads compute
+    ``preprocess`` (``LoaderConfig.clip_preprocess()``), or, when ``caches`` holds the split
+    (split -> (location, manifest) of its token cache, one deterministic view), its frozen
+    source's cached tokens (``module.logits_from_tokens``). The heads compute
     their logits in float32 with autocast off (``CPRFLHead.score``, ``DPVLPA.class_logits``,
     ``LinearHead``), so bf16 rounding of the logits cannot tie or reorder samples; the
     ``.float()`` here only guards a head that does not."""
@@ -50,15 +54,27 @@ def evaluate_split(
     mine: list[tuple[int, np.ndarray, np.ndarray]] = []
     was_training = module.training
     module.eval()
+    cache = (caches or {}).get(split)
     batches = eval_batches(
-        location, split, batch_size, image_size, rank, world, limit, transform, preprocess
+        cache[0] if cache else location,
+        split,
+        batch_size,
+        image_size,
+        rank,
+        world,
+        limit,
+        transform,
+        preprocess,
+        token_cache=cache[1] if cache else None,
     )
     with torch.no_grad(), acc.autocast():
         for batch in batches:
-            x = batch.images.to(acc.device)
-            if dtype is not None:
-                x = x.to(dtype)
-            logits = module.logits(x).float().cpu().numpy()
+            if cache:
+                logits = module.logits_from_tokens(batch.tokens.to(acc.device))
+            else:
+                x = batch.images.to(acc.device)
+                logits = module.logits(x if dtype is None else x.to(dtype))
+            logits = logits.float().cpu().numpy()
             if not batch.padded:
                 mine.extend(zip(batch.index, logits, batch.targets.numpy()))
     module.train(was_training)
@@ -91,16 +107,17 @@ def evaluate_and_report(
     transform: str = "clip",
     preprocess: ClipPreprocess | None = None,
     scoring: Scoring = "sigmoid",
+    caches: Mapping[str, tuple[str, TokenManifest]] | None = None,
 ) -> dict:
     """Score ``split`` (and ``val_split``, whose per-class F1-best thresholds then replace
     ``thresholds``), and on the main process write the report under ``out_dir`` and return
     the result: map (under ``scoring``), coverage, the tables, f1, thresholds and where they
     came from, and the protocol (``scoring``; ``checkpoint_selection``: which weights
     ``module`` holds, which only the caller knows, so it has no default). Images go through
-    the test form of the preprocessing preset ``transform`` with ``preprocess``. Other ranks
-    take part in the
+    the test form of the preprocessing preset ``transform`` with ``preprocess``, or a split
+    in ``caches`` from its token cache (``evaluate_split``). Other ranks take part in the
     scoring and return {}."""
-    prep = {"transform": transform, "preprocess": preprocess}
+    prep = {"transform": transform, "preprocess": preprocess, "caches": caches}
     logits, targets = evaluate_split(acc, module, location, split, batch_size, image_size, **prep)
     if val_split:
         vl, vt = evaluate_split(acc, module, location, val_split, batch_size, image_size, **prep)

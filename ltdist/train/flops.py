@@ -416,8 +416,9 @@ def count_step_flops(
 
 def count_run_flops(cfg: TrainConfig, task: nn.Module, num_classes: int, device) -> StepFlops:
     """A run's micro-step FLOPs as it trains: its task on synthetic batches of the config's
-    image size and text length, less the frozen tower's forward when the run reads that
-    tower's tokens from a cache (the tower ran once, when the cache was built)."""
+    image size and text length, less the frozen forward when the run reads a token cache
+    (the frozen token source's forward, DP-VLPA's tower or the cprfl task's CLIP tower or
+    Q-Former tokens: it ran once, when the cache was built)."""
     from ltdist.train.token_cache import uses_token_cache
 
     text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0

@@ -52,7 +52,7 @@ from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.resolve import resolve_config
 from ltdist.train.selection import BestWeights
 from ltdist.train.tasks import build_task
-from ltdist.train.token_cache import open_token_cache, uses_token_cache
+from ltdist.train.token_cache import frozen_source, open_token_cache, uses_token_cache
 from ltdist.train.tracking import plan_tracking, start_tracking
 
 log = logging.getLogger(__name__)
@@ -133,16 +133,22 @@ def train(cfg: TrainConfig) -> dict:
     flops_per_sample = flops.per_sample(cfg.loader.batch_size).total
 
     location, token_cache = cfg.data.location, None
-    if uses_token_cache(cfg):  # the frozen tower's tokens, computed once (built if missing)
-        location, token_cache = open_token_cache(
-            cfg,
-            task.model.image_tower,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            device=acc.device,
-            barrier=acc.wait_for_everyone,
-        )
+    eval_caches: dict = {}  # split -> (location, manifest): evaluation from cached tokens too
+    if uses_token_cache(cfg):  # the frozen source's tokens, computed once (built if missing)
+        where = {
+            "rank": acc.process_index,
+            "world_size": acc.num_processes,
+            "device": acc.device,
+            "barrier": acc.wait_for_everyone,
+        }
+        source = frozen_source(task)
+        location, token_cache = open_token_cache(cfg, source, **where)
         acc.print(f"training on cached image tokens: {location}")
+        for split in dict.fromkeys((cfg.data.eval_split, cfg.data.val_split)):
+            if split:  # the deterministic view, whatever views training reads
+                eval_caches[split] = open_token_cache(cfg, source, split=split, views=1, **where)
+        if eval_caches:
+            acc.print(f"evaluating on cached image tokens: {sorted(eval_caches)}")
     loader = ShardLoader(
         location,
         cfg.data.train_split,
@@ -271,7 +277,9 @@ def train(cfg: TrainConfig) -> dict:
                 # with a selection, the final weights are a candidate too
                 if (periodic and step < total) or (best is not None and step == total):
                     history.append(
-                        _periodic_eval(acc, cfg, model, module, ema, space, step, best, total)
+                        _periodic_eval(
+                            acc, cfg, model, module, ema, space, step, best, total, eval_caches
+                        )
                     )
                     model.train()
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
@@ -304,7 +312,9 @@ def train(cfg: TrainConfig) -> dict:
             "measured_over": "the training loop's wall time (evaluations, checkpoints included)",
         },
     }
-    result = _finish(acc, cfg, model, module, ema, space, history, step, best, seconds, cost)
+    result = _finish(
+        acc, cfg, model, module, ema, space, history, step, best, seconds, cost, eval_caches
+    )
     acc.end_training()
     return result
 
@@ -505,10 +515,11 @@ def _best_weights(cfg: TrainConfig, acc, step: int, history: list) -> BestWeight
 
 
 def _periodic_eval(
-    acc, cfg: TrainConfig, model, module, ema, space, step: int, best, total: int
+    acc, cfg: TrainConfig, model, module, ema, space, step: int, best, total: int, caches: dict
 ) -> dict:
     """mAP on the evaluation split (not at the last step: the final evaluation follows) and,
-    with a selection, on its split, keeping these weights when they beat the best so far."""
+    with a selection, on its split, keeping these weights when they beat the best so far;
+    a split in ``caches`` is scored from its token cache."""
     eval_split = cfg.data.eval_split if step < total else ""
     splits = [s for s in dict.fromkeys((eval_split, best.split if best else "")) if s]
     if not splits:
@@ -528,6 +539,7 @@ def _periodic_eval(
                 cfg.data.eval_limit,
                 cfg.loader.transform,
                 cfg.loader.clip_preprocess(),
+                caches,
             )
             results[split] = map_from_logits(logits, targets, space, cfg.eval.scoring)
         if best is not None:
@@ -570,10 +582,13 @@ def _batch_audit(cfg: TrainConfig, acc):
     return open(os.path.join(folder, f"rank{acc.process_index}.jsonl"), "a", buffering=1)
 
 
-def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds, cost) -> dict:
+def _finish(
+    acc, cfg, model, module, ema, space, history, step, best, seconds, cost, caches
+) -> dict:
     """Final evaluation, thresholds, report, plots, export, metrics.json: of the selected
     weights (loaded back from their export) with a selection, else of the last ones; ``cost``
-    (FLOPs per sample, achieved TFLOP/s and MFU) goes into metrics.json as it is."""
+    (FLOPs per sample, achieved TFLOP/s and MFU) goes into metrics.json as it is; a split in
+    ``caches`` is scored from its token cache."""
     out = cfg.output_dir
     metrics: dict = {"status": "completed", "task": cfg.task, "steps": step}
     kind = "EMA" if ema is not None else "final"
@@ -612,6 +627,7 @@ def _finish(acc, cfg, model, module, ema, space, history, step, best, seconds, c
                 preprocess=cfg.loader.clip_preprocess(),
                 scoring=cfg.eval.scoring,
                 checkpoint_selection=selection,
+                caches=caches,
             )
     if acc.is_main_process:
         meta = {

@@ -121,8 +121,17 @@ class _DPVLPATask(nn.Module):
     def class_embeddings(self) -> torch.Tensor:
         return self.model.encode_classes(self.class_ids, self.class_mask)
 
+    def frozen_token_source(self) -> nn.Module | None:
+        """The module whose tokens a token cache holds (``ltdist.train.token_cache``): the
+        image tower when frozen, else None."""
+        return self.model.image_tower if self.model.tower_frozen else None
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images, self.class_embeddings())
+
+    def logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``logits`` from the frozen tower's cached tokens (B, N, Wv) of the images."""
+        return self.model.class_logits(self.model.encode_cached(tokens), self.class_embeddings())
 
     def logits_for(self, images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         tokens = self.prompt_tokens(names)
@@ -198,8 +207,9 @@ class CPRFLTask(nn.Module):
             self.backbone = TokenBackbone(image_tower, cfg.backbone.proj_dim)
         else:  # qformer: weights from the pretraining export (load_pretrained)
             qformer = QFormer(replace(cfg.qformer, vision_width=image_tower.width, bert_init=""))
-            source = QFormerTokens(image_tower, qformer)
-            _freeze_unused(source, clip_cfg.image_size)
+            source = QFormerTokens(image_tower, qformer, freeze_qformer=cfg.backbone.freeze)
+            if not source.frozen:
+                _freeze_unused(source, clip_cfg.image_size)
             self.backbone = TokenBackbone(source, cfg.backbone.proj_dim)
         self.names = list(label_space.display_names)
         if cfg.head == "linear":
@@ -225,14 +235,34 @@ class CPRFLTask(nn.Module):
             return class_embeddings(self.text_tower, self.names, self.cfg.class_template)
         return None
 
+    def frozen_token_source(self) -> nn.Module | None:
+        """The module whose tokens a token cache holds (``ltdist.train.token_cache``): the
+        backbone's source (a CLIP tower or Q-Former tokens) when none of it trains, else None."""
+        source = self.backbone.source
+        return None if any(p.requires_grad for p in source.parameters()) else source
+
     def forward(self, batch: Mapping) -> dict[str, torch.Tensor]:
-        logits = self.logits(_images(batch))
+        if "image_tokens" in batch:  # the frozen source's tokens, read from a token cache
+            logits = self.logits_from_tokens(batch["image_tokens"])
+        else:
+            logits = self.logits(_images(batch))
         return {"loss": self.loss(logits, batch["labels"].to(logits.dtype))}
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self._score(self.backbone(images))
+
+    def logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from the frozen source's tokens (B, N, D) in the cache's bf16 / fp16: what
+        ``logits`` computes from the images the tokens came from."""
+        if self.frozen_token_source() is None:
+            raise ValueError("cached image tokens need a frozen token source")
+        dtype = next(self.head.parameters()).dtype
+        return self._score(self.backbone.project(tokens.to(dtype)))
+
+    def _score(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cfg.head == "linear":
-            return self.head(self.backbone(images))
-        return self.head(self.backbone(images), self._fresh_embeddings())
+            return self.head(tokens)
+        return self.head(tokens, self._fresh_embeddings())
 
     def logits_for(self, images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         if self.cfg.head == "linear":

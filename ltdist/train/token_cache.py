@@ -1,9 +1,12 @@
-"""A frozen image tower's tokens computed once: building a token cache, and opening one for a
+"""A frozen token source's tokens computed once: building a token cache, and opening one for a
 training run (the format: ``ltdist.data.token_cache``).
 
-DP-VLPA keeps its CLIP tower frozen in both phases, so its output for an image under the
-deterministic (test-form) transform never changes: computing it every step of every epoch is
-wasted work. ``build_token_cache`` runs the tower over a split once, on every rank (rank r takes
+DP-VLPA keeps its CLIP tower frozen in both phases, and the cprfl task's heads can read a frozen
+CLIP tower or frozen pretrained Q-Former tokens (``model.backbone.freeze``): the output of such a
+source for an image under the deterministic (test-form) transform never changes, so computing
+it every step of every epoch is wasted work. A task names that source
+(``task.frozen_token_source()``: the module whose ``tokens(images)`` are cached, or None).
+``build_token_cache`` runs the source over a split once, on every rank (rank r takes
 the shards k with k % world == r: no collective, so ranks only share the index lock), writing
 each shard with an atomic publish, so a killed build resumes with the shards not yet in the
 index and writes each sample exactly once. Shards are batched on their own, independent of
@@ -49,12 +52,36 @@ _NOT_TOKENS = ("model_name", "pretrained", "image_size", "cache_dir", "freeze_te
 
 
 def uses_token_cache(cfg: TrainConfig) -> bool:
-    """Whether a run reads cached tokens (its frozen tower never runs in training steps)."""
+    """Whether a run reads cached tokens (its frozen source never runs in training steps)."""
     return bool(cfg.data.token_cache)
 
 
-def training_tower(cfg: TrainConfig) -> nn.Module:
-    """The frozen image tower exactly as a training run of ``cfg`` builds it (same seed, the
+def frozen_source(task: nn.Module) -> nn.Module:
+    """The task's frozen token source, or a clear error when none of it is frozen."""
+    source = getattr(task, "frozen_token_source", lambda: None)()
+    if source is None:
+        raise InputError(
+            "data.token_cache needs a frozen token source, and this model's trains (an "
+            "init_from export whose CLIP tower is not frozen?): train from the images "
+            "(data.token_cache='')"
+        )
+    return source
+
+
+def source_kind(source: nn.Module) -> str:
+    """The manifest's name for a source's kind."""
+    from ltdist.models.backbones import QFormerTokens
+    from ltdist.models.clip import ImageTower
+
+    if isinstance(source, QFormerTokens):
+        return "qformer"
+    if isinstance(source, ImageTower):
+        return "clip"
+    raise TypeError(f"no token cache for a {type(source).__name__} token source")
+
+
+def training_source(cfg: TrainConfig) -> nn.Module:
+    """The frozen token source exactly as a training run of ``cfg`` builds it (same seed, the
     ``init_from`` export's weights on top), for a cache built outside the run."""
     from accelerate.utils import set_seed
 
@@ -66,13 +93,13 @@ def training_tower(cfg: TrainConfig) -> nn.Module:
     task = build_task(cfg.task, cfg.model, load_label_space(cfg.data.location))
     if cfg.model.init_from:
         task.load_pretrained(read_export_weights(cfg.model.init_from))
-    return task.model.image_tower
+    return frozen_source(task)
 
 
-def tower_digest(tower: nn.Module) -> str:
-    """SHA-256 over a tower's weights (names, dtypes, shapes, bytes)."""
+def weights_digest(source: nn.Module) -> str:
+    """SHA-256 over a source's weights (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256()
-    for name, t in sorted(tower.state_dict().items()):
+    for name, t in sorted(source.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -80,15 +107,16 @@ def tower_digest(tower: nn.Module) -> str:
 
 
 def expected_manifest(
-    cfg: TrainConfig, tower: nn.Module, split: str, dtype: str, views: int = 1
+    cfg: TrainConfig, source: nn.Module, split: str, dtype: str, views: int = 1
 ) -> TokenManifest:
     """The manifest of ``split``'s tokens under ``cfg`` (a resolved config: its loader's
-    mean/std are the tower's) from ``tower`` (the run's own, weights loaded)."""
+    mean/std are the tower's) from ``source`` (the run's own, weights loaded)."""
     clip, loader = cfg.model.clip, cfg.loader
     prep = loader.clip_preprocess()
     index = load_index(cfg.data.location, split)
     return TokenManifest(
         split=split,
+        source=source_kind(source),
         model_name=clip.model_name,
         pretrained=clip.pretrained,
         image_size=loader.image_size,
@@ -105,10 +133,10 @@ def expected_manifest(
             for k, v in sorted(vars(resolved_clip_config(clip)).items())
             if k not in _NOT_TOKENS and (clip.tiny or not k.startswith("tiny_"))
         },
-        tower_weights_sha256=tower_digest(tower),
+        source_weights_sha256=weights_digest(source),
+        num_tokens=int(source.num_tokens),
+        token_dim=int(source.token_dim),
         image_shards_sha256=shards_digest(index),
-        num_tokens=int(tower.num_tokens),
-        token_dim=int(tower.token_dim),
         num_samples=index.num_samples,
         versions=package_versions(
             {"torch": ["torch"], "open_clip": ["open_clip_torch"], "ltdist": ["ltdist"]}
@@ -130,7 +158,7 @@ class CacheBuild:
 
 def build_token_cache(
     cfg: TrainConfig,
-    tower: nn.Module,
+    source: nn.Module,
     *,
     split: str = "",
     out: str = "",
@@ -143,7 +171,7 @@ def build_token_cache(
     progress: bool = False,
     announce: Callable[[str], None] = log.info,
 ) -> CacheBuild:
-    """Write ``split``'s tokens (default: the training split) from the frozen ``tower`` to
+    """Write ``split``'s tokens (default: the training split) from the frozen ``source`` to
     ``out`` (default: ``data.token_cache``, or ``<location>/tokens``): this rank's shards that
     are not written yet. ``announce`` receives the size estimate before any work starts."""
     split = split or cfg.data.train_split
@@ -157,15 +185,18 @@ def build_token_cache(
             f"{location}: several ranks write a cache's index under a file lock, which an "
             "object store has not: build it on a shared file system, or with one process"
         )
-    if getattr(tower, "frozen", True) is False:
-        raise InputError("a token cache needs a frozen image tower (model.clip.freeze_image)")
+    if any(p.requires_grad for p in source.parameters()):
+        raise InputError(
+            "a token cache needs a frozen token source (model.clip.freeze_image; "
+            "model.backbone.freeze for Q-Former tokens)"
+        )
     index = load_index(cfg.data.location, split)
     if not index.complete:
         raise InputError(
             f"{cfg.data.location}: split {split!r} is incomplete (missing shards "
             f"{index.missing()[:10]}): finish writing it before caching its tokens"
         )
-    wanted = expected_manifest(cfg, tower, split, dtype, views)
+    wanted = expected_manifest(cfg, source, split, dtype, views)
     estimate = size_estimate(index.num_samples, views, wanted.num_tokens, wanted.token_dim)
     announce(f"token cache {location} ({split}): {estimate}")
     if read_manifest(location, split) is None:  # every rank writes the same bytes, atomically
@@ -204,7 +235,7 @@ def build_token_cache(
         unit="img",
         disable=not progress,
     )
-    tower = tower.to(device).eval()
+    source = source.to(device).eval()
     for k in todo:
         info = index.shards[k]
         samples = list(read_shard(storage.join(cfg.data.location, info.name), expected=info))
@@ -220,7 +251,7 @@ def build_token_cache(
                     torch.stack([prep(img, rng) for img, rng in zip(decoded, draws, strict=True)])
                 )
                 with torch.no_grad(), autocast:
-                    per_view.append(tower(images.to(device)).float())  # (b, N, D)
+                    per_view.append(source.tokens(images.to(device)).float())  # (b, N, D)
             tokens = torch.stack(per_view, dim=1)  # (b, views, N, D)
             for s, t in zip(chunk, tokens, strict=True):
                 data = encode_tokens(t, dtype)
@@ -234,29 +265,32 @@ def build_token_cache(
 
 def open_token_cache(
     cfg: TrainConfig,
-    tower: nn.Module,
+    source: nn.Module,
     *,
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
     barrier: Callable[[], None] = lambda: None,
     split: str = "",
+    views: int = 0,
 ) -> tuple[str, TokenManifest]:
-    """The run's token cache of ``split`` (default: training), checked against its tower and
-    preprocessing; built first (each rank its shards, then ``barrier``) when missing or
-    partial. Returns its location and manifest."""
+    """The run's token cache of ``split`` (default: training) with ``views`` views (default:
+    the config's; an evaluation split's: 1, the deterministic view), checked against its frozen
+    token ``source`` and preprocessing; built first (each rank its shards, then ``barrier``)
+    when missing or partial. Returns its location and manifest."""
     split = split or cfg.data.train_split
     location = cache_location(cfg.data.location, cfg.data.token_cache)
-    views = cfg.data.token_cache_views
-    wanted = expected_manifest(cfg, tower, split, cfg.data.token_cache_dtype, views)
+    views = views or cfg.data.token_cache_views
+    wanted = expected_manifest(cfg, source, split, cfg.data.token_cache_dtype, views)
     if read_manifest(location, split) is not None:
         check_manifest(location, split, wanted)  # refuse before any work
     if complete_index(location, split) is None:
         build_token_cache(
             cfg,
-            tower,
+            source,
             split=split,
             out=location,
+            views=views,
             rank=rank,
             world_size=world_size,
             device=device,

@@ -102,3 +102,19 @@ def test_cprfl_and_linear_heads_on_qformer_tokens():
 
     linear = LinearHead(source.token_dim, C)
     assert linear(source.tokens(images)).shape == (4, C)
+
+
+def test_a_frozen_qformer_source_trains_nothing_and_keeps_its_eval_tokens():
+    """model.backbone.freeze: Q-Former tokens with no trainable parameter, no graph, and no
+    dropout whatever train() a parent calls, so a token cache can hold them."""
+    tower, qformer, _ = parts()
+    source = QFormerTokens(tower, qformer, freeze_qformer=True)
+    assert source.frozen and not any(p.requires_grad for p in source.parameters())
+    images = batch()["image"]
+    want = source.eval().tokens(images)
+    source.train()
+    assert not source.qformer.training and not source.image_tower.training
+    got = source.tokens(images)
+    assert not got.requires_grad and torch.equal(got, want)
+    trainable = QFormerTokens(*parts()[:2])
+    assert not trainable.frozen and trainable.train().qformer.training

@@ -16,6 +16,7 @@ from ltdist.train.config import TrainConfig
 from ltdist.train.flops import (
     Peak,
     count_flops,
+    count_run_flops,
     count_step_flops,
     device_peak,
     matmul_precision,
@@ -209,3 +210,34 @@ def test_fp32_runs_are_measured_against_tf32_when_pytorch_allows_it():
         assert matmul_precision("no") == "fp32"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("source", ["clip", "qformer"])
+def test_a_head_reading_cached_tokens_is_counted_as_the_step_it_runs(source):
+    """task=cprfl with a token cache: the run's count (the step less the frozen forward) is
+    the count of the step it really runs, the head (and projection) on cached tokens; the
+    frozen forward removed is the token source's, all of it."""
+    extra = ["task=cprfl", "model.backbone.kind=clip", "model.backbone.proj_dim=16"]
+    cfg = load_config(TrainConfig, TINY, [*extra, "data.location=x", "data.token_cache=auto"])
+    if source == "qformer":  # (a run takes it from an export: model.init_from)
+        cfg.model.backbone.kind, cfg.model.backbone.freeze = "qformer", True
+    names = [f"class{i}" for i in range(5)]
+    space = LabelSpace.from_label_sets(names, [[0, 1], [2], [3, 4], [0, 4], [1]])
+    task = build_task("cprfl", cfg.model, space)
+    frozen = task.frozen_token_source()
+    assert frozen is task.backbone.source
+
+    def cached_batch(b: int) -> dict:
+        batch = synthetic_batch(b, cfg.loader.image_size, len(names))
+        with torch.no_grad():
+            tokens = frozen.tokens(batch.pop("image")).to(torch.bfloat16)  # as the cache holds
+        return {**batch, "image_tokens": tokens}
+
+    counted = count_run_flops(cfg, task, len(names), "cpu")
+    ran = count_step_flops(task, cached_batch)
+    assert (counted.sample, counted.fixed, counted.frozen_modules) == (ran.sample, ran.fixed, ())
+    assert ran.sample.trainable_forward > 0 and ran.sample.trainable_backward > 0
+    cfg.data.token_cache = ""
+    images = count_run_flops(cfg, task, len(names), "cpu")
+    assert images.frozen_modules == ("backbone.source",) and images.sample.frozen_forward > 0
+    assert images.sample.total - images.sample.frozen_forward == ran.sample.total
