@@ -131,10 +131,10 @@ class ThroughputRun:
         self.flops = count_run_flops(cfg, task, classes, device)
         location, token_cache, build_s = cfg.data.location, None, 0.0
         if from_cache:
-            from ltdist.train.token_cache import open_token_cache
+            from ltdist.train.token_cache import frozen_source, open_token_cache
 
             start = time.perf_counter()
-            location, token_cache = open_token_cache(cfg, task.model.image_tower, device=device)
+            location, token_cache = open_token_cache(cfg, frozen_source(task), device=device)
             build_s = time.perf_counter() - start
         self.optimizer = build_optimizer(
             task, cfg.optim, task.backbone_prefixes, task.no_decay_names
