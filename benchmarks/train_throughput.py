@@ -76,6 +76,9 @@ class StepClock:
             self._forward_marks += elapsed
             self._open = None
 
+    def begin_step(self) -> None:
+        self._forward_marks = 0.0
+
     def add(self, part: str, seconds: float) -> None:
         if part == "trainable forward":  # the forward's time outside the marked modules
             seconds, self._forward_marks = seconds - self._forward_marks, 0.0
@@ -187,6 +190,8 @@ class ThroughputRun:
     def step(self) -> float:
         """One optimizer step; its wall time in seconds (synchronised)."""
         clock, marks = self.clock, [self._sync()]
+        if clock:
+            clock.begin_step()
         batch = self._next_batch()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             if clock:
