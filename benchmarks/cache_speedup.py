@@ -118,7 +118,8 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict[str, tuple[Measurement, Measurement]]:
+    """Prints the tables; returns each phase's (from images, from the cache) measurements."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--phases", default="pretrain,dpvlpa")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -177,6 +178,7 @@ def main(argv=None) -> None:
     for phase, (_, cached) in results.items():
         part = max(cached.breakdown_ms, key=cached.breakdown_ms.get)
         print(f"\n{phase} from the cache: the largest part of a step is {part}")
+    return results
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import set_seed
 
 from ltdist.config import load_config
 from ltdist.data.shards import load_label_space
@@ -127,6 +128,7 @@ class ThroughputRun:
         self.batch_size = bs = batch_size or cfg.loader.batch_size
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         space = load_label_space(cfg.data.location)
+        set_seed(cfg.seed)  # the loop's random weights: a cache built before still matches
         self.task = task = build_task(cfg.task, cfg.model, space).to(device).train()
         text = cfg.model.max_text_tokens if getattr(task, "needs_text", False) else 0
         size, classes = cfg.loader.image_size, len(space.names)
