@@ -58,6 +58,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step
+    # torch's fused AdamW: one kernel over all parameters (CPU and CUDA) instead of a loop
+    # over them; the update is the same to float rounding (ltdist/train/optim.py)
+    fused: bool = True
 
     def validate(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -175,7 +178,12 @@ def build_optimizer(
     cfg.validate()
     groups = param_groups(model, cfg, backbone_prefixes, no_decay_names)
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=cfg.fused or None,  # None: torch's default, a loop (CPU) or for-each (CUDA)
     )
 
 

@@ -117,6 +117,30 @@ def test_adamw_step_decays_only_the_decay_groups():
     assert torch.equal(model.frozen.weight, before["frozen.weight"])
 
 
+def test_the_fused_adamw_is_the_default_and_updates_as_the_loop_does():
+    """optim.fused (default true): torch's fused kernel; ten steps of random gradients give
+    the parameters of the per-parameter loop (optim.fused=false) to float32 rounding."""
+    fused, loop = toy(), toy()
+    opt_fused = build_optimizer(fused, OptimConfig(lr=0.01), ["backbone"], ["query_tokens"])
+    opt_loop = build_optimizer(
+        loop, OptimConfig(lr=0.01, fused=False), ["backbone"], ["query_tokens"]
+    )
+    assert opt_fused.defaults["fused"] is True and not opt_loop.defaults["fused"]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        for a, b in zip(fused.parameters(), loop.parameters()):
+            if a.requires_grad:
+                a.grad = torch.randn(a.shape, generator=gen)
+                b.grad = a.grad.clone()
+        opt_fused.step()
+        opt_loop.step()
+    moved = 0.0
+    for (name, a), b, p0 in zip(fused.named_parameters(), loop.parameters(), toy().parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        moved = max(moved, (a - p0).abs().max().item())
+    assert moved > 0.05  # ten steps at lr 0.01 moved the parameters
+
+
 def reference_factor(schedule, step, total, warmup, floor=0.0):
     """The schedules written out directly, in float64."""
     if schedule != "onecycle" and step < warmup:
