@@ -27,6 +27,7 @@ from accelerate.utils import set_seed
 
 from ltdist.config import load_config
 from ltdist.data.shards import load_label_space
+from ltdist.train.accel import to_device
 from ltdist.train.config import TrainConfig
 from ltdist.train.flops import (
     StepFlops,
@@ -39,6 +40,13 @@ from ltdist.train.optim import build_optimizer, build_scheduler
 from ltdist.train.tasks import build_task
 
 PARTS = ("data", "frozen forward", "trainable forward", "loss", "backward", "optimizer")
+
+
+def synced_time(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 class StepClock:
@@ -62,9 +70,7 @@ class StepClock:
             module.register_forward_hook(lambda m, a, o, part=part: self._leave(m, part))
 
     def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        return synced_time(self.device)
 
     def _enter(self, module, _args) -> None:
         if self._open is None:
@@ -82,7 +88,7 @@ class StepClock:
 
     def add(self, part: str, seconds: float) -> None:
         if part == "trainable forward":  # the forward's time outside the marked modules
-            seconds, self._forward_marks = seconds - self._forward_marks, 0.0
+            seconds -= self._forward_marks
         self.seconds[part] += seconds
 
     def per_step_ms(self) -> dict[str, float]:
@@ -171,27 +177,11 @@ class ThroughputRun:
         )
 
     def _next_batch(self) -> dict:
-        if self.stream is None:
-            return self.fixed
-        return {
-            k: (
-                v.to(self.device)
-                if torch.is_tensor(v)
-                else {kk: vv.to(self.device) for kk, vv in v.items()}
-                if isinstance(v, dict)
-                else v
-            )
-            for k, v in next(self.stream).items()
-        }
-
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
+        return self.fixed if self.stream is None else to_device(next(self.stream), self.device)
 
     def step(self) -> float:
         """One optimizer step; its wall time in seconds (synchronised)."""
-        clock, marks = self.clock, [self._sync()]
+        clock, marks = self.clock, [synced_time(self.device)]
         if clock:
             clock.begin_step()
         batch = self._next_batch()
@@ -207,7 +197,7 @@ class ThroughputRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        marks.append(self._sync())
+        marks.append(synced_time(self.device))
         if clock:
             for part, (a, b) in zip(
                 ("data", "trainable forward", "backward", "optimizer"), zip(marks, marks[1:])
@@ -226,10 +216,10 @@ class ThroughputRun:
         for _ in range(warmup):
             self.step()
         self.reset_clock()
-        start = self._sync()
+        start = synced_time(self.device)
         for _ in range(steps):
             self.step()
-        return self.measurement((self._sync() - start) / steps)
+        return self.measurement((synced_time(self.device) - start) / steps)
 
     def measurement(self, step_seconds: float) -> Measurement:
         """The table of this run at ``step_seconds`` per step."""

@@ -113,7 +113,8 @@ class QFormerTokens(nn.Module):
 
     @property
     def frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.parameters())
+        """No parameter trains: a frozen Q-Former over a frozen tower."""
+        return self.qformer_frozen and self.image_tower.frozen
 
     def train(self, mode: bool = True) -> QFormerTokens:
         super().train(mode)
